@@ -1,0 +1,74 @@
+"""RFC 7807 problem documents: the one error value of the request path.
+
+Steps return a ``Problem``; ``render`` turns it into ``application/problem+json`` bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TITLES: dict[str, str] = {
+    "bad-request": "Bad Request",
+    "payload-too-large": "Payload Too Large",
+    "unauthorized": "Unauthorized",
+    "invalid-token-format": "Invalid Token Format",
+    "token-expired": "Token Expired",
+    "invalid-token": "Invalid Token",
+    "token-revoked": "Token Revoked",
+    "token-version-mismatch": "Token Version Mismatch",
+    "invalid-service-key": "Invalid Service Key",
+    "permission-denied": "Permission Denied",
+    "trial-expired": "Trial Expired",
+    "forbidden": "Forbidden",
+    "not-found": "Not Found",
+    "rate-limited": "Too Many Requests",
+    "trial-limit-exceeded": "Trial Limit Exceeded",
+    "budget-exceeded": "Budget Exceeded",
+    "governor-approval-required": "Governor Approval Required",
+    "policy-unavailable": "Policy Engine Unavailable",
+    "dependency-unavailable": "Dependency Unavailable",
+    "bad-gateway": "Bad Gateway",
+    "upstream-unavailable": "Upstream Unavailable",
+    "gateway-timeout": "Gateway Timeout",
+    "internal-error": "Internal Server Error",
+}
+
+
+@dataclass(slots=True)
+class Problem:
+    """A gateway-made error. ``extra`` holds kind-specific members of the document."""
+
+    status: int
+    kind: str
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.kind, self.kind.replace("-", " ").title())
+
+    def document(self, *, base: str, instance: str, correlation_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": f"{base.rstrip('/')}/errors/{self.kind}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            "correlation_id": correlation_id,
+        }
+        doc.update(self.extra)
+        return doc
+
+    def render(self, *, base: str, instance: str, correlation_id: str) -> bytes:
+        doc = self.document(base=base, instance=instance, correlation_id=correlation_id)
+        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+def unauthorized(kind: str, detail: str) -> Problem:
+    """A 401 with the ``WWW-Authenticate`` challenge every 401 must carry."""
+    error = "invalid_request" if kind in ("unauthorized", "invalid-token-format") else "invalid_token"
+    challenge = f'Bearer realm="plant-gateway", error="{error}"'
+    return Problem(401, kind, detail, headers=[("www-authenticate", challenge)])

@@ -1,0 +1,393 @@
+"""The one typed settings object of the gateway, read once at start-up.
+
+Environment variables (spec §5, with the deployed gateway's aliases of §7) win over an
+optional YAML config file (``PLANT_CONFIG``), which wins over the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+GatewayType = Literal["CP", "PP", "PLANT"]
+FailMode = Literal["closed", "open"]
+GUARDS = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
+
+DEFAULT_PUBLIC_ROUTES = [
+    "/api/v1/auth/login",
+    "/api/v1/auth/register",
+    "/api/v1/auth/refresh",
+    "/api/v1/auth/otp/*",
+    "/api/v1/auth/google/verify",
+]
+DEFAULT_BRUTE_FORCE_ROUTES = [
+    "/api/v1/auth/login",
+    "/api/v1/auth/refresh",
+    "/api/v1/auth/otp/*",
+]
+DEFAULT_SERVICE_KEY_ROUTES = [
+    "/api/v1/customers/register",
+    "/api/v1/otp/sessions*",
+    "/api/v1/notifications/events*",
+]
+
+
+def env_alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names, *(n.lower() for n in names))
+
+
+class TenantRule(BaseModel):
+    """Overwrite the caller-supplied customer id with the token's one (spec §1.7).
+
+    ``path`` uses the public-route syntax (exact, or anchored prefix ending in ``*``);
+    ``location`` says where the id lives: a query parameter, a path segment (``segment`` is
+    its index in the ``/``-split path, 0 being the first segment after the leading slash), or
+    a top-level JSON body field.
+    """
+
+    path: str
+    methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "PUT", "PATCH", "DELETE"])
+    location: Literal["query", "path", "body"] = "query"
+    field: str = "customer_id"
+    segment: int | None = None
+
+
+DEFAULT_TENANT_RULES = [
+    TenantRule(path="/api/v1/invoices*", location="query"),
+    TenantRule(path="/api/v1/receipts*", location="query"),
+    TenantRule(path="/api/v1/trial-status*", location="query"),
+    TenantRule(path="/api/v1/payments*", location="body", methods=["POST", "PUT", "PATCH"]),
+    TenantRule(path="/api/v1/subscriptions/by-customer/*", location="path", segment=4),
+    TenantRule(path="/api/v1/hired-agents*", location="query"),
+]
+
+
+class RateTier(BaseModel):
+    limit: int = Field(gt=0, description="requests per period")
+    period_s: int = Field(default=3600, gt=0)
+    burst: int = Field(default=20, ge=0, description="extra requests allowed at once")
+
+
+def default_tiers() -> dict[str, RateTier]:
+    return {
+        "trial": RateTier(limit=100, burst=10),
+        "paid": RateTier(limit=1000, burst=50),
+        "governor": RateTier(limit=10000, burst=200),
+        "enterprise": RateTier(limit=10000, burst=200),
+        "anonymous": RateTier(limit=600, burst=30),
+    }
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, case_sensitive=False, frozen=True
+    )
+
+    # --- process -------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", validation_alias=env_alias("HOST"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=env_alias("PORT"))
+    workers: int = Field(1, ge=1, le=64, validation_alias=env_alias("WORKERS"))
+    environment: str = Field("development", validation_alias=env_alias("ENVIRONMENT"))
+    gateway_type: GatewayType = Field("PLANT", validation_alias=env_alias("GATEWAY_TYPE"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=env_alias("LOG_LEVEL")
+    )
+    debug: bool = Field(False, validation_alias=env_alias("DEBUG"))
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        validation_alias=env_alias("PLANT_INSTANCE_ID"),
+    )
+    state_dir: Path = Field(Path(".plant-gateway"), validation_alias=env_alias("PLANT_STATE_DIR"))
+    guards: list[str] = Field(list(GUARDS), validation_alias=env_alias("PLANT_GUARDS"))
+    problem_type_base: str = Field(
+        "https://waooaw.com", validation_alias=env_alias("PROBLEM_TYPE_BASE")
+    )
+
+    # --- upstreams -----------------------------------------------------------------------
+    plant_backend_url: str = Field(validation_alias=env_alias("PLANT_BACKEND_URL"))
+    plant_sandbox_url: str | None = Field(None, validation_alias=env_alias("PLANT_SANDBOX_URL"))
+    plant_backend_use_id_token: bool = Field(
+        False, validation_alias=env_alias("PLANT_BACKEND_USE_ID_TOKEN")
+    )
+    plant_backend_audience: str | None = Field(
+        None, validation_alias=env_alias("PLANT_BACKEND_AUDIENCE")
+    )
+    upstream_connect_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=env_alias("UPSTREAM_CONNECT_TIMEOUT_S")
+    )
+    upstream_read_timeout_s: float = Field(
+        30.0, gt=0, validation_alias=env_alias("UPSTREAM_READ_TIMEOUT_S")
+    )
+    upstream_retries: int = Field(2, ge=0, le=5, validation_alias=env_alias("UPSTREAM_RETRIES"))
+    upstream_pool_size: int = Field(256, ge=1, validation_alias=env_alias("UPSTREAM_POOL_SIZE"))
+    breaker_failure_threshold: int = Field(
+        5, ge=1, validation_alias=env_alias("BREAKER_FAILURE_THRESHOLD")
+    )
+    breaker_reset_s: float = Field(30.0, gt=0, validation_alias=env_alias("BREAKER_RESET_S"))
+
+    # --- ingress -------------------------------------------------------------------------
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES"))
+    trusted_proxy_hops: int = Field(0, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS"))
+    cors_origins: list[str] = Field(default_factory=list, validation_alias=env_alias("CORS_ORIGINS"))
+    cors_allow_credentials: bool = Field(True, validation_alias=env_alias("CORS_ALLOW_CREDENTIALS"))
+
+    # --- routes --------------------------------------------------------------------------
+    public_routes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PUBLIC_ROUTES),
+        validation_alias=env_alias("PUBLIC_ROUTES"),
+    )
+    brute_force_routes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BRUTE_FORCE_ROUTES),
+        validation_alias=env_alias("BRUTE_FORCE_ROUTES"),
+    )
+    brute_force_limit_per_min: int = Field(
+        30, gt=0, validation_alias=env_alias("BRUTE_FORCE_LIMIT_PER_MIN")
+    )
+    service_key_routes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SERVICE_KEY_ROUTES),
+        validation_alias=env_alias("SERVICE_KEY_ROUTES"),
+    )
+    cp_registration_key: SecretStr | None = Field(
+        None, validation_alias=env_alias("CP_REGISTRATION_KEY")
+    )
+    path_rewrites: dict[str, str] = Field(
+        default_factory=lambda: {"/auth/google/verify": "/api/v1/auth/google/verify"},
+        validation_alias=env_alias("PATH_REWRITES"),
+    )
+    tenant_rules: list[TenantRule] = Field(
+        default_factory=lambda: list(DEFAULT_TENANT_RULES),
+        validation_alias=env_alias("TENANT_RULES"),
+    )
+
+    # --- authentication --------------------------------------------------------------------
+    jwt_secret: SecretStr | None = Field(None, validation_alias=env_alias("JWT_SECRET"))
+    jwt_public_key: str | None = Field(None, validation_alias=env_alias("JWT_PUBLIC_KEY"))
+    jwt_jwks_url: str | None = Field(None, validation_alias=env_alias("JWT_JWKS_URL"))
+    jwt_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "ES256", "HS256"],
+        validation_alias=env_alias("JWT_ALGORITHMS", "JWT_ALGORITHM"),
+    )
+    jwt_issuers: list[str] = Field(
+        default_factory=lambda: ["waooaw.com", "cp.waooaw.com", "pp.waooaw.com"],
+        validation_alias=env_alias("JWT_ISSUERS", "JWT_ISSUER"),
+    )
+    jwt_audience: str | None = Field(None, validation_alias=env_alias("JWT_AUDIENCE"))
+    jwt_leeway_s: int = Field(30, ge=0, le=300, validation_alias=env_alias("JWT_LEEWAY_S"))
+    jwt_max_lifetime_s: int = Field(
+        24 * 3600, gt=0, validation_alias=env_alias("JWT_MAX_LIFETIME_S")
+    )
+    jwks_refresh_s: float = Field(300.0, gt=0, validation_alias=env_alias("JWKS_REFRESH_S"))
+    jwks_min_refetch_s: float = Field(
+        10.0, ge=0, validation_alias=env_alias("JWKS_MIN_REFETCH_S")
+    )
+    customer_enrichment: bool = Field(True, validation_alias=env_alias("CUSTOMER_ENRICHMENT"))
+    revoked_prefix: str = Field("revoked_access:", validation_alias=env_alias("REVOKED_PREFIX"))
+    token_version_prefix: str = Field(
+        "token_version:", validation_alias=env_alias("TOKEN_VERSION_PREFIX")
+    )
+
+    # --- policy --------------------------------------------------------------------------
+    opa_service_url: str | None = Field(
+        None, validation_alias=env_alias("OPA_SERVICE_URL", "OPA_URL")
+    )
+    opa_decision_path: str = Field(
+        "plant/gateway/decision", validation_alias=env_alias("OPA_DECISION_PATH")
+    )
+    opa_timeout_s: float = Field(0.5, gt=0, validation_alias=env_alias("OPA_TIMEOUT_S"))
+    policy_dir: Path = Field(
+        Path(__file__).resolve().parent.parent / "policies",
+        validation_alias=env_alias("POLICY_DIR"),
+    )
+    policy_cache_size: int = Field(10_000, ge=0, validation_alias=env_alias("POLICY_CACHE_SIZE"))
+    approval_ui_url: str = Field(
+        "https://approvals.waooaw.com/approve", validation_alias=env_alias("APPROVAL_UI_URL")
+    )
+
+    # --- counters (rate limit, trial quota, budget, revocation) -------------------------------
+    redis_url: SecretStr | None = Field(None, validation_alias=env_alias("REDIS_URL"))
+    redis_host: str | None = Field(None, validation_alias=env_alias("REDIS_HOST"))
+    redis_port: int = Field(6379, validation_alias=env_alias("REDIS_PORT"))
+    redis_password: SecretStr | None = Field(None, validation_alias=env_alias("REDIS_PASSWORD"))
+    redis_key_prefix: str = Field("", validation_alias=env_alias("REDIS_KEY_PREFIX"))
+    rate_tiers: dict[str, RateTier] = Field(
+        default_factory=default_tiers, validation_alias=env_alias("RATE_TIERS")
+    )
+    trial_daily_tasks: int = Field(10, ge=0, validation_alias=env_alias("TRIAL_DAILY_TASKS"))
+    rate_limit_fail_mode: FailMode = Field(
+        "closed", validation_alias=env_alias("RATE_LIMIT_FAIL_MODE")
+    )
+    budget_fail_mode: FailMode = Field("closed", validation_alias=env_alias("BUDGET_FAIL_MODE"))
+
+    # --- budget --------------------------------------------------------------------------
+    agent_daily_budget_usd: float = Field(1.0, gt=0, validation_alias=env_alias("AGENT_DAILY_BUDGET_USD"))
+    platform_monthly_budget_usd: float = Field(
+        100.0, gt=0, validation_alias=env_alias("PLATFORM_MONTHLY_BUDGET_USD")
+    )
+    customer_monthly_budget_usd: float | None = Field(
+        None, validation_alias=env_alias("CUSTOMER_MONTHLY_BUDGET_USD")
+    )
+    cost_per_request_usd: float = Field(
+        0.001, ge=0, validation_alias=env_alias("COST_PER_REQUEST_USD")
+    )
+    cost_response_header: str = Field(
+        "X-Plant-Cost-USD", validation_alias=env_alias("COST_RESPONSE_HEADER")
+    )
+    budget_alert_thresholds: list[float] = Field(
+        default_factory=lambda: [0.80, 0.95, 1.00],
+        validation_alias=env_alias("BUDGET_ALERT_THRESHOLDS"),
+    )
+    critical_agents: list[str] = Field(
+        default_factory=list, validation_alias=env_alias("CRITICAL_AGENTS")
+    )
+
+    # --- audit ---------------------------------------------------------------------------
+    database_url: SecretStr | None = Field(None, validation_alias=env_alias("DATABASE_URL"))
+    cloud_sql_connection_name: str | None = Field(
+        None, validation_alias=env_alias("CLOUD_SQL_CONNECTION_NAME")
+    )
+    audit_retention_days: int = Field(90, gt=0, validation_alias=env_alias("AUDIT_RETENTION_DAYS"))
+    audit_batch_size: int = Field(500, gt=0, validation_alias=env_alias("AUDIT_BATCH_SIZE"))
+    audit_flush_interval_s: float = Field(
+        0.2, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
+    )
+    audit_queue_max: int = Field(100_000, gt=0, validation_alias=env_alias("AUDIT_QUEUE_MAX"))
+    audit_body_cap_bytes: int = Field(8192, ge=0, validation_alias=env_alias("AUDIT_BODY_CAP_BYTES"))
+    audit_capture_response_body: bool = Field(
+        False, validation_alias=env_alias("AUDIT_CAPTURE_RESPONSE_BODY")
+    )
+
+    # --- feature flags -------------------------------------------------------------------
+    launchdarkly_sdk_key: SecretStr | None = Field(
+        None, validation_alias=env_alias("LAUNCHDARKLY_SDK_KEY")
+    )
+    flags_file: Path | None = Field(None, validation_alias=env_alias("FLAGS_FILE"))
+
+    # --- validation ----------------------------------------------------------------------
+    @field_validator("gateway_type", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "jwt_algorithms", "jwt_issuers", "cors_origins", "public_routes", "guards",
+        "brute_force_routes", "service_key_routes", "critical_agents", mode="before",
+    )
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "ES256", "ES384", "HS256", "HS384", "HS512"}
+        bad = [alg for alg in value if alg not in allowed]
+        if bad:
+            raise ValueError(f"unsupported algorithm(s) {bad}; allowed: {sorted(allowed)}")
+        return value
+
+    @field_validator("guards")
+    @classmethod
+    def _known_guards(cls, value: list[str]) -> list[str]:
+        bad = [g for g in value if g not in GUARDS]
+        if bad:
+            raise ValueError(f"unknown guard(s) {bad}; known: {list(GUARDS)}")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            raise ValueError("'*' is not allowed: list the allowed origins explicitly")
+        return value
+
+    @field_validator("plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    # --- derived -------------------------------------------------------------------------
+    @property
+    def sandbox_url(self) -> str:
+        return self.plant_sandbox_url or self.plant_backend_url
+
+    @cached_property
+    def effective_redis_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url.get_secret_value()
+        if self.redis_host:
+            auth = f":{self.redis_password.get_secret_value()}@" if self.redis_password else ""
+            return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        return None
+
+    def guard_on(self, name: str) -> bool:
+        return name in self.guards
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("PLANT_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+class SettingsError(Exception):
+    """A bad configuration, reduced to one line naming the setting."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings once; raise SettingsError with one clear line."""
+    config_file = os.environ.get("PLANT_CONFIG")
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(f"PLANT_CONFIG: config file {config_file!r} does not exist")
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        message = first["msg"]
+        if first["type"] == "missing":
+            message = "is required but not set"
+        raise SettingsError(f"{name}: {message}") from None
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.guard_on("auth"):
+        has_key = settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url
+        if not has_key:
+            raise SettingsError(
+                "JWT_SECRET: authentication is on but none of JWT_SECRET, JWT_PUBLIC_KEY, "
+                "JWT_JWKS_URL is set"
+            )
+        if settings.jwt_secret and len(settings.jwt_secret.get_secret_value()) < 32:
+            raise SettingsError("JWT_SECRET: must be at least 32 characters long")

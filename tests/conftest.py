@@ -1,0 +1,1 @@
+"""Shared test fixtures: real Redis and PostgreSQL (local or started for the run)."""
