@@ -1,1 +1,7 @@
-"""Shared test fixtures: real Redis and PostgreSQL (local or started for the run)."""
+"""Shared test fixtures: real Redis and PostgreSQL (local or started for the run), real processes."""
+
+pytest_plugins = [
+    "tests.fixtures.redis",
+    "tests.fixtures.postgres",
+    "tests.fixtures.processes",
+]
