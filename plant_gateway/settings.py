@@ -6,16 +6,20 @@ optional YAML config file (``PLANT_CONFIG``), which wins over the defaults below
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import uuid
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic_settings
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -23,6 +27,8 @@ from pydantic_settings import (
 
 GatewayType = Literal["CP", "PP", "PLANT"]
 FailMode = Literal["closed", "open"]
+# list settings given in the environment as "a,b,c" (or as a JSON list)
+CommaList = Annotated[list[str], NoDecode]
 GUARDS = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
 
 DEFAULT_PUBLIC_ROUTES = [
@@ -110,7 +116,7 @@ class Settings(BaseSettings):
         validation_alias=env_alias("PLANT_INSTANCE_ID"),
     )
     state_dir: Path = Field(Path(".plant-gateway"), validation_alias=env_alias("PLANT_STATE_DIR"))
-    guards: list[str] = Field(list(GUARDS), validation_alias=env_alias("PLANT_GUARDS"))
+    guards: CommaList = Field(list(GUARDS), validation_alias=env_alias("PLANT_GUARDS"))
     problem_type_base: str = Field(
         "https://waooaw.com", validation_alias=env_alias("PROBLEM_TYPE_BASE")
     )
@@ -140,22 +146,22 @@ class Settings(BaseSettings):
     # --- ingress -------------------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES"))
     trusted_proxy_hops: int = Field(0, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS"))
-    cors_origins: list[str] = Field(default_factory=list, validation_alias=env_alias("CORS_ORIGINS"))
+    cors_origins: CommaList = Field(default_factory=list, validation_alias=env_alias("CORS_ORIGINS"))
     cors_allow_credentials: bool = Field(True, validation_alias=env_alias("CORS_ALLOW_CREDENTIALS"))
 
     # --- routes --------------------------------------------------------------------------
-    public_routes: list[str] = Field(
+    public_routes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_PUBLIC_ROUTES),
         validation_alias=env_alias("PUBLIC_ROUTES"),
     )
-    brute_force_routes: list[str] = Field(
+    brute_force_routes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_BRUTE_FORCE_ROUTES),
         validation_alias=env_alias("BRUTE_FORCE_ROUTES"),
     )
     brute_force_limit_per_min: int = Field(
         30, gt=0, validation_alias=env_alias("BRUTE_FORCE_LIMIT_PER_MIN")
     )
-    service_key_routes: list[str] = Field(
+    service_key_routes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_SERVICE_KEY_ROUTES),
         validation_alias=env_alias("SERVICE_KEY_ROUTES"),
     )
@@ -175,11 +181,11 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = Field(None, validation_alias=env_alias("JWT_SECRET"))
     jwt_public_key: str | None = Field(None, validation_alias=env_alias("JWT_PUBLIC_KEY"))
     jwt_jwks_url: str | None = Field(None, validation_alias=env_alias("JWT_JWKS_URL"))
-    jwt_algorithms: list[str] = Field(
+    jwt_algorithms: CommaList = Field(
         default_factory=lambda: ["RS256", "ES256", "HS256"],
         validation_alias=env_alias("JWT_ALGORITHMS", "JWT_ALGORITHM"),
     )
-    jwt_issuers: list[str] = Field(
+    jwt_issuers: CommaList = Field(
         default_factory=lambda: ["waooaw.com", "cp.waooaw.com", "pp.waooaw.com"],
         validation_alias=env_alias("JWT_ISSUERS", "JWT_ISSUER"),
     )
@@ -192,7 +198,18 @@ class Settings(BaseSettings):
     jwks_min_refetch_s: float = Field(
         10.0, ge=0, validation_alias=env_alias("JWKS_MIN_REFETCH_S")
     )
+    jwks_max_stale_s: float = Field(
+        3600.0, gt=0, validation_alias=env_alias("JWKS_MAX_STALE_S"),
+        description="cached JWKS keys stop verifying when no fetch succeeded for this long",
+    )
+    jwks_timeout_s: float = Field(3.0, gt=0, validation_alias=env_alias("JWKS_TIMEOUT_S"))
+    jwt_claims_cache_size: int = Field(
+        10_000, ge=0, validation_alias=env_alias("JWT_CLAIMS_CACHE_SIZE")
+    )
     customer_enrichment: bool = Field(True, validation_alias=env_alias("CUSTOMER_ENRICHMENT"))
+    enrichment_timeout_s: float = Field(
+        2.0, gt=0, validation_alias=env_alias("ENRICHMENT_TIMEOUT_S")
+    )
     revoked_prefix: str = Field("revoked_access:", validation_alias=env_alias("REVOKED_PREFIX"))
     token_version_prefix: str = Field(
         "token_version:", validation_alias=env_alias("TOKEN_VERSION_PREFIX")
@@ -221,6 +238,10 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, validation_alias=env_alias("REDIS_PORT"))
     redis_password: SecretStr | None = Field(None, validation_alias=env_alias("REDIS_PASSWORD"))
     redis_key_prefix: str = Field("", validation_alias=env_alias("REDIS_KEY_PREFIX"))
+    redis_timeout_s: float = Field(
+        0.5, gt=0, validation_alias=env_alias("REDIS_TIMEOUT_S"),
+        description="timeout of one Redis round trip; past it the fail mode applies",
+    )
     rate_tiers: dict[str, RateTier] = Field(
         default_factory=default_tiers, validation_alias=env_alias("RATE_TIERS")
     )
@@ -248,7 +269,7 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.80, 0.95, 1.00],
         validation_alias=env_alias("BUDGET_ALERT_THRESHOLDS"),
     )
-    critical_agents: list[str] = Field(
+    critical_agents: CommaList = Field(
         default_factory=list, validation_alias=env_alias("CRITICAL_AGENTS")
     )
 
@@ -291,7 +312,12 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value
+        if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
@@ -377,6 +403,10 @@ def load_settings(**overrides: Any) -> Settings:
         if first["type"] == "missing":
             message = "is required but not set"
         raise SettingsError(f"{name}: {message}") from None
+    except pydantic_settings.SettingsError as exc:  # a value that is not valid JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = match.group(1).upper() if match else "settings"
+        raise SettingsError(f"{name}: not a valid value (expected JSON)") from None
     _check_consistency(settings)
     return settings
 

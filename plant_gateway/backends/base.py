@@ -83,6 +83,52 @@ class Counters(Dependency, Protocol):
 
     async def bump_token_version(self, user_id: str) -> int: ...
 
+    async def auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
+        """(revoked, current token_version) in one round trip; either key may be skipped."""
+        ...
+
+    async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
+        """One GCRA step for ``key`` (a principal or an IP); consumes one request if allowed."""
+        ...
+
+    async def daily_quota(self, key: str, limit: int) -> RateDecision:
+        """Count one unit against ``key`` for the current UTC day unless ``limit`` is reached."""
+        ...
+
+    async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
+        """Atomically check all budgets of ``request`` and charge them all, or none."""
+        ...
+
+    async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
+        """Add ``delta_usd`` (may be negative) to the counters a previous charge touched."""
+        ...
+
+
+@dataclass(slots=True)
+class BudgetRequest:
+    """What one request costs and which budgets it counts against (limits in USD)."""
+
+    cost_usd: float
+    platform_limit: float
+    agent_id: str | None = None
+    agent_limit: float | None = None
+    customer_id: str | None = None
+    customer_limit: float | None = None
+    thresholds: tuple[float, float, float] = (0.80, 0.95, 1.00)
+    privileged: bool = False  # Governor or designated critical agent: passes the >= high rule
+    override: bool = False  # Governor: passes even a critical budget
+
+
+@dataclass(slots=True)
+class BudgetCharge:
+    """The counters one request was charged on (to settle the real cost later)."""
+
+    day: str
+    month: str
+    agent_id: str | None
+    customer_id: str | None
+    cost_usd: float
+
 
 # --- policy ---------------------------------------------------------------------------------
 

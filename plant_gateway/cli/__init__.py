@@ -16,6 +16,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Plant Gateway: policy-enforcing API gateway (keeps sub-commands even when only one exists)."""
+
+
 # One entry per command module; each owns its commands.
 COMMAND_MODULES = ("serve", "token", "demo", "policy", "db", "audit", "verify")
 

@@ -1,0 +1,166 @@
+"""Added latency of the shared-state guards (rate limit, trial quota, budget) per request.
+
+Same run: in-process counters vs Redis on loopback, the steps one after another and all Redis
+work in one pipeline, plus the hot ``{budget}`` slot. ``python -m bench.counters_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+
+from plant_gateway.backends.base import BudgetRequest
+from plant_gateway.backends.counters import Gcra, day_ttl, utc_day, utc_month
+from plant_gateway.backends.counters_memory import MemoryCounters
+from plant_gateway.backends.counters_redis import SCRIPTS, RedisCounters, budget_args
+from plant_gateway.context import Identity, RequestContext
+from plant_gateway.deps import Dependencies
+from plant_gateway.settings import RateTier, Settings
+from plant_gateway.steps import budget, rate_limit, trial_quota
+
+TRIAL = Identity(user_id="bench-user", roles=["user"], trial_mode=True, agent_id="agent-1")
+
+
+def settings_for(url: str | None) -> Settings:
+    huge = RateTier(limit=10**9, period_s=3600, burst=10**6)
+    return Settings(
+        plant_backend_url="http://127.0.0.1:9",
+        redis_url=url,
+        redis_key_prefix=f"bench{uuid.uuid4().hex[:8]}:",
+        rate_tiers={"trial": huge, "paid": huge, "anonymous": huge},
+        trial_daily_tasks=10**9,
+        agent_daily_budget_usd=10**9,
+        platform_monthly_budget_usd=10**12,
+    )
+
+
+def context() -> RequestContext:
+    ctx = RequestContext("r", "c", "POST", "/api/v1/tasks", "", {}, "127.0.0.1")
+    ctx.identity, ctx.resource, ctx.action = TRIAL, "tasks", "create"
+    return ctx
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    for _ in range(min(200, n)):
+        await fn()
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - started) * 1e6)
+    return out
+
+
+def guard_chain(counters: Any, s: Settings) -> Callable[[], Awaitable[None]]:
+    deps = Dependencies(settings=s, counters=counters, flags=None)  # type: ignore[arg-type]
+    steps = [m.build(s, deps) for m in (rate_limit, trial_quota, budget)]
+
+    async def run() -> None:
+        ctx = context()
+        await counters.auth_state("jti-bench", "bench-user")
+        for step in steps:
+            assert step is not None and await step.run(ctx) is None
+
+    return run
+
+
+def pipelined(counters: RedisCounters, s: Settings) -> Callable[[], Awaitable[None]]:
+    """All four guards' Redis work as one pipeline: the one-round-trip lower bound."""
+    gcra = Gcra(10**9, 3600, 10**6)
+    request = BudgetRequest(0.001, 10**12, "agent-1", 10**9)
+
+    async def run() -> None:
+        now = time.time()
+        pipe = counters.client.pipeline(transaction=False)
+        pipe.exists(f"{s.revoked_prefix}jti-bench")
+        pipe.get(f"{s.token_version_prefix}bench-user")
+        rl = [counters.rate_key("user:bench-user")]
+        pipe.evalsha(SCRIPTS["rate"].sha, 1, *rl, int(now * 1e6), gcra.interval, gcra.window)
+        quota_key = f"{counters.prefix}q:{{trial:bench-user}}:{utc_day(now)}"
+        pipe.evalsha(SCRIPTS["quota"].sha, 1, quota_key, 10**9, day_ttl(now))
+        keys = counters.budget_keys(utc_day(now), utc_month(now), "agent-1", None)
+        pipe.evalsha(SCRIPTS["budget"].sha, 3, *keys, *budget_args(request, now))
+        await pipe.execute()
+
+    return run
+
+
+async def hot_slot(counters: RedisCounters, concurrency: int, seconds: float) -> float:
+    """Budget check-and-charge per second on the one ``{budget}`` slot, many agents at once."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        request = BudgetRequest(0.001, 10**12, f"agent-{i}", 10**9)
+        while time.perf_counter() < stop:
+            await counters.budget_charge(request)
+            done += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return done / seconds
+
+
+def script_usec(url: str) -> dict[str, float]:
+    info = redis.Redis.from_url(url).info("commandstats")
+    return {k: v["usec_per_call"] for k, v in info.items() if k in ("cmdstat_evalsha",)}
+
+
+async def main(url: str, n: int) -> None:
+    rows: list[tuple[str, list[float]]] = []
+    s_mem = settings_for(None)
+    memory = MemoryCounters(s_mem)
+    rows.append(("in-process, 4 guards", await measure(guard_chain(memory, s_mem), n)))
+    s_red = settings_for(url)
+    red = RedisCounters(s_red, url)
+    await red.start()
+    chain = await measure(guard_chain(red, s_red), n)
+    rows.append(("redis loopback, steps in turn (4 RTT)", chain))
+    rows.append(("redis loopback, one pipeline (1 RTT)", await measure(pipelined(red, s_red), n)))
+    ping = await measure(red.client.ping, n)
+    rows.append(("redis loopback, bare PING (1 RTT)", ping))
+    print(f"\n{'guards':<42}{'p50 µs':>10}{'p99 µs':>10}{'mean µs':>10}")
+    for name, samples in rows:
+        print(f"{name:<42}{pct(samples, .5):>10.0f}{pct(samples, .99):>10.0f}"
+              f"{statistics.fmean(samples):>10.0f}")
+    for conc in (1, 16, 64):
+        rate = await hot_slot(red, conc, 2.0)
+        print(f"hot {{budget}} slot, {conc:>2} concurrent agents: {rate:>8.0f} charges/s")
+    rl_rate = await hot_slot_rate_limit(red, 64, 2.0)
+    print(f"rate-limit script, 64 principals (spread slots): {rl_rate:>8.0f} checks/s")
+    print(f"redis server time per EVALSHA: {script_usec(url)}")
+    await red.close()
+
+
+async def hot_slot_rate_limit(counters: RedisCounters, concurrency: int, seconds: float) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await counters.rate_limit(f"user:{i}", 10**9, 3600, 10**6)
+            done += 1
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return done / seconds
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("-n", type=int, default=5000)
+    args = parser.parse_args()
+    asyncio.run(main(args.redis_url, args.n))

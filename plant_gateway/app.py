@@ -1,0 +1,297 @@
+"""The raw ASGI application: ingress, ops routes, the step pipeline, forwarding, audit.
+
+One request = one RequestContext; the first Problem is the answer; the audit sees every outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from plant_gateway import metrics, ops
+from plant_gateway.context import RequestContext
+from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
+from plant_gateway.logging import correlation_id_var
+from plant_gateway.pipeline import build_pipeline
+from plant_gateway.problems import Problem
+from plant_gateway.proxy import Proxy, ResponseStarted
+from plant_gateway.settings import Settings
+from plant_gateway.steps import Step
+from plant_gateway.steps.ingress import BodySource, context_from_scope
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+log = logging.getLogger("plant_gateway.app")
+
+
+class NoAudit:
+    """Stand-in recorder while auditing is off (or its module is not there)."""
+
+    def record(self, ctx: RequestContext) -> None:
+        return None
+
+
+def build_audit_recorder(settings: Settings, deps: Dependencies) -> Any:
+    """The audit step's recorder (non-blocking ``record(ctx)``), or a no-op when audit is off."""
+    if not settings.guard_on("audit"):
+        return NoAudit()
+    try:
+        from plant_gateway.steps import audit
+    except ModuleNotFoundError as exc:
+        if exc.name != "plant_gateway.steps.audit":
+            raise
+        log.warning("audit guard is on but plant_gateway.steps.audit is missing")
+        return NoAudit()
+    return audit.build(settings, deps) or NoAudit()
+
+
+class Tracker:
+    """Wraps ``send`` to know whether the response head already left."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+            self.started = True
+        await self.send(message)
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings, deps: Dependencies | None = None) -> None:
+        self.settings = settings
+        self.deps = deps
+        self.pipeline: list[Step] = []
+        self.proxy = Proxy(settings)
+        self.audit: Any = NoAudit()
+        self.guards: list[str] = []
+
+    # --- lifespan ------------------------------------------------------------------------
+    async def startup(self) -> None:
+        if self.deps is None:
+            self.deps = await create_dependencies(self.settings)
+        await start_all(self.deps)
+        await self.proxy.start()
+        try:
+            self.pipeline = build_pipeline(self.settings, self.deps)
+        except Exception:
+            await self.shutdown()
+            raise
+        self.audit = build_audit_recorder(self.settings, self.deps)
+        self.guards = [s.name for s in self.pipeline if s.name not in ("ingress", "routes")]
+        if not isinstance(self.audit, NoAudit):
+            self.guards.append("audit")
+        for guard in self.settings.guards:
+            metrics.GUARD_ACTIVE.labels(guard).set(1 if guard in self.guards else 0)
+        log.info(
+            "gateway started",
+            extra={"active_guards": self.guards, "gateway_type": self.settings.gateway_type,
+                   "environment": self.settings.environment},
+        )
+        missing = [g for g in self.settings.guards if g not in self.guards]
+        if missing:
+            log.warning("guards configured on but not active", extra={"guards": missing})
+
+    async def shutdown(self) -> None:
+        await self.proxy.close()
+        if self.deps is not None:
+            await close_all(self.deps)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- ASGI entry ----------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    def common_headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+        out = [
+            (b"x-correlation-id", ctx.correlation_id.encode()),
+            (b"x-request-id", ctx.request_id.encode()),
+        ]
+        out += ops.cors_headers(self.settings, ctx.headers.get("origin"))
+        out += [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in ctx.extra_response_headers]
+        return out
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context_from_scope(scope, self.settings)
+        token = correlation_id_var.set(ctx.correlation_id)
+        tracker = Tracker(send)
+        has_body = bool(ctx.headers.get("transfer-encoding")) or ctx.headers.get(
+            "content-length", "0"
+        ).strip() not in ("", "0")
+        body = BodySource(receive, self.settings.max_body_bytes, has_body)
+        ctx.scratch["body_source"] = body
+        probe = ctx.path in ops.PROBES
+        ran: list[Any] = []
+        metrics.IN_FLIGHT.inc()
+        try:
+            if ops.is_ops_route(ctx.method, ctx.path):
+                await self.ops_route(ctx, tracker)
+            elif ops.is_preflight(ctx):
+                status, headers = ops.preflight(ctx, self.settings)
+                ctx.status_code = status
+                await self.respond(tracker, status, headers + self.common_headers(ctx)[:2], b"")
+            else:
+                await self.run_pipeline(ctx, body, tracker, ran)
+        except ResponseStarted:
+            log.warning("upstream stream broke after the response started")
+            raise
+        except Exception as exc:
+            log.exception("unexpected error")
+            ctx.error_type, ctx.error_message = "internal-error", type(exc).__name__
+            if not tracker.started:
+                detail = "the gateway failed to handle the request"
+                if self.settings.debug:
+                    detail += f": {type(exc).__name__}: {exc}"
+                await self.send_problem(ctx, tracker, Problem(500, "internal-error", detail))
+        finally:
+            await self.finish(ctx, ran, probe)
+            metrics.IN_FLIGHT.dec()
+            correlation_id_var.reset(token)
+
+    async def run_pipeline(
+        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any]
+    ) -> None:
+        problem: Problem | None = None
+        for step in self.pipeline:
+            if hasattr(step, "after"):
+                ran.append(step)
+            problem = await step.run(ctx)
+            if problem is not None:
+                break
+        if problem is None:
+            problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx))
+        if problem is not None:
+            await self.send_problem(ctx, send, problem)
+
+    async def finish(self, ctx: RequestContext, ran: list[Any], probe: bool) -> None:
+        for step in reversed(ran):
+            try:
+                await step.after(ctx)
+            except Exception:
+                log.exception("after hook failed", extra={"step": step.name})
+        status = ctx.status_code or 499
+        elapsed = ctx.elapsed_ms()
+        route = metrics.route_label(ctx.path)
+        metrics.REQUESTS.labels(route, ctx.method, str(status)).inc()
+        metrics.LATENCY.labels(route).observe(elapsed / 1000)
+        if ctx.policy_latency_ms is not None:
+            metrics.POLICY_LATENCY.observe(ctx.policy_latency_ms / 1000)
+        if probe:
+            return
+        try:
+            self.audit.record(ctx)
+        except Exception:
+            log.exception("audit record failed")
+
+    async def ops_route(self, ctx: RequestContext, send: Tracker) -> None:
+        assert self.deps is not None
+        result = await ops.handle(ctx, self.settings, self.deps, self.proxy, self.guards)
+        if result.problem is not None:
+            await self.send_problem(ctx, send, result.problem)
+            return
+        ctx.status_code = result.status
+        headers = [(b"content-type", result.content_type), (b"cache-control", b"no-store")]
+        body = b"" if ctx.method == "HEAD" else result.body
+        headers.append((b"content-length", str(len(result.body)).encode()))
+        await self.respond(send, result.status, headers + self.common_headers(ctx), body)
+
+    async def send_problem(self, ctx: RequestContext, send: Tracker, problem: Problem) -> None:
+        ctx.status_code = problem.status
+        ctx.error_type = ctx.error_type or problem.kind
+        ctx.error_message = ctx.error_message or problem.detail
+        metrics.DENIALS.labels(problem.kind, str(problem.status)).inc()
+        body = problem.render(
+            base=self.settings.problem_type_base, instance=ctx.path,
+            correlation_id=ctx.correlation_id,
+        )
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in problem.headers]
+        await self.respond(send, problem.status, headers + self.common_headers(ctx), body)
+
+    @staticmethod
+    async def respond(
+        send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # --- websocket -----------------------------------------------------------------------
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context_from_scope(scope, self.settings)
+        token = correlation_id_var.set(ctx.correlation_id)
+        tracker = Tracker(send)
+        ran: list[Any] = []
+        try:
+            message = await receive()
+            if message["type"] != "websocket.connect":
+                return
+            problem: Problem | None = None
+            for step in self.pipeline:
+                if hasattr(step, "after"):
+                    ran.append(step)
+                problem = await step.run(ctx)
+                if problem is not None:
+                    break
+            if problem is None:
+                problem = await self.proxy.websocket(ctx, receive, tracker)
+            if problem is not None:
+                await self.refuse_websocket(ctx, tracker, problem)
+        except Exception:
+            log.exception("websocket failed")
+            ctx.error_type = ctx.error_type or "internal-error"
+            if not tracker.started:
+                await tracker({"type": "websocket.close", "code": 1011})
+        finally:
+            await self.finish(ctx, ran, False)
+            correlation_id_var.reset(token)
+
+    async def refuse_websocket(self, ctx: RequestContext, send: Tracker, problem: Problem) -> None:
+        """Refuse the handshake with the problem as an HTTP answer when the server supports it."""
+        ctx.status_code = problem.status
+        ctx.error_type = ctx.error_type or problem.kind
+        ctx.error_message = ctx.error_message or problem.detail
+        metrics.DENIALS.labels(problem.kind, str(problem.status)).inc()
+        await send({"type": "websocket.close", "code": 1008, "reason": problem.kind})
+
+
+def create_app(settings: Settings, deps: Dependencies | None = None) -> GatewayApp:
+    return GatewayApp(settings, deps)
+
+
+def factory() -> GatewayApp:
+    """uvicorn factory (one per worker): settings from the environment set up by ``serve``."""
+    from plant_gateway.logging import configure_logging
+    from plant_gateway.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,466 @@
+"""The audit sink: rows queued in memory, written to PostgreSQL in COPY batches, spooled on outage.
+
+``submit`` never blocks. A background writer batches by size or interval; when the database is
+unreachable, batches go to an append-only spool file and are replayed in order when it returns;
+rows that can never be inserted are quarantined to a dead-letter file, never retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import asyncpg
+
+from plant_gateway.backends import audit_metrics as m
+from plant_gateway.backends.audit_schema import COLUMNS, NAMES, TABLE, WRITER_ROLE, to_record
+from plant_gateway.backends.base import DependencyStatus
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+    from plant_gateway.settings import Settings
+
+log = logging.getLogger("plant_gateway.audit")
+
+STAGE = "audit_stage"
+STAGE_DDL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ("
+    + ", ".join(f'"{name}" {kind}' for name, kind in COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)
+COLS_SQL = ", ".join(f'"{name}"' for name in NAMES)
+INSERT_SQL = (
+    f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {COLS_SQL} FROM {STAGE} ON CONFLICT DO NOTHING"
+)
+MAINTENANCE_LOCK = 7_402_118_735
+MAINTENANCE_EVERY_S = 3600.0
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
+CLOSE_DEADLINE_S = 10.0
+# SQLSTATE classes that say "the database or its setup is the problem", never the row
+OUTAGE_CLASSES = ("08", "28", "3D", "53", "55", "57", "58", "XX", "42501", "42P01", "42883")
+
+
+class Outage(Exception):
+    """The database cannot take rows right now (unreachable, shutting down, misconfigured)."""
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return any(state.startswith(prefix) for prefix in OUTAGE_CLASSES)
+    return True  # connection errors, timeouts, interface errors
+
+
+class Spool:
+    """An append-only JSON-lines file with a persisted read offset; held under an flock."""
+
+    def __init__(self, path: Path, lock: bool = True) -> None:
+        self.path = path
+        self.offset_path = path.with_suffix(".offset")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[bytes] = path.open("ab")
+        if lock:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.offset = int(self.offset_path.read_text() or 0) if self.offset_path.exists() else 0
+        self.pending = self._count_pending()
+
+    @classmethod
+    def try_claim(cls, path: Path) -> Spool | None:
+        try:
+            return cls(path)
+        except BlockingIOError:
+            return None
+
+    def _count_pending(self) -> int:
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            return sum(1 for _ in fh)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.pending += len(rows)
+
+    def read(self, limit: int) -> tuple[list[bytes], int]:
+        """Up to ``limit`` lines from the offset and the offset after them."""
+        lines: list[bytes] = []
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            while len(lines) < limit:
+                line = fh.readline()
+                if not line.endswith(b"\n"):
+                    break  # EOF (or a torn last line, read again later)
+                lines.append(line)
+            return lines, fh.tell() if lines else self.offset
+
+    def advance(self, new_offset: int, rows: int) -> None:
+        self.pending = max(0, self.pending - rows)
+        if self.pending == 0 and new_offset >= self.path.stat().st_size:
+            self._fh.truncate(0)
+            new_offset = 0
+        self.offset = new_offset
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(new_offset))
+        tmp.replace(self.offset_path)
+
+    def close(self, remove_if_empty: bool = False) -> None:
+        empty = self.pending == 0
+        self._fh.close()
+        if remove_if_empty and empty:
+            self.path.unlink(missing_ok=True)
+            self.offset_path.unlink(missing_ok=True)
+
+
+class PostgresAuditSink:
+    """The one audit sink (see module docstring). ``stats`` mirrors the metrics per instance."""
+
+    name = "audit"
+
+    def __init__(
+        self, settings: Settings, dsn: str | None, embedded: EmbeddedPostgres | None = None
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.embedded = embedded
+        self.batch_size = settings.audit_batch_size
+        self.interval = settings.audit_flush_interval_s
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.audit_queue_max)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.instance_id)
+        self.spool_dir = Path(settings.state_dir) / "audit-spool"
+        self.spool_path = self.spool_dir / f"{safe}-{os.getpid()}.jsonl"
+        self.dead_path = Path(settings.state_dir) / "audit-deadletter.jsonl"
+        self.stats = {"written": 0, "spooled": 0, "replayed": 0, "dropped": 0, "dead": 0}
+        self.spool: Spool | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._probe: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._maint_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._retry_at = 0.0
+        self._retry_s = RETRY_MIN_S
+        self._last_error = ""
+
+    # --- Dependency ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.embedded is not None:
+            await asyncio.to_thread(self._start_embedded)
+        self.spool = Spool(self.spool_path)
+        m.SPOOL_PENDING.inc(self.spool.pending)
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._maint_task = asyncio.create_task(self._maintenance(), name="audit-retention")
+
+    def _start_embedded(self) -> None:
+        from plant_gateway import migrations
+
+        assert self.embedded is not None
+        self.embedded.start()
+        migrations.upgrade(self.embedded.dsn())
+        self.dsn = self.embedded.dsn(user=WRITER_ROLE)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._maint_task is not None:
+            self._maint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maint_task
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_DEADLINE_S)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        self._spool_rows(self._drain_queue())
+        for conn in (self._conn, self._probe):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)
+        self._conn = self._probe = None
+        if self.spool is not None:
+            self.spool.close(remove_if_empty=True)
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def check(self) -> DependencyStatus:
+        started = time.perf_counter()
+        try:
+            if self._probe is None or self._probe.is_closed():
+                self._probe = await self._connect()
+            await self._probe.fetchval("SELECT 1", timeout=1.0)
+            ok, detail = True, ""
+        except Exception as exc:  # noqa: BLE001 - any failure means "down"
+            self._probe = None
+            ok, detail = False, f"database unreachable ({type(exc).__name__})"
+        pending = self.spool.pending if self.spool else 0
+        if pending:
+            detail = (detail + "; " if detail else "") + f"{pending} rows spooled to disk"
+        # The spool keeps every row while the database is down, so an outage alone does not take
+        # the gateway out of service: required only if the spool is unusable too.
+        return DependencyStatus(
+            name="postgres_audit",
+            ok=ok,
+            required=self.spool is None,
+            detail=detail,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    # --- the request path ---------------------------------------------------------------------
+    def submit(self, row: dict[str, Any]) -> None:
+        """Queue a finished row; never blocks, never raises. A full queue spills to disk."""
+        if not self._closing:
+            try:
+                self.queue.put_nowait(row)
+                m.QUEUE_DEPTH.set(self.queue.qsize())
+                return
+            except asyncio.QueueFull:
+                pass
+        self._spool_rows([row])
+
+    # --- writer loop -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch:
+                await self._handle(batch)
+            if self.spool is not None and self.spool.pending and time.monotonic() >= self._retry_at:
+                await self._drain_spool(self.spool, max_batches=20)
+            if self._closing and self.queue.empty():
+                break
+        if self.spool is not None and self.spool.pending:
+            await self._drain_spool(self.spool, max_batches=1000)
+
+    async def _collect(self) -> list[dict[str, Any]]:
+        try:
+            first = await asyncio.wait_for(self.queue.get(), self.interval)
+        except TimeoutError:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.interval
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        m.QUEUE_DEPTH.set(self.queue.qsize())
+        return batch
+
+    async def _handle(self, batch: list[dict[str, Any]]) -> None:
+        if self.spool is not None and self.spool.pending:
+            self._spool_rows(batch)  # keep order: older spooled rows go first
+            return
+        try:
+            await self._write(batch)
+        except Outage:
+            self._spool_rows(batch)
+        except asyncio.CancelledError:
+            self._spool_rows(batch)
+            raise
+
+    def _drain_queue(self) -> list[dict[str, Any]]:
+        rows = []
+        while not self.queue.empty():
+            rows.append(self.queue.get_nowait())
+        m.QUEUE_DEPTH.set(0)
+        return rows
+
+    # --- database ------------------------------------------------------------------------
+    async def _connect(self) -> asyncpg.Connection:
+        if self.dsn is None:
+            raise Outage("no database configured")
+        conn = await asyncpg.connect(
+            self.dsn,
+            timeout=3.0,
+            command_timeout=15.0,
+            server_settings={
+                "app.service_account": "gateway",
+                "application_name": "plant-gateway-audit",
+            },
+        )
+        if await conn.fetchval("SELECT current_user") != WRITER_ROLE:
+            try:
+                await conn.execute(f"SET ROLE {WRITER_ROLE}")
+            except asyncpg.PostgresError as exc:
+                log.warning("audit: cannot SET ROLE %s (%s); writing as the DSN user",
+                            WRITER_ROLE, exc.sqlstate)
+        return conn
+
+    async def _writer(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect()
+            await self._conn.execute(STAGE_DDL)
+        return self._conn
+
+    async def _write(self, rows: list[dict[str, Any]]) -> int:
+        """Write rows; quarantine bad ones; raise Outage if the database cannot take them."""
+        records: list[tuple[Any, ...]] = []
+        for row in rows:
+            try:
+                records.append(to_record(row))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._dead_letter(row, f"{type(exc).__name__}: {exc}")
+        if not records:
+            return 0
+        return await self._copy(records, rows)
+
+    async def _copy(self, records: list[tuple[Any, ...]], rows: list[dict[str, Any]]) -> int:
+        started = time.perf_counter()
+        try:
+            conn = await self._writer()
+            async with conn.transaction():
+                await conn.copy_records_to_table(STAGE, records=records, columns=list(NAMES))
+                await conn.execute(INSERT_SQL)
+        except Exception as exc:
+            if _is_outage(exc):
+                await self._mark_outage(exc)
+                raise Outage(str(exc)) from exc
+            return await self._bisect(records, rows, exc)
+        m.WRITE_LATENCY.observe(time.perf_counter() - started)
+        self._retry_s = RETRY_MIN_S
+        m.ROWS_WRITTEN.inc(len(records))
+        self.stats["written"] += len(records)
+        return len(records)
+
+    async def _bisect(
+        self, records: list[tuple[Any, ...]], rows: list[dict[str, Any]], exc: Exception
+    ) -> int:
+        """A batch was refused for its data: split it until the bad rows are isolated."""
+        if len(records) == 1:
+            row = next((r for r in rows if str(r.get("id")) == str(records[0][0])), records[0])
+            self._dead_letter(row, f"{type(exc).__name__}: {exc}")
+            return 0
+        half = len(records) // 2
+        written = await self._copy(records[:half], rows)
+        return written + await self._copy(records[half:], rows)
+
+    async def _mark_outage(self, exc: BaseException) -> None:
+        self._last_error = type(exc).__name__
+        log.warning("audit: database unavailable (%s); spooling to disk", self._last_error)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.terminate()
+        self._conn = None
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+
+    # --- spool and dead letters ------------------------------------------------------------------
+    def _spool_rows(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            if self.spool is None:
+                self.spool = Spool(self.spool_path)
+            self.spool.append(rows)
+        except Exception:  # noqa: BLE001 - last resort: count the loss loudly
+            log.exception("audit: %d rows could be neither written nor spooled", len(rows))
+            m.ROWS_DROPPED.inc(len(rows))
+            self.stats["dropped"] += len(rows)
+            return
+        m.ROWS_SPOOLED.inc(len(rows))
+        m.SPOOL_PENDING.inc(len(rows))
+        self.stats["spooled"] += len(rows)
+
+    async def _drain_spool(self, spool: Spool, max_batches: int) -> None:
+        for _ in range(max_batches):
+            lines, new_offset = spool.read(self.batch_size)
+            if not lines:
+                return
+            rows: list[dict[str, Any]] = []
+            for line in lines:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
+            try:
+                written = await self._write(rows)
+            except Outage:
+                return
+            spool.advance(new_offset, len(lines))
+            m.SPOOL_PENDING.dec(len(lines))
+            m.ROWS_REPLAYED.inc(written)
+            self.stats["replayed"] += written
+
+    def _dead_letter(self, row: Any, reason: str) -> None:
+        log.error("audit: row quarantined to %s: %s", self.dead_path, reason[:200])
+        entry = {"reason": reason[:1000], "row": row, "at": time.time()}
+        try:
+            self.dead_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.dead_path.open("a") as fh:
+                fh.write(json.dumps(entry, default=str) + "\n")
+        except OSError:
+            m.ROWS_DROPPED.inc()
+            self.stats["dropped"] += 1
+        m.ROWS_DEAD.inc()
+        self.stats["dead"] += 1
+
+    # --- orphaned spools and retention ------------------------------------------------------------
+    async def _replay_orphans(self) -> None:
+        for path in sorted(self.spool_dir.glob("*.jsonl")):
+            if path == self.spool_path:
+                continue
+            orphan = Spool.try_claim(path)
+            if orphan is None:
+                continue  # a live process owns it
+            try:
+                await self._drain_spool(orphan, max_batches=10_000)
+            finally:
+                orphan.close(remove_if_empty=True)
+
+    async def _maintenance(self) -> None:
+        await asyncio.sleep(1.0)
+        while not self._closing:
+            try:
+                await self._replay_orphans()
+                await self.run_retention()
+            except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                log.warning("audit: maintenance failed: %s", type(exc).__name__)
+            await asyncio.sleep(MAINTENANCE_EVERY_S)
+
+    async def run_retention(self) -> int | None:
+        """Create partitions ahead and drop expired ones, unless pg_cron or a peer does it."""
+        conn = await self._connect()
+        try:
+            has_cron = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')"
+            )
+            if has_cron:
+                return None
+            async with conn.transaction():
+                if not await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK
+                ):
+                    return None
+                return int(
+                    await conn.fetchval(
+                        "SELECT gateway_audit_maintain($1, 7)", self.settings.audit_retention_days
+                    )
+                )
+        finally:
+            await conn.close()
+
+
+def create(settings: Settings) -> PostgresAuditSink:
+    """The sink on DATABASE_URL, or on an embedded server in ``state_dir/pgdata``."""
+    if settings.database_url is not None:
+        return PostgresAuditSink(settings, settings.database_url.get_secret_value())
+    from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(Path(settings.state_dir) / "pgdata")
+    return PostgresAuditSink(settings, None, embedded)

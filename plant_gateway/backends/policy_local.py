@@ -1,0 +1,378 @@
+"""In-process policy engine: the Rego bundle in ``policies/`` compiled once with regopy (rego-cpp).
+
+Decisions are memoised by a digest of the input; the bundle hot-reloads on SIGHUP or file change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regopy import Interpreter, RegoError
+
+from plant_gateway.backends.base import DependencyError, DependencyStatus
+from plant_gateway.settings import Settings, SettingsError
+
+log = logging.getLogger("plant_gateway.policy")
+
+PACKAGE_RE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
+TEST_RULE_RE = re.compile(r"^(test_\w+)\b", re.MULTILINE)
+ERROR_RE = re.compile(r"\(error \d+:([^|]*)\|(\d+)\|\d+\s*\(errormsg \d+:([^)]*)\)")
+
+
+class PolicyBundleError(SettingsError):
+    """The bundle does not load or compile; the message names the file and position."""
+
+
+# --- loading sources ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BundleSources:
+    """The ``.rego`` modules and the merged ``data.json`` documents of a bundle directory."""
+
+    root: Path
+    modules: dict[str, str]
+    tests: dict[str, str]
+    data: dict[str, Any]
+
+    @property
+    def revision(self) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(self.modules):
+            digest.update(name.encode() + b"\0" + self.modules[name].encode() + b"\0")
+        digest.update(json.dumps(self.data, sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+
+def load_sources(root: Path) -> BundleSources:
+    """Read every ``*.rego`` and ``data.json`` under ``root`` (OPA bundle layout)."""
+    if not root.is_dir():
+        raise PolicyBundleError(f"POLICY_DIR: policy directory {str(root)!r} does not exist")
+    modules: dict[str, str] = {}
+    tests: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if path.suffix == ".rego":
+            target = tests if path.stem.endswith("_test") else modules
+            target[rel] = path.read_text(encoding="utf-8")
+        elif path.name == "data.json":
+            _merge_data(data, path, rel)
+    if not modules:
+        raise PolicyBundleError(f"POLICY_DIR: no .rego files in {str(root)!r}")
+    return BundleSources(root, modules, tests, data)
+
+
+def _merge_data(data: dict[str, Any], path: Path, rel: str) -> None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PolicyBundleError(f"POLICY_DIR: {rel}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+    if not isinstance(document, dict):
+        raise PolicyBundleError(f"POLICY_DIR: {rel}: data.json must hold a JSON object")
+    node = data
+    for part in Path(rel).parent.parts:
+        node = node.setdefault(part, {})
+    _deep_merge(node, document)
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+# --- compiling -----------------------------------------------------------------------------------
+
+
+def _explain(exc: RegoError, sources: dict[str, str]) -> str:
+    """Turn rego-cpp's error tree into ``file:line:col: message`` lines."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    lines = []
+    for name, offset, message in ERROR_RE.findall(text):
+        source = sources.get(name)
+        if source is not None:
+            pos = int(offset)
+            line = source.count("\n", 0, pos) + 1
+            col = pos - (source.rfind("\n", 0, pos) + 1) + 1
+            lines.append(f"{name}:{line}:{col}: {message.strip()}")
+        else:
+            lines.append(f"{name or 'bundle'}: {message.strip()}")
+    return "; ".join(dict.fromkeys(lines)) or text.strip()
+
+
+def new_interpreter(modules: dict[str, str], data: dict[str, Any]) -> Interpreter:
+    """An interpreter holding the modules and data; raises PolicyBundleError on a bad module."""
+    interpreter = Interpreter()
+    try:
+        interpreter.add_data_json(json.dumps(data))
+        for name, source in modules.items():
+            interpreter.add_module(name, source)
+    except RegoError as exc:
+        raise PolicyBundleError(f"POLICY_DIR: {_explain(exc, modules)}") from None
+    return interpreter
+
+
+@dataclass(slots=True)
+class CompiledBundle:
+    """One compiled bundle: evaluate ``entrypoint`` with ``evaluate(input_json)``."""
+
+    interpreter: Interpreter
+    bundle: Any
+    entrypoint: str
+    revision: str
+    modules: int
+
+    def evaluate(self, input_json: str) -> Any:
+        try:
+            self.interpreter.set_input_term(input_json)
+            output = self.interpreter.query_bundle_entrypoint(self.bundle, self.entrypoint)
+        except (RegoError, ValueError) as exc:  # ValueError: regopy could not parse the output
+            raise DependencyError(f"policy evaluation failed: {exc}") from None
+        if not output.ok():
+            raise DependencyError(f"policy evaluation failed: {str(output)[:300]}")
+        if not output.results or not output.results[0].expressions:
+            raise DependencyError(f"policy decision {self.entrypoint!r} is undefined")
+        return output.results[0].expressions[0]
+
+
+def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
+    """Compile the bundle's modules for one entry point and prove it yields an object."""
+    interpreter = new_interpreter(sources.modules, sources.data)
+    try:
+        bundle = interpreter.build(None, [entrypoint])
+    except RegoError as exc:
+        raise PolicyBundleError(f"POLICY_DIR: {_explain(exc, sources.modules)}") from None
+    if not bundle.ok():
+        raise PolicyBundleError(f"POLICY_DIR: bundle for entry point {entrypoint!r} did not build")
+    compiled = CompiledBundle(interpreter, bundle, entrypoint, sources.revision, len(sources.modules))
+    try:
+        probe = compiled.evaluate("{}")
+    except DependencyError as exc:
+        raise PolicyBundleError(f"POLICY_DIR: entry point {entrypoint!r}: {exc}") from None
+    if not isinstance(probe, dict) or "allow" not in probe:
+        raise PolicyBundleError(
+            f"POLICY_DIR: entry point {entrypoint!r} must produce an object with 'allow'"
+        )
+    return compiled
+
+
+# --- decision cache --------------------------------------------------------------------------------
+
+
+def input_digest(policy_input: dict[str, Any]) -> bytes:
+    """Canonical digest of an input, ignoring the clock (``now_ns``)."""
+    stable = {k: v for k, v in policy_input.items() if k != "now_ns"}
+    canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class DecisionCache:
+    """A bounded LRU of decisions; an entry expires at the decision's ``valid_until_ns``."""
+
+    size: int
+    entries: OrderedDict[bytes, tuple[dict[str, Any], int | None]] = field(
+        default_factory=OrderedDict
+    )
+    hits: int = 0
+    misses: int = 0
+
+    def get(self, key: bytes, now_ns: int) -> dict[str, Any] | None:
+        entry = self.entries.get(key)
+        if entry is None or (entry[1] is not None and now_ns >= entry[1]):
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: bytes, decision: dict[str, Any]) -> None:
+        if self.size <= 0:
+            return
+        until = decision.get("valid_until_ns")
+        self.entries[key] = (decision, until if isinstance(until, int) else None)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+class LocalPolicyEngine:
+    """``PolicyEngine`` evaluating the bundle in-process; compiled at construction."""
+
+    name = "policy"
+
+    def __init__(self, settings: Settings, *, watch: bool = True) -> None:
+        self.policy_dir = Path(settings.policy_dir)
+        self.entrypoint = settings.opa_decision_path.strip("/")
+        self.cache = DecisionCache(settings.policy_cache_size)
+        self.watch = watch
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_error: str | None = None
+        self._compiled = compile_bundle(load_sources(self.policy_dir), self.entrypoint)
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._reload_lock: asyncio.Lock | None = None
+        self._sighup = False
+        log.info(
+            "policy bundle %s compiled (%d modules, entry point %s)",
+            self._compiled.revision, self._compiled.modules, self.entrypoint,
+        )
+
+    @property
+    def revision(self) -> str:
+        return self._compiled.revision
+
+    def decide_sync(self, policy_input: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate (or recall) the decision for one input. Raises DependencyError."""
+        key = input_digest(policy_input)
+        now_ns = policy_input.get("now_ns")
+        if not isinstance(now_ns, int):
+            now_ns = time.time_ns()
+        cached = self.cache.get(key, now_ns)
+        if cached is not None:
+            return cached
+        compiled = self._compiled
+        result = compiled.evaluate(json.dumps(policy_input, separators=(",", ":"), default=str))
+        if not isinstance(result, dict) or "allow" not in result:
+            raise DependencyError("policy decision is not an object with 'allow'")
+        if compiled is self._compiled:
+            self.cache.put(key, result)
+        return result
+
+    async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]:
+        return self.decide_sync(policy_input)
+
+    # --- reload -----------------------------------------------------------------------------
+
+    def reload_sync(self) -> bool:
+        """Compile the bundle again; keep the old one when the new one is refused."""
+        try:
+            compiled = compile_bundle(load_sources(self.policy_dir), self.entrypoint)
+        except (PolicyBundleError, OSError) as exc:
+            self.reload_failures += 1
+            self.last_reload_error = str(exc)
+            log.error("policy bundle refused, keeping %s: %s", self._compiled.revision, exc)
+            return False
+        self._compiled = compiled
+        self.cache.clear()
+        self.reloads += 1
+        self.last_reload_error = None
+        log.info("policy bundle %s loaded (%d modules)", compiled.revision, compiled.modules)
+        return True
+
+    async def reload(self) -> bool:
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            return await asyncio.to_thread(self.reload_sync)
+
+    async def _watch(self) -> None:
+        from watchfiles import awatch
+
+        try:
+            async for _changes in awatch(self.policy_dir, stop_event=self._stop, debounce=200):
+                await self.reload()
+        except Exception:  # noqa: BLE001 - a broken watcher must not take the gateway down
+            log.exception("policy file watcher stopped; SIGHUP still reloads")
+
+    def _on_sighup(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    # --- Dependency ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+        if self.watch and self._watcher is None:
+            self._watcher = loop.create_task(self._watch(), name="policy-watch")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._sighup:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+
+    async def check(self) -> DependencyStatus:
+        detail = f"in-process rego, bundle {self._compiled.revision}"
+        if self.last_reload_error:
+            detail += " (last reload refused)"
+        return DependencyStatus(self.name, ok=True, detail=detail, latency_ms=0.0)
+
+
+# --- rego tests ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RegoTestResult:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+def discover_tests(sources: BundleSources) -> list[str]:
+    """``data.<package>.<test_rule>`` for every ``test_`` rule of every module."""
+    found: list[str] = []
+    for source in {**sources.modules, **sources.tests}.values():
+        package = PACKAGE_RE.search(source)
+        if package is None:
+            continue
+        for rule in TEST_RULE_RE.findall(source):
+            found.append(f"data.{package.group(1)}.{rule}")
+    return list(dict.fromkeys(found))
+
+
+def run_rego_tests(
+    policy_dir: Path, *, on_result: Callable[[RegoTestResult], None] | None = None
+) -> list[RegoTestResult]:
+    """Run every ``test_`` rule; a test passes only when it evaluates to ``true``."""
+    sources = load_sources(policy_dir)
+    interpreter = new_interpreter({**sources.modules, **sources.tests}, sources.data)
+    results: list[RegoTestResult] = []
+    for name in discover_tests(sources):
+        try:
+            output = interpreter.query(f"x := {name}")
+        except RegoError as exc:
+            result = RegoTestResult(name, False, f"error: {exc}")
+        else:
+            value = output.results[0].bindings.get("x") if output.ok() and output.results else None
+            if not output.ok():
+                result = RegoTestResult(name, False, f"error: {str(output)[:300]}")
+            else:
+                result = RegoTestResult(name, value is True, "" if value is True else f"got {value!r}")
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

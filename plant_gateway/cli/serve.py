@@ -1,0 +1,49 @@
+"""``plant-gateway serve``: run the gateway on uvicorn (uvloop + httptools, lifespan on).
+
+A bad or missing setting stops start-up with one line naming it and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from plant_gateway.settings import SettingsError, load_settings
+
+
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="listen port (PORT)")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="listen address (HOST)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="worker processes")] = None,
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    if config is not None:
+        os.environ["PLANT_CONFIG"] = str(config)
+    if port is not None:
+        os.environ["PORT"] = str(port)
+    if host is not None:
+        os.environ["HOST"] = host
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from plant_gateway.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
+        workers=workers or settings.workers, loop="uvloop", http="httptools", lifespan="on",
+        log_config=None, access_log=False, proxy_headers=False, server_header=False,
+        date_header=False, timeout_graceful_shutdown=10,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,148 @@
+"""Operational routes, apart from the request pipeline: health, readiness, metrics, API docs.
+
+``/health`` touches nothing and names nothing; ``/ready`` reports each dependency, never a URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from plant_gateway import metrics
+from plant_gateway.backends.base import DependencyStatus
+from plant_gateway.problems import Problem
+
+if TYPE_CHECKING:
+    from plant_gateway.context import RequestContext
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.proxy import Proxy
+    from plant_gateway.settings import Settings
+
+PROBES = frozenset({"/health", "/ready", "/metrics"})
+OPS_PATHS = PROBES | {"/docs", "/openapi.json"}
+CHECK_TIMEOUT_S = 3.0
+JSON = b"application/json"
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Plant Gateway API</title></head>
+<body><h1>Plant Gateway API</h1>
+<p>The OpenAPI document of the backend, as served through this gateway:
+<a href="/openapi.json">/openapi.json</a>.</p>
+<p>Every route except the public ones needs <code>Authorization: Bearer &lt;JWT&gt;</code>.</p>
+</body></html>
+"""
+
+
+@dataclass(slots=True)
+class OpsResponse:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    problem: Problem | None = None
+
+
+def is_ops_route(method: str, path: str) -> bool:
+    return path in OPS_PATHS and method in ("GET", "HEAD")
+
+
+async def _check(dep: Any) -> DependencyStatus:
+    name = getattr(dep, "name", type(dep).__name__)
+    try:
+        status: DependencyStatus = await asyncio.wait_for(dep.check(), CHECK_TIMEOUT_S)
+        return status
+    except TimeoutError:
+        return DependencyStatus(name, False, True, "check timed out")
+    except Exception as exc:  # noqa: BLE001 - a broken check is a down dependency
+        return DependencyStatus(name, False, True, f"check failed ({type(exc).__name__})")
+
+
+async def readiness(deps: Dependencies, proxy: Proxy, guards: list[str]) -> OpsResponse:
+    checks = [_check(d) for d in deps.all()]
+    results = list(await asyncio.gather(*checks)) + await proxy.checks()
+    ready = all(r.ok for r in results if r.required)
+    doc = {
+        "status": "ready" if ready else "not_ready",
+        "dependencies": {r.name: r.as_dict() for r in results},
+        "guards": guards,
+    }
+    return OpsResponse(200 if ready else 503, json.dumps(doc).encode())
+
+
+def external_url(ctx: RequestContext, settings: Settings) -> str:
+    configured = getattr(settings, "public_url", None)
+    if configured:
+        return str(configured).rstrip("/")
+    host = ctx.host or f"localhost:{settings.port}"
+    if settings.trusted_proxy_hops > 0 and ctx.headers.get("x-forwarded-host"):
+        host = ctx.headers["x-forwarded-host"].split(",")[-1].strip()
+    return f"{ctx.scheme}://{host}"
+
+
+async def openapi(ctx: RequestContext, settings: Settings, proxy: Proxy) -> OpsResponse:
+    upstream = proxy.upstream("production")
+    bad = Problem(502, "bad-gateway", "the backend could not provide its OpenAPI document")
+    if upstream.session is None:
+        return OpsResponse(502, b"", problem=bad)
+    try:
+        timeout = aiohttp.ClientTimeout(total=settings.upstream_read_timeout_s)
+        async with upstream.session.get(upstream.url("/openapi.json", ""), timeout=timeout) as resp:
+            if resp.status != 200:
+                return OpsResponse(502, b"", problem=bad)
+            doc = json.loads(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return OpsResponse(502, b"", problem=bad)
+    if not isinstance(doc, dict):
+        return OpsResponse(502, b"", problem=bad)
+    doc["servers"] = [{"url": external_url(ctx, settings)}]
+    return OpsResponse(200, json.dumps(doc).encode())
+
+
+async def handle(
+    ctx: RequestContext, settings: Settings, deps: Dependencies, proxy: Proxy, guards: list[str]
+) -> OpsResponse:
+    if ctx.path == "/health":
+        return OpsResponse(200, b'{"status":"ok"}')
+    if ctx.path == "/ready":
+        return await readiness(deps, proxy, guards)
+    if ctx.path == "/metrics":
+        return OpsResponse(200, metrics.render(), metrics.CONTENT_TYPE.encode())
+    if ctx.path == "/openapi.json":
+        return await openapi(ctx, settings, proxy)
+    return OpsResponse(200, DOCS_HTML.encode(), b"text/html; charset=utf-8")
+
+
+def cors_headers(settings: Settings, origin: str | None) -> list[tuple[bytes, bytes]]:
+    """CORS headers for an allowed origin (echoed, never ``*``), on every response."""
+    if not origin or origin not in settings.cors_origins:
+        return []
+    out = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+    if settings.cors_allow_credentials:
+        out.append((b"access-control-allow-credentials", b"true"))
+    out.append((b"access-control-expose-headers", b"X-Correlation-ID, X-Request-ID, Retry-After"))
+    return out
+
+
+def is_preflight(ctx: RequestContext) -> bool:
+    return (
+        ctx.method == "OPTIONS"
+        and "origin" in ctx.headers
+        and "access-control-request-method" in ctx.headers
+    )
+
+
+def preflight(ctx: RequestContext, settings: Settings) -> tuple[int, list[tuple[bytes, bytes]]]:
+    origin = ctx.headers.get("origin")
+    headers = cors_headers(settings, origin)
+    if not headers:
+        return 403, [(b"vary", b"Origin")]
+    requested = ctx.headers.get("access-control-request-headers", "")
+    headers += [
+        (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+        (b"access-control-allow-headers", (requested or "Authorization, Content-Type").encode()),
+        (b"access-control-max-age", b"600"),
+    ]
+    return 204, headers

@@ -1,0 +1,467 @@
+"""Forwarding (spec §1.7): one aiohttp pool per upstream, streaming both ways, header hygiene.
+
+Timeouts, idempotent retries on connection failure, a circuit breaker per upstream, and the
+502/503/504 problems. WebSockets are bridged between the ASGI socket and an aiohttp client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from plant_gateway import metrics
+from plant_gateway.backends.base import DependencyStatus
+from plant_gateway.problems import Problem
+from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
+
+if TYPE_CHECKING:
+    from plant_gateway.context import RequestContext
+    from plant_gateway.settings import Settings
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+log = logging.getLogger("plant_gateway.proxy")
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+     "proxy-connection", "proxy-authenticate", "proxy-authorization"}
+)
+# client headers the gateway owns: dropped before its own values are added (no spoofing)
+OWNED_PREFIXES = ("x-gateway", "x-user-", "x-debug-", "x-forwarded-")
+OWNED = frozenset(
+    {"authorization", "x-original-authorization", "x-customer-id", "x-correlation-id",
+     "x-request-id", "x-causation-id", "traceparent", "tracestate", "host", "content-length",
+     "forwarded", "x-real-ip", "x-target-backend", "expect"}
+)
+# upstream response headers the gateway replaces with its own
+RESPONSE_OWNED = frozenset({"x-correlation-id", "x-request-id", "x-target-backend", "server"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+SAFE_PATH = "/:@!$&'()*+,;=-._~"
+METADATA_URL = (
+    "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/identity"
+)
+
+
+def connection_listed(headers: list[tuple[str, str]]) -> set[str]:
+    listed: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed |= {t.strip().lower() for t in value.split(",") if t.strip()}
+    return listed
+
+
+def is_hop_by_hop(name: str, listed: set[str]) -> bool:
+    return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
+
+
+def upstream_request_headers(ctx: RequestContext, settings: Settings) -> list[tuple[str, str]]:
+    """The headers sent upstream: client headers minus hop-by-hop and owned ones, plus ours."""
+    raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in ctx.raw_headers]
+    listed = connection_listed(raw)
+    out = [
+        (k, v) for k, v in raw
+        if not is_hop_by_hop(k, listed) and k not in OWNED and not k.startswith(OWNED_PREFIXES)
+        and not (ctx.is_websocket and k.startswith("sec-websocket-"))
+    ]
+    if ctx.authorization:
+        out.append(("X-Original-Authorization", ctx.authorization))
+    out += [
+        ("X-Gateway", "plant-gateway"),
+        ("X-Gateway-Type", settings.gateway_type),
+        ("X-Correlation-ID", ctx.correlation_id),
+        ("X-Request-ID", ctx.request_id),
+        ("X-Causation-ID", ctx.request_id),
+        ("X-Forwarded-For", ctx.client_ip),
+        ("X-Forwarded-Proto", ctx.scheme),
+        ("X-Forwarded-Host", ctx.host),
+    ]
+    if ctx.traceparent:
+        out.append(("traceparent", ctx.traceparent))
+    if ctx.tracestate:
+        out.append(("tracestate", ctx.tracestate))
+    ident = ctx.identity
+    if ident is not None:
+        if ident.user_id:
+            out.append(("X-User-ID", ident.user_id))
+        if ident.customer_id:
+            out.append(("X-Customer-ID", ident.customer_id))
+        if ident.roles:
+            out.append(("X-User-Roles", ",".join(ident.roles)))
+    if ctx.body is not None:
+        out.append(("Content-Length", str(len(ctx.body))))
+    elif ctx.content_length is not None:
+        out.append(("Content-Length", str(ctx.content_length)))
+    return out
+
+
+def downstream_response_headers(
+    upstream: list[tuple[str, str]], ctx: RequestContext
+) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers minus hop-by-hop, CORS (the gateway owns it) and ids we set."""
+    lowered = [(k.lower(), v) for k, v in upstream]
+    listed = connection_listed(lowered)
+    out = []
+    for name, value in lowered:
+        if is_hop_by_hop(name, listed) or name in RESPONSE_OWNED:
+            continue
+        if name.startswith("access-control-") or name.startswith("x-debug-"):
+            continue
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    out.append((b"x-target-backend", ctx.target_backend.encode()))
+    return out
+
+
+class CircuitBreaker:
+    """closed -> open after N consecutive failures -> half-open after reset_s (one probe)."""
+
+    CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+    _GAUGE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+    def __init__(self, name: str, threshold: int, reset_s: float) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probing = False
+        self._export()
+
+    def _export(self) -> None:
+        metrics.CIRCUIT_STATE.labels(self.name).set(self._GAUGE[self.state])
+
+    def allow(self) -> bool:
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.OPEN and time.monotonic() - self.opened_at >= self.reset_s:
+            self.state = self.HALF_OPEN
+            self.probing = False
+            self._export()
+        if self.state == self.HALF_OPEN and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def retry_after(self) -> int:
+        return max(1, int(self.reset_s - (time.monotonic() - self.opened_at)) + 1)
+
+    def success(self) -> None:
+        if self.state != self.CLOSED or self.failures:
+            self.state, self.failures, self.probing = self.CLOSED, 0, False
+            self._export()
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.state == self.HALF_OPEN or self.failures >= self.threshold:
+            self.state, self.opened_at, self.probing = self.OPEN, time.monotonic(), False
+            self._export()
+
+
+class IdTokenSource:
+    """Google ID tokens from the metadata server for an IAM-protected backend, cached to expiry."""
+
+    def __init__(self, audience: str) -> None:
+        self.audience = audience
+        self.token: str | None = None
+        self.expires = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self, session: aiohttp.ClientSession) -> str:
+        if self.token and time.time() < self.expires - 60:
+            return self.token
+        async with self._lock:
+            if self.token and time.time() < self.expires - 60:
+                return self.token
+            timeout = aiohttp.ClientTimeout(total=3)
+            async with session.get(
+                METADATA_URL, params={"audience": self.audience}, timeout=timeout,
+                headers={"Metadata-Flavor": "Google"},
+            ) as resp:
+                resp.raise_for_status()
+                token = (await resp.text()).strip()
+            self.token, self.expires = token, _jwt_exp(token)
+            return token
+
+
+def _jwt_exp(token: str) -> float:
+    try:
+        payload = token.split(".")[1]
+        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(doc["exp"])
+    except (IndexError, ValueError, KeyError):
+        return time.time() + 300
+
+
+class Upstream:
+    """One backend: its own connection pool and circuit breaker."""
+
+    def __init__(self, name: str, base_url: str, settings: Settings) -> None:
+        self.name = name
+        self.base = URL(base_url)
+        self.settings = settings
+        self.breaker = CircuitBreaker(name, settings.breaker_failure_threshold, settings.breaker_reset_s)
+        self.session: aiohttp.ClientSession | None = None
+        self.id_tokens = (
+            IdTokenSource(settings.plant_backend_audience or base_url)
+            if settings.plant_backend_use_id_token else None
+        )
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s,
+        )
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.settings.upstream_pool_size, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=self.timeout, cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def url(self, path: str, query: str) -> URL:
+        text = str(self.base).rstrip("/") + quote(path, safe=SAFE_PATH)
+        return URL(f"{text}?{query}" if query else text, encoded=True)
+
+    async def auth_header(self) -> list[tuple[str, str]]:
+        if self.id_tokens is None or self.session is None:
+            return []
+        return [("Authorization", f"Bearer {await self.id_tokens.get(self.session)}")]
+
+    async def check(self) -> DependencyStatus:
+        """Reachable means: any HTTP answer within the connect timeout."""
+        assert self.session is not None
+        started = time.perf_counter()
+        try:
+            timeout = aiohttp.ClientTimeout(total=min(3.0, self.settings.upstream_read_timeout_s))
+            async with self.session.get(self.base.with_path("/"), timeout=timeout) as resp:
+                await resp.release()
+            ok, detail = True, f"circuit {self.breaker.state}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok, detail = False, f"unreachable ({type(exc).__name__})"
+        latency = (time.perf_counter() - started) * 1000
+        return DependencyStatus(f"upstream_{self.name}", ok, True, detail, latency)
+
+
+class ResponseStarted(Exception):
+    """The upstream failed after the response head was sent: the connection must be aborted."""
+
+
+class Proxy:
+    """Forwards requests to the upstream that sandbox routing chose (``ctx.target_backend``)."""
+
+    name = "upstream"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstreams = {"production": Upstream("production", settings.plant_backend_url, settings)}
+        if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
+            self.upstreams["sandbox"] = Upstream("sandbox", settings.plant_sandbox_url, settings)
+
+    def upstream(self, target: str) -> Upstream:
+        return self.upstreams.get(target) or self.upstreams["production"]
+
+    async def start(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def checks(self) -> list[DependencyStatus]:
+        return list(await asyncio.gather(*(u.check() for u in self.upstreams.values())))
+
+    async def forward(
+        self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]]
+    ) -> Problem | None:
+        """Send the request upstream and stream the answer back; a Problem if nothing was sent."""
+        upstream = self.upstream(ctx.target_backend)
+        if not upstream.breaker.allow():
+            return _unavailable(upstream, "circuit open")
+        try:
+            headers = upstream_request_headers(ctx, self.settings) + await upstream.auth_header()
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.breaker.failure()
+            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        started = time.perf_counter()
+        resp, problem = await self._send(upstream, ctx, body, headers)
+        if problem is not None:
+            return problem
+        assert resp is not None
+        ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
+        metrics.UPSTREAM_LATENCY.labels(upstream.name).observe(ctx.upstream_latency_ms / 1000)
+        await self._relay(upstream, ctx, resp, send, extra)
+        return None
+
+    async def _send(
+        self, upstream: Upstream, ctx: RequestContext, body: BodySource, headers: list[tuple[str, str]]
+    ) -> tuple[aiohttp.ClientResponse | None, Problem | None]:
+        assert upstream.session is not None
+        replayable = ctx.body is not None or not body.has_body
+        retries = self.settings.upstream_retries if ctx.method in IDEMPOTENT and replayable else 0
+        url = upstream.url(ctx.upstream_path, ctx.query_string)
+        for attempt in range(retries + 1):
+            data: Any = ctx.body if ctx.body is not None else (body.chunks() if body.has_body else None)
+            try:
+                resp = await upstream.session.request(
+                    ctx.method, url, headers=headers, data=data, allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                if attempt < retries and body.received <= body.max_bytes:
+                    # nothing reached the backend (or a stale pooled connection): safe to retry
+                    _count(upstream, "retry")
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    continue
+                return None, self._failed(upstream, body, exc)
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
+                return None, self._failed(upstream, body, exc)
+            upstream.breaker.success()
+            return resp, None
+        raise AssertionError("unreachable")
+
+    def _failed(self, upstream: Upstream, body: BodySource, exc: Exception) -> Problem:
+        """Map a failed upstream call to its problem and feed the circuit breaker."""
+        if body.received > body.max_bytes or isinstance(exc, BodyTooLarge):
+            return too_large(body.max_bytes)
+        if body.disconnected:
+            return Problem(400, "bad-request", "the client went away while sending the body")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            _count(upstream, "connect")
+            upstream.breaker.failure()
+            return _unavailable(upstream, "connection failed")
+        if isinstance(exc, TimeoutError):
+            _count(upstream, "timeout")
+            upstream.breaker.failure()
+            return Problem(504, "gateway-timeout", "the backend did not answer in time")
+        if isinstance(exc, aiohttp.ClientError | ValueError):
+            return self._bad_gateway(upstream, exc)
+        raise exc
+
+    def _bad_gateway(self, upstream: Upstream, exc: Exception) -> Problem:
+        _count(upstream, "bad_gateway")
+        upstream.breaker.failure()
+        log.warning("upstream error", extra={"upstream": upstream.name, "error": type(exc).__name__})
+        return Problem(502, "bad-gateway", "the backend gave an invalid response")
+
+    async def _relay(
+        self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
+        send: Send, extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        ctx.status_code = resp.status
+        ctx.response_headers = list(resp.headers.items())
+        _cost(ctx, resp, self.settings.cost_response_header)
+        headers = downstream_response_headers(ctx.response_headers, ctx) + extra
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            if ctx.method != "HEAD":
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            _count(upstream, "stream")
+            ctx.error_type = "upstream-stream-error"
+            raise ResponseStarted(type(exc).__name__) from exc
+        finally:
+            resp.release()
+
+    async def websocket(
+        self, ctx: RequestContext, receive: Receive, send: Send
+    ) -> Problem | None:
+        """Bridge an accepted-to-be ASGI websocket with the upstream's websocket."""
+        upstream = self.upstream(ctx.target_backend)
+        if not upstream.breaker.allow():
+            return _unavailable(upstream, "circuit open")
+        assert upstream.session is not None
+        headers = upstream_request_headers(ctx, self.settings) + await upstream.auth_header()
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        protocols = [
+            p.strip() for p in ctx.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+        ]
+        try:
+            ws = await upstream.session.ws_connect(
+                upstream.url(ctx.upstream_path, ctx.query_string), headers=headers,
+                protocols=protocols, autoping=True,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            ctx.status_code = exc.status
+            return Problem(502, "bad-gateway", f"the backend refused the websocket ({exc.status})")
+        except aiohttp.ClientConnectorError:
+            upstream.breaker.failure()
+            return _unavailable(upstream, "connection failed")
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.breaker.failure()
+            return Problem(504, "gateway-timeout", "the backend did not accept the websocket in time")
+        upstream.breaker.success()
+        ctx.status_code = 101
+        await send({"type": "websocket.accept", "subprotocol": ws.protocol})
+        await _bridge(ws, receive, send)
+        return None
+
+
+async def _bridge(ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                await ws.close()
+                return
+            if message.get("text") is not None:
+                await ws.send_str(message["text"])
+            elif message.get("bytes") is not None:
+                await ws.send_bytes(message["bytes"])
+
+    async def upstream_to_client() -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": msg.data})
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": msg.data})
+        code = ws.close_code or 1000
+        await send({"type": "websocket.close", "code": code if code != 1006 else 1011})
+
+    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ws.close()
+
+
+def _unavailable(upstream: Upstream, why: str) -> Problem:
+    retry = upstream.breaker.retry_after() if upstream.breaker.state == "open" else 1
+    return Problem(
+        503, "upstream-unavailable", f"the backend is unavailable: {why}",
+        headers=[("retry-after", str(retry))],
+    )
+
+
+def _count(upstream: Upstream, kind: str) -> None:
+    metrics.UPSTREAM_ERRORS.labels(upstream.name, kind).inc()
+
+
+def _cost(ctx: RequestContext, resp: aiohttp.ClientResponse, header: str) -> None:
+    value = resp.headers.get(header)
+    if value is None:
+        return
+    try:
+        cost = float(value)
+    except ValueError:
+        return
+    if cost >= 0:
+        ctx.upstream_cost_usd = cost

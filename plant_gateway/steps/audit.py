@@ -1,0 +1,286 @@
+"""The audit step: turns every finished RequestContext into exactly one redacted, hash-chained row.
+
+The core app calls ``AuditRecorder.record(ctx)`` in ``finally`` for every request except the
+probe routes; it is synchronous, never raises and never waits for the database.
+
+Decisions (documented in the README):
+- ``enable_audit_logging`` cannot switch auditing off (one row per request is non-negotiable);
+  when the flag is off for a request the row is written without headers and bodies
+  (metadata only). Only the operator setting ``PLANT_GUARDS`` (without ``audit``) removes the
+  step, which ``/ready`` and the startup log then show.
+- A user id that is not a UUID is stored as NULL in ``user_id`` and verbatim in ``user_ref``
+  (RLS ``user_own_logs`` matches either); other id columns that are not UUIDs (correlation,
+  causation, request) get a deterministic uuid5 so the row stays insertable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from plant_gateway.backends.audit_schema import GENESIS, row_hash
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import AuditSink
+    from plant_gateway.context import RequestContext
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings
+
+log = logging.getLogger("plant_gateway.audit")
+
+ID_NAMESPACE = uuid.UUID("6f1c3b52-52f4-4c55-9d1e-7b0f6c1d2a90")
+MASK = "***"
+REDACTED_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+    "x-cp-registration-key", "x-original-authorization", "x-governor-approval",
+    "x-approval-token", "x-csrf-token", "x-xsrf-token", "x-amz-security-token",
+    "x-goog-iap-jwt-assertion", "x-serverless-authorization",
+})
+HEADER_WORDS = ("auth", "token", "secret", "key", "cookie", "password", "signature", "session")
+SENSITIVE_WORDS = frozenset({
+    "password", "passwd", "pwd", "passcode", "passphrase", "token", "secret", "otp", "totp",
+    "card", "cardnumber", "cvv", "cvc", "cvv2", "pan", "pin", "iban", "ssn", "apikey",
+    "authorization", "cookie", "signature", "credential", "credentials", "privatekey",
+})
+CODE_WORDS = frozenset({
+    "otp", "verification", "verify", "auth", "security", "sms", "mfa", "totp", "access",
+    "recovery", "backup", "one", "login", "confirmation", "reset", "pin",
+})
+PAIR_WORDS = (("account", "number"), ("account", "no"), ("account", "num"), ("routing", "number"),
+              ("registration", "key"), ("api", "key"), ("private", "key"), ("client", "secret"),
+              ("sort", "code"), ("bank", "account"), ("acct", "number"), ("acct", "no"))
+JWT_RE = re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
+DIGITS_RE = re.compile(r"(?:\d[ -]?){13,19}")
+TEXT_CAP = 2000
+
+
+def _words(key: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def sensitive_key(key: str) -> bool:
+    words = _words(key)
+    joined = "".join(words)
+    if not words:
+        return False
+    if joined in SENSITIVE_WORDS or any(w in SENSITIVE_WORDS for w in words):
+        return True
+    if "code" in words and (len(words) == 1 or any(w in CODE_WORDS for w in words)):
+        return True
+    return any(a in words and b in words for a, b in PAIR_WORDS) or "accountnumber" in joined
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        n = int(ch)
+        if i % 2:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return total % 10 == 0
+
+
+def _mask_text(value: str, secrets_: tuple[str, ...]) -> str:
+    if any(s and s in value for s in secrets_):
+        return MASK
+    value = JWT_RE.sub(MASK, value)
+
+    def card(match: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", match.group(0))
+        return MASK if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
+
+    return DIGITS_RE.sub(card, value).replace("\x00", "\ufffd")
+
+
+def redact(value: Any, secrets_: tuple[str, ...] = (), depth: int = 0) -> Any:
+    """Mask sensitive fields recursively (by key) and card numbers, JWTs, known keys (by value)."""
+    if depth > 32:
+        return MASK
+    if isinstance(value, dict):
+        return {
+            str(k): MASK if sensitive_key(str(k)) else redact(v, secrets_, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v, secrets_, depth + 1) for v in value]
+    if isinstance(value, str):
+        return _mask_text(value, secrets_)
+    return value
+
+
+def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str]:
+    items = headers.items() if isinstance(headers, dict) else headers
+    out: dict[str, str] = {}
+    for name, value in items:
+        lname = str(name).lower()
+        hidden = lname in REDACTED_HEADERS or any(w in lname for w in HEADER_WORDS)
+        text = MASK if hidden else _mask_text(str(value), secrets_)[:TEXT_CAP]
+        out[lname] = f"{out[lname]}, {text}" if lname in out else text
+    return out
+
+
+def body_json(raw: bytes | None, cap: int, secrets_: tuple[str, ...]) -> Any:
+    """The body as redacted JSON, or a small note when it is absent, too big or not JSON."""
+    if not raw:
+        return None
+    if len(raw) > cap:
+        return {"_omitted": "too_large", "_size": len(raw)}
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {"_omitted": "not_json", "_size": len(raw)}
+    return redact(parsed, secrets_)
+
+
+def as_uuid(raw: str | None) -> str | None:
+    """A UUID string, or a deterministic uuid5 of a non-UUID value (None stays None)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        return str(uuid.UUID(str(raw)))
+    except ValueError:
+        return str(uuid.uuid5(ID_NAMESPACE, str(raw)))
+
+
+def strict_uuid(raw: str | None) -> str | None:
+    try:
+        return str(uuid.UUID(str(raw))) if raw else None
+    except ValueError:
+        return None
+
+
+def _text(value: Any, cap: int = TEXT_CAP) -> str | None:
+    return None if value is None else str(value).replace("\x00", "\ufffd")[:cap]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(max(0.0, float(value)), 3)
+
+
+class AuditRecorder:
+    """Builds rows, chains them (one chain per process) and hands them to the sink."""
+
+    name = "audit"
+
+    def __init__(self, settings: Settings, sink: AuditSink, flags: Any = None) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.flags = flags
+        # one chain per process: workers of one gateway share settings.instance_id
+        self.instance_id = f"{settings.instance_id}/{os.getpid()}-{secrets.token_hex(3)}"
+        self.seq = 0
+        self.prev_hash = GENESIS
+        key = settings.cp_registration_key
+        self.secret_values = (key.get_secret_value(),) if key is not None else ()
+
+    def record(self, ctx: RequestContext) -> None:
+        try:
+            row = self.build_row(ctx)
+        except Exception:  # noqa: BLE001 - a bug here must never lose the row
+            log.exception("audit: building the row failed; writing a minimal row")
+            row = self.minimal_row(ctx)
+        self.submit_chained(row)
+
+    def submit_chained(self, row: dict[str, Any]) -> None:
+        self.seq += 1
+        row["instance_id"] = self.instance_id
+        row["seq"] = self.seq
+        row["prev_hash"] = self.prev_hash
+        row["row_hash"] = row_hash(row)
+        self.prev_hash = row["row_hash"]
+        self.sink.submit(row)
+
+    def _detail_on(self, ctx: RequestContext) -> bool:
+        if self.flags is None:
+            return True
+        try:
+            return bool(self.flags.enabled("enable_audit_logging", ctx))
+        except Exception:  # noqa: BLE001 - flag trouble never reduces the audit trail
+            return True
+
+    def build_row(self, ctx: RequestContext) -> dict[str, Any]:
+        ident = ctx.identity
+        detail = self._detail_on(ctx)
+        cap = self.settings.audit_body_cap_bytes
+        status = ctx.status_code if ctx.status_code is not None else 500
+        error_type = ctx.error_type
+        if not 100 <= status <= 599:
+            error_type = error_type or "invalid_upstream_status"
+            status = 502
+        if ctx.status_code is None and error_type is None:
+            error_type = "no_response"
+        row: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "correlation_id": as_uuid(ctx.correlation_id) or str(uuid.uuid4()),
+            "causation_id": as_uuid(ctx.causation_id),
+            "timestamp": ctx.timestamp.isoformat(),
+            "gateway_type": self.settings.gateway_type,
+            "request_id": as_uuid(ctx.request_id),
+            "http_method": _text(ctx.method, 16),
+            "endpoint": _text(ctx.path),
+            "query_params": self._query(ctx.query_string) if detail else None,
+            "request_headers": redact_headers(ctx.headers, self.secret_values) if detail else None,
+            "request_body": body_json(ctx.request_body_sample or ctx.body, cap, self.secret_values)
+            if detail else None,
+            "user_id": strict_uuid(ident.user_id) if ident else None,
+            "customer_id": _text(ident.customer_id, 255) if ident else None,
+            "email": _text(ident.email, 320) if ident else None,
+            "roles": [_text(r, 100) for r in ident.roles] if ident and ident.roles else None,
+            "trial_mode": ident.trial_mode if ident else None,
+            "opa_policies_evaluated": list(ctx.policies_evaluated) or None,
+            "opa_decisions": redact(ctx.policy_decision, self.secret_values)
+            if ctx.policy_decision is not None else None,
+            "opa_latency_ms": _ms(ctx.policy_latency_ms),
+            "status_code": status,
+            "response_headers": redact_headers(ctx.response_headers, self.secret_values)
+            if detail else None,
+            "response_body": body_json(ctx.response_body_sample, cap, self.secret_values)
+            if detail and self.settings.audit_capture_response_body else None,
+            "error_type": _text(error_type, 200),
+            "error_message": _text(_mask_text(ctx.error_message, self.secret_values))
+            if ctx.error_message else None,
+            "total_latency_ms": _ms(ctx.elapsed_ms()) or 0.0,
+            "plant_latency_ms": _ms(ctx.upstream_latency_ms),
+            "action": _text(ctx.action, 100),
+            "resource": _text(ctx.resource, 200),
+            "resource_id": _text(ctx.resource_id, 255),
+            "user_ref": _text(ident.user_id or ident.service_account, 255) if ident else None,
+        }
+        return row
+
+    def _query(self, query_string: str) -> dict[str, Any] | None:
+        if not query_string:
+            return None
+        parsed = parse_qs(query_string, keep_blank_values=True)
+        flat = {k: v[0] if len(v) == 1 else v for k, v in parsed.items()}
+        return redact(flat, self.secret_values)
+
+    def minimal_row(self, ctx: Any) -> dict[str, Any]:
+        from datetime import UTC, datetime
+
+        status = getattr(ctx, "status_code", None)
+        return {
+            "id": str(uuid.uuid4()),
+            "correlation_id": as_uuid(getattr(ctx, "correlation_id", None)) or str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).isoformat(),
+            "gateway_type": self.settings.gateway_type,
+            "http_method": _text(getattr(ctx, "method", None), 16),
+            "endpoint": _text(getattr(ctx, "path", None)),
+            "status_code": status if isinstance(status, int) and 100 <= status <= 599 else 500,
+            "error_type": "audit_row_error",
+            "total_latency_ms": 0.0,
+        }
+
+
+def build(settings: Settings, deps: Dependencies) -> AuditRecorder | None:
+    """The recorder, or None when the operator removed ``audit`` from ``PLANT_GUARDS``."""
+    if not settings.guard_on("audit") or deps.audit_sink is None:
+        return None
+    return AuditRecorder(settings, deps.audit_sink, deps.flags)

@@ -1,0 +1,373 @@
+"""Authentication step (spec §1.3): verify the bearer JWT and fill ``ctx.identity``.
+
+Signature and claims are checked once per token (cached by digest until ``exp``); revocation
+and ``token_version`` are checked on every request; every store outage denies (503).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from jwt.exceptions import (
+    DecodeError,
+    ExpiredSignatureError,
+    InvalidSignatureError,
+    PyJWTError,
+)
+
+from plant_gateway.backends.base import DependencyError
+from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
+from plant_gateway.backends.keys import KeyLookupError, KeySource
+from plant_gateway.context import Identity, RequestContext
+from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.steps.routes import match_route
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import Counters
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings, TenantRule
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_CHARS = 8192
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+REQUIRED_REGISTERED = ["exp", "iat", "iss", "sub"]
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex digest of the raw token: the cache key and the revocation id without ``jti``."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def revocation_id(identity: Identity) -> str | None:
+    """What ``revoke`` must be called with for this token: its ``jti``, else its digest."""
+    return identity.jti or identity.token_digest
+
+
+def dependency_unavailable(detail: str) -> Problem:
+    return Problem(503, "dependency-unavailable", detail, headers=[("retry-after", "1")])
+
+
+class ClaimsProblem(Exception):
+    """A verified token whose claims break the contract: ``invalid-token``."""
+
+
+@dataclass(slots=True)
+class _Verified:
+    identity: Identity
+    token_version: int
+    exp: int
+    generation: int
+
+
+class ClaimsCache:
+    """Bounded LRU of verified tokens keyed by digest; an entry dies with its token."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, _Verified] = OrderedDict()
+
+    def get(self, digest: str) -> _Verified | None:
+        entry = self._entries.get(digest)
+        if entry is not None:
+            self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: str, entry: _Verified) -> None:
+        if self.size <= 0:
+            return
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop(self, digest: str) -> None:
+        self._entries.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def parse_bearer(header: str) -> str | None:
+    """The token of ``Bearer <token>`` if it has the shape of a compact JWS, else None."""
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    return token if TOKEN_SHAPE.fullmatch(token) else None
+
+
+def _text(claims: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise ClaimsProblem(f"missing claim {name}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ClaimsProblem(f"claim {name} must be a string")
+    text = str(value).strip()
+    if not text and required:
+        raise ClaimsProblem(f"claim {name} is empty")
+    return text or None
+
+
+def _roles(claims: dict[str, Any]) -> list[str]:
+    roles = claims.get("roles")
+    if not isinstance(roles, list) or not roles:
+        raise ClaimsProblem("claim roles must be a non-empty list")
+    if not all(isinstance(role, str) and role.strip() for role in roles):
+        raise ClaimsProblem("claim roles must hold non-empty strings")
+    return [role.strip() for role in roles]
+
+
+def _trial(claims: dict[str, Any]) -> tuple[bool, str | None]:
+    trial_mode = claims.get("trial_mode", False)
+    if trial_mode is None:
+        trial_mode = False
+    if not isinstance(trial_mode, bool):
+        raise ClaimsProblem("claim trial_mode must be a boolean")
+    expires = claims.get("trial_expires_at")
+    if expires is None:
+        if trial_mode:
+            raise ClaimsProblem("trial token without trial_expires_at")
+        return False, None
+    if not isinstance(expires, str):
+        raise ClaimsProblem("claim trial_expires_at must be an ISO 8601 string")
+    try:
+        datetime.fromisoformat(expires)
+    except ValueError:
+        raise ClaimsProblem("claim trial_expires_at is not ISO 8601") from None
+    return trial_mode, expires
+
+
+def _version(claims: dict[str, Any]) -> int:
+    version = claims.get("token_version", 0)
+    if version is None:
+        return 0
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ClaimsProblem("claim token_version must be a non-negative integer")
+    return version
+
+
+def identity_from_claims(
+    claims: dict[str, Any], digest: str, max_lifetime_s: int
+) -> tuple[Identity, int]:
+    """The caller described by already signature-checked claims, and its token_version."""
+    token_type = claims.get("token_type")
+    if token_type is not None and token_type != "access":
+        raise ClaimsProblem("only access tokens are accepted")
+    exp, iat = int(claims["exp"]), int(claims["iat"])
+    if exp - iat > max_lifetime_s:
+        raise ClaimsProblem("token lifetime exceeds the maximum")
+    if exp <= iat:
+        raise ClaimsProblem("token expires before it was issued")
+    trial_mode, trial_expires_at = _trial(claims)
+    identity = Identity(
+        user_id=_text(claims, "user_id", required=True),
+        subject=_text(claims, "sub", required=True),
+        email=_text(claims, "email", required=True),
+        roles=_roles(claims),
+        customer_id=_text(claims, "customer_id"),
+        governor_agent_id=_text(claims, "governor_agent_id"),
+        agent_id=_text(claims, "agent_id"),
+        trial_mode=trial_mode,
+        trial_expires_at=trial_expires_at,
+        jti=_text(claims, "jti"),
+        token_digest=digest,
+        token_exp=exp,
+        issuer=_text(claims, "iss", required=True),
+        claims=claims,
+    )
+    return identity, _version(claims)
+
+
+class AuthStep:
+    """Bearer JWT verification with a per-token claims cache and per-request state checks.
+
+    Customer enrichment runs only where a customer is needed: on requests matching a
+    tenant-binding rule (``TENANT_RULES``, when the tenant guard is on), for tokens without
+    ``customer_id``. Elsewhere a customer-less token (e.g. a partner-platform admin) passes
+    without a backend call; an answer already cached for the token is reused on every route.
+    """
+
+    name = "auth"
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeySource,
+        counters: Counters,
+        enricher: CustomerEnricher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.counters = counters
+        self.enricher = enricher
+        self.cache = ClaimsCache(settings.jwt_claims_cache_size)
+        self.signature_checks = 0
+        self.cache_hits = 0
+        self._allowed = frozenset(a for a in settings.jwt_algorithms if a.lower() != "none")
+        self._issuers = list(settings.jwt_issuers)
+        self._leeway = settings.jwt_leeway_s
+        self._tenant_rules: list[TenantRule] = (
+            list(settings.tenant_rules) if settings.guard_on("tenant") else []
+        )
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        if ctx.is_public or ctx.service_key_route:
+            return None
+        header = ctx.headers.get("authorization")
+        if header is None:
+            return unauthorized("unauthorized", "an Authorization: Bearer token is required")
+        token = parse_bearer(header)
+        if token is None:
+            return unauthorized("invalid-token-format", "expected Authorization: Bearer <JWT>")
+        digest = token_digest(token)
+        verified = await self._verified(token, digest)
+        if isinstance(verified, Problem):
+            return verified
+        problem = await self._check_state(verified)
+        if problem is not None:
+            return problem
+        identity = replace(verified.identity, roles=list(verified.identity.roles))
+        problem = await self._enrich(ctx, identity, token)
+        if problem is not None:
+            return problem
+        ctx.identity = identity
+        ctx.authorization = header
+        return None
+
+    # --- signature and claims (cached per token) ---------------------------------------------
+    async def _verified(self, token: str, digest: str) -> _Verified | Problem:
+        entry = self.cache.get(digest)
+        if entry is not None and entry.generation == self.keys.generation:
+            if entry.exp + self._leeway <= time.time():
+                self.cache.drop(digest)
+                return unauthorized("token-expired", "the token has expired")
+            self.cache_hits += 1
+            return entry
+        result = await self._verify(token, digest)
+        if isinstance(result, _Verified):
+            self.cache.put(digest, result)
+        return result
+
+    async def _verify(self, token: str, digest: str) -> _Verified | Problem:
+        try:
+            header = jwt.get_unverified_header(token)
+        except PyJWTError:
+            return unauthorized("invalid-token-format", "the token header cannot be decoded")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._allowed:
+            return unauthorized("invalid-token", "the token's algorithm is not accepted")
+        generation = self.keys.generation
+        try:
+            key = await self.keys.key_for(header)
+        except KeyLookupError as exc:
+            return unauthorized("invalid-token", f"no trusted key for this token: {exc}")
+        except DependencyError:
+            return dependency_unavailable("the token signing keys are unavailable")
+        try:
+            claims = self._decode(token, key.key, list(key.algorithms))
+            identity, version = identity_from_claims(
+                claims, digest, self.settings.jwt_max_lifetime_s
+            )
+        except ExpiredSignatureError:
+            return unauthorized("token-expired", "the token has expired")
+        except InvalidSignatureError:
+            return unauthorized("invalid-token", "the token signature is invalid")
+        except DecodeError:
+            return unauthorized("invalid-token-format", "the token cannot be decoded")
+        except (PyJWTError, ClaimsProblem) as exc:
+            return unauthorized("invalid-token", _safe_reason(exc))
+        return _Verified(identity, version, int(claims["exp"]), generation)
+
+    def _decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
+        self.signature_checks += 1
+        audience = self.settings.jwt_audience
+        return jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            issuer=self._issuers,
+            audience=audience,
+            leeway=self._leeway,
+            options={"require": REQUIRED_REGISTERED, "verify_aud": audience is not None},
+        )
+
+    # --- revocation and session version (every request) ---------------------------------------
+    async def _check_state(self, verified: _Verified) -> Problem | None:
+        identity = verified.identity
+        try:
+            revoked, current = await self.counters.auth_state(
+                revocation_id(identity), identity.user_id
+            )
+        except DependencyError:
+            return dependency_unavailable("the token revocation store is unavailable")
+        except Exception:  # noqa: BLE001 - a store bug must deny, never let the token through
+            log.exception("revocation check failed")
+            return dependency_unavailable("the token revocation store is unavailable")
+        if revoked:
+            return unauthorized("token-revoked", "the token has been revoked")
+        if current is not None and verified.token_version < current:
+            return unauthorized("token-version-mismatch", "the session has been invalidated")
+        return None
+
+    # --- customer enrichment -------------------------------------------------------------------
+    def needs_customer(self, ctx: RequestContext) -> bool:
+        """True when a tenant-binding rule applies to this request (it needs a customer id)."""
+        path = ctx.upstream_path or ctx.path
+        return any(
+            ctx.method in rule.methods and match_route(rule.path, path)
+            for rule in self._tenant_rules
+        )
+
+    async def _enrich(self, ctx: RequestContext, identity: Identity, token: str) -> Problem | None:
+        enricher = self.enricher
+        if enricher is None or identity.customer_id or identity.token_digest is None:
+            return None
+        digest = identity.token_digest
+        known = enricher.cached(digest)
+        if known is None and not self.needs_customer(ctx):
+            return None
+        try:
+            found = known or await enricher.lookup(token, digest, identity.token_exp or 0)
+        except EnrichmentRejected:
+            return unauthorized("invalid-token", "the backend does not recognise this token")
+        except DependencyError:
+            return dependency_unavailable("the customer lookup is unavailable")
+        identity.customer_id = found.customer_id
+        identity.email = found.email or identity.email
+        return None
+
+
+def _safe_reason(exc: Exception) -> str:
+    """A short, caller-safe reason (PyJWT and claim messages name claims, never secrets)."""
+    text = str(exc) or type(exc).__name__
+    return text[:120]
+
+
+def build(settings: Settings, deps: Dependencies) -> AuthStep | None:
+    if not settings.guard_on("auth"):
+        return None
+    keys = deps.keys
+    if keys is None:
+        from plant_gateway.backends.keys import create
+
+        keys = deps.keys = create(settings)
+    enricher = None
+    if settings.customer_enrichment and settings.guard_on("tenant") and settings.tenant_rules:
+        enricher = CustomerEnricher(
+            settings.plant_backend_url,
+            timeout_s=settings.enrichment_timeout_s,
+            cache_size=settings.jwt_claims_cache_size,
+        )
+        deps.extra.append(enricher)
+    return AuthStep(settings, keys, deps.counters, enricher)

@@ -1,0 +1,172 @@
+"""Budget guard (spec §1.6): agent daily, platform monthly and optional customer monthly caps.
+
+Check-and-charge is one atomic backend call before forwarding; ``after`` settles the real cost
+the backend reported in ``COST_RESPONSE_HEADER`` by charging only the difference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from plant_gateway import metrics
+from plant_gateway.backends.base import BudgetCharge, BudgetDecision, BudgetRequest, DependencyError
+from plant_gateway.backends.counters import Clock, next_utc_midnight, next_utc_month
+from plant_gateway.context import RequestContext
+from plant_gateway.problems import Problem
+from plant_gateway.steps.rate_limit import flag_on, unavailable
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import Counters
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings
+
+ENABLE_BUDGET_ENFORCEMENT = "enable_budget_enforcement"
+THRESHOLDS_FLAG = "budget_alert_thresholds"
+
+
+def valid_thresholds(value: Any) -> tuple[float, float, float] | None:
+    """Three ascending positive fractions (warning, high, critical), else None."""
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        return None
+    try:
+        warning, high, critical = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if not 0 < warning <= high <= critical <= 10:
+        return None
+    return warning, high, critical
+
+
+def percent(spent: float | None, limit: float | None) -> str:
+    if spent is None or not limit:
+        return "0.00"
+    return f"{100.0 * spent / limit:.2f}"
+
+
+class BudgetStep:
+    name = "budget"
+
+    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
+        self.settings = settings
+        self.counters = counters
+        self.flags = flags
+        self.clock: Clock = getattr(counters, "clock", time.time)
+        self.default_thresholds = valid_thresholds(settings.budget_alert_thresholds) or (
+            0.80, 0.95, 1.00,
+        )
+        self.critical_agents = frozenset(settings.critical_agents)
+
+    def thresholds(self, ctx: RequestContext) -> tuple[float, float, float]:
+        if self.flags is None:
+            return self.default_thresholds
+        value = self.flags.value(THRESHOLDS_FLAG, ctx, list(self.default_thresholds))
+        return valid_thresholds(value) or self.default_thresholds
+
+    def request_for(self, ctx: RequestContext) -> BudgetRequest | None:
+        identity = ctx.identity
+        if identity is None:
+            return None  # public routes are rate limited per IP, not charged
+        s = self.settings
+        agent = identity.agent_id or identity.governor_agent_id
+        return BudgetRequest(
+            cost_usd=s.cost_per_request_usd,
+            platform_limit=s.platform_monthly_budget_usd,
+            agent_id=agent,
+            agent_limit=s.agent_daily_budget_usd if agent else None,
+            customer_id=identity.customer_id if s.customer_monthly_budget_usd else None,
+            customer_limit=s.customer_monthly_budget_usd,
+            thresholds=self.thresholds(ctx),
+            privileged=identity.is_governor or (agent in self.critical_agents),
+            override=identity.is_governor,
+        )
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        request = self.request_for(ctx)
+        if request is None or not flag_on(self.flags, ENABLE_BUDGET_ENFORCEMENT, ctx):
+            return None
+        try:
+            decision = await self.counters.budget_charge(request)
+        except DependencyError:
+            if self.settings.budget_fail_mode == "open":
+                return None
+            return unavailable("budget")
+        headers = budget_headers(decision)
+        if decision.allowed:
+            ctx.scratch[self.name] = decision.extra.get("charge")
+            ctx.extra_response_headers.extend(headers)
+            return None
+        return self.exceeded(decision, headers)
+
+    def exceeded(self, decision: BudgetDecision, headers: list[tuple[str, str]]) -> Problem:
+        reason = str(decision.extra.get("reason") or "platform")
+        metrics.BUDGET_REJECTED.labels(scope=reason).inc()
+        now = self.clock()
+        resets = next_utc_midnight(now) if reason == "agent" else next_utc_month(now)
+        retry = max(1, math.ceil(resets.timestamp() - now))
+        detail = {
+            "platform-high": "The platform budget is nearly spent; only the Governor and "
+            "critical agents may proceed.",
+            "agent": "The agent's daily budget is exhausted.",
+            "customer": "The customer's monthly budget is exhausted.",
+        }.get(reason, "The platform's monthly budget is exhausted.")
+        body = {
+            "alert_level": decision.alert_level,
+            "exceeded": reason,
+            "resets_at": resets.isoformat().replace("+00:00", "Z"),
+            "platform_budget": _budget(decision.platform_spent, decision.platform_limit, "month"),
+            "agent_budget": _budget(decision.agent_spent, decision.agent_limit, "day"),
+        }
+        if decision.customer_limit is not None:
+            body["customer_budget"] = _budget(
+                decision.customer_spent, decision.customer_limit, "month"
+            )
+        return Problem(
+            402, "budget-exceeded", detail, extra=body,
+            headers=[("retry-after", str(retry)), *headers],
+        )
+
+    async def after(self, ctx: RequestContext) -> None:
+        charge = ctx.scratch.get(self.name)
+        if not isinstance(charge, BudgetCharge) or ctx.upstream_cost_usd is None:
+            return
+        actual = ctx.upstream_cost_usd
+        if not math.isfinite(actual) or actual < 0:
+            return
+        delta = actual - charge.cost_usd
+        if abs(delta) < 1e-7:
+            return
+        try:
+            await self.counters.budget_adjust(charge, delta)
+        except DependencyError:
+            return  # the estimate stands; nothing to undo on the response already sent
+        charge.cost_usd = actual
+
+
+def _budget(spent: float | None, limit: float | None, period: str) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    used = spent or 0.0
+    return {
+        "spent_usd": round(used, 6),
+        "limit_usd": limit,
+        "utilization": round(used / limit, 4) if limit else None,
+        "period": period,
+    }
+
+
+def budget_headers(decision: BudgetDecision) -> list[tuple[str, str]]:
+    headers = [
+        ("x-budget-alert-level", decision.alert_level),
+        ("x-platform-utilization", percent(decision.platform_spent, decision.platform_limit)),
+    ]
+    if decision.agent_limit is not None:
+        headers.append(("x-agent-utilization", percent(decision.agent_spent, decision.agent_limit)))
+    return headers
+
+
+def build(settings: Settings, deps: Dependencies) -> BudgetStep | None:
+    if not settings.guard_on("budget"):
+        return None
+    return BudgetStep(settings, deps.counters, getattr(deps, "flags", None))

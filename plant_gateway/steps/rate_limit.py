@@ -1,0 +1,129 @@
+"""Rate limiting (spec §1.4): per principal tier, per client IP on public and brute-force routes.
+
+The algorithm is GCRA (generic cell rate algorithm), chosen over a sliding window because it is
+exact with one small key per principal (a sliding-window log needs one entry per request —
+10,000 entries for a governor — and the cheaper sliding-window *counter* is an approximation),
+it spaces requests smoothly instead of letting a whole window's quota through at a boundary,
+and its check-and-update is a handful of arithmetic in one Lua script. A tier of ``limit`` per
+``period_s`` with ``burst`` admits at most ``burst + 1`` requests at once and ``limit`` per
+period sustained. The state lives in the counters backend, so N gateways share one limit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from plant_gateway import metrics
+from plant_gateway.backends.base import DependencyError, RateDecision
+from plant_gateway.context import Identity, RequestContext
+from plant_gateway.problems import Problem
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import Counters
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import RateTier, Settings
+
+ENABLE_RATE_LIMITING = "enable_rate_limiting"
+BRUTE_FORCE_PERIOD_S = 60.0
+
+
+def flag_on(flags: Any, name: str, ctx: RequestContext) -> bool:
+    """Per-request feature flag; a guard with no flags backend stays on."""
+    if flags is None:
+        return True
+    return bool(flags.enabled(name, ctx))
+
+
+def unavailable(what: str) -> Problem:
+    """The fail-closed answer of a guard whose counter store is down."""
+    return Problem(
+        503,
+        "dependency-unavailable",
+        f"The {what} store is unavailable; the request was not admitted.",
+        extra={"dependency": "counters"},
+        headers=[("retry-after", "1")],
+    )
+
+
+def tier_of(identity: Identity) -> str:
+    """trial_mode → trial; Governor → governor; ``enterprise`` role, ``tier`` or ``plan`` claim
+    → enterprise; anyone else → paid."""
+    if identity.trial_mode:
+        return "trial"
+    if identity.is_governor:
+        return "governor"
+    claims = identity.claims or {}
+    if "enterprise" in identity.roles or "enterprise" in (claims.get("tier"), claims.get("plan")):
+        return "enterprise"
+    return "paid"
+
+
+def principal_of(identity: Identity) -> str | None:
+    return identity.user_id or identity.service_account or identity.subject
+
+
+def rate_headers(decision: RateDecision, period_s: float) -> list[tuple[str, str]]:
+    reset = decision.retry_after_s if decision.remaining == 0 else decision.reset_s
+    return [
+        ("ratelimit-limit", str(decision.limit)),
+        ("ratelimit-remaining", str(max(0, decision.remaining))),
+        ("ratelimit-reset", str(max(0, math.ceil(reset)))),
+        ("ratelimit-policy", f"{decision.limit};w={int(period_s)}"),
+    ]
+
+
+class RateLimitStep:
+    name = "rate_limit"
+
+    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
+        self.settings = settings
+        self.counters = counters
+        self.flags = flags
+        self.tiers = settings.rate_tiers
+        bf_limit = settings.brute_force_limit_per_min
+        self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
+
+    def limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
+        """(counter key, tier label, limit, period, burst) of this request."""
+        if ctx.brute_force_route:
+            return (f"bf:{ctx.client_ip}", "brute_force", *self.brute_force)
+        principal = principal_of(ctx.identity) if ctx.identity else None
+        if principal is None or ctx.identity is None:
+            tier_name, key = "anonymous", f"ip:{ctx.client_ip}"
+        else:
+            tier_name, key = tier_of(ctx.identity), f"user:{principal}"
+        tier: RateTier | None = self.tiers.get(tier_name) or self.tiers.get("paid")
+        if tier is None:
+            raise LookupError(f"rate tier {tier_name!r} is not configured")
+        return key, tier_name, tier.limit, float(tier.period_s), tier.burst
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        if not flag_on(self.flags, ENABLE_RATE_LIMITING, ctx):
+            return None
+        key, tier, limit, period, burst = self.limit_for(ctx)
+        try:
+            decision = await self.counters.rate_limit(key, limit, period, burst)
+        except DependencyError:
+            if self.settings.rate_limit_fail_mode == "open":
+                return None
+            return unavailable("rate limit")
+        headers = rate_headers(decision, period)
+        if decision.allowed:
+            ctx.extra_response_headers.extend(headers)
+            return None
+        metrics.RATE_LIMITED.labels(tier=tier).inc()
+        retry = max(1, math.ceil(decision.retry_after_s))
+        return Problem(
+            429,
+            "rate-limited",
+            f"Rate limit of {limit} requests per {int(period)} s exceeded; retry in {retry} s.",
+            extra={"limit": limit, "period_s": int(period), "tier": tier, "retry_after": retry},
+            headers=[("retry-after", str(retry)), *headers],
+        )
+
+
+def build(settings: Settings, deps: Dependencies) -> RateLimitStep | None:
+    if not settings.guard_on("rate_limit"):
+        return None
+    return RateLimitStep(settings, deps.counters, getattr(deps, "flags", None))

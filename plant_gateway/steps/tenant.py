@@ -1,0 +1,100 @@
+"""Tenant binding (spec §1.7): the token's customer id overwrites the caller-supplied one.
+
+Rules come from settings (query, path segment or JSON body); a rewritten body gets a true length.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode
+
+from plant_gateway.context import RequestContext
+from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.steps.ingress import read_body
+from plant_gateway.steps.routes import match_route
+
+if TYPE_CHECKING:
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings, TenantRule
+
+
+def bind_query(query: str, field: str, customer_id: str) -> str:
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != field]
+    pairs.append((field, customer_id))
+    return urlencode(pairs)
+
+
+def bind_path(path: str, segment: int, customer_id: str) -> str | None:
+    parts = path.split("/")
+    index = segment + 1  # parts[0] is the empty string before the leading slash
+    if index >= len(parts) or not parts[index]:
+        return None
+    parts[index] = customer_id
+    return "/".join(parts)
+
+
+def bind_body(body: bytes, field: str, customer_id: str) -> bytes | None:
+    """The JSON object with ``field`` overwritten, or None if the body is not a JSON object."""
+    if not body.strip():
+        doc: object = {}
+    else:
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if not isinstance(doc, dict):
+        return None
+    doc[field] = customer_id
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class TenantStep:
+    name = "tenant"
+
+    def __init__(self, rules: list[TenantRule]) -> None:
+        self.rules = rules
+
+    def _rules_for(self, ctx: RequestContext) -> list[TenantRule]:
+        return [
+            r for r in self.rules
+            if ctx.method in r.methods and match_route(r.path, ctx.upstream_path)
+        ]
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        rules = self._rules_for(ctx)
+        if not rules:
+            return None
+        customer_id = ctx.identity.customer_id if ctx.identity else None
+        if not customer_id:
+            return unauthorized("unauthorized", "this route needs a token bound to a customer")
+        for rule in rules:
+            problem = await self._apply(ctx, rule, customer_id)
+            if problem:
+                return problem
+        return None
+
+    async def _apply(self, ctx: RequestContext, rule: TenantRule, customer_id: str) -> Problem | None:
+        if rule.location == "query":
+            ctx.query_string = bind_query(ctx.query_string, rule.field, customer_id)
+        elif rule.location == "path":
+            new_path = bind_path(ctx.upstream_path, rule.segment or 0, customer_id)
+            if new_path is None:
+                return Problem(400, "bad-request", "the path carries no customer id")
+            ctx.upstream_path = new_path
+        else:
+            body = await read_body(ctx)
+            if isinstance(body, Problem):
+                return body
+            new_body = bind_body(body, rule.field, customer_id)
+            if new_body is None:
+                return Problem(400, "bad-request", "the body must be a JSON object")
+            ctx.body = new_body
+            ctx.body_rewritten = True
+        return None
+
+
+def build(settings: Settings, deps: Dependencies) -> TenantStep | None:
+    if not settings.guard_on("tenant") or not settings.tenant_rules:
+        return None
+    return TenantStep(list(settings.tenant_rules))

@@ -1,0 +1,85 @@
+"""Trial task quota (spec §1.5): at most ``TRIAL_DAILY_TASKS`` tasks per trial user per UTC day.
+
+A task is what the policy decision marks with the ``count_trial_task`` obligation; when the
+decision carries no obligations at all, a create/execute call on ``agents``/``tasks``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from plant_gateway.backends.base import DependencyError
+from plant_gateway.backends.counters import Clock, next_utc_midnight
+from plant_gateway.context import RequestContext
+from plant_gateway.problems import Problem
+from plant_gateway.steps.rate_limit import flag_on, principal_of, unavailable
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import Counters
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings
+
+ENABLE_TRIAL_MODE = "enable_trial_mode"
+OBLIGATION = "count_trial_task"
+TASK_RESOURCES = frozenset({"agents", "tasks"})
+TASK_ACTIONS = frozenset({"create", "execute"})
+
+
+def is_trial_task(ctx: RequestContext) -> bool:
+    decision = ctx.policy_decision or {}
+    obligations: Any = decision.get("obligations")
+    if isinstance(obligations, dict):
+        return bool(obligations.get(OBLIGATION))
+    if isinstance(obligations, list | tuple | set | frozenset):
+        return OBLIGATION in obligations
+    return ctx.resource in TASK_RESOURCES and ctx.action in TASK_ACTIONS
+
+
+class TrialQuotaStep:
+    name = "trial_quota"
+
+    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
+        self.settings = settings
+        self.counters = counters
+        self.flags = flags
+        self.limit = settings.trial_daily_tasks
+        self.clock: Clock = getattr(counters, "clock", time.time)
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        identity = ctx.identity
+        if identity is None or not identity.trial_mode or not is_trial_task(ctx):
+            return None
+        principal = principal_of(identity)
+        if principal is None or not flag_on(self.flags, ENABLE_TRIAL_MODE, ctx):
+            return None
+        try:
+            decision = await self.counters.daily_quota(f"trial:{principal}", self.limit)
+        except DependencyError:
+            if self.settings.rate_limit_fail_mode == "open":
+                return None
+            return unavailable("trial quota")
+        if decision.allowed:
+            return None
+        retry = max(1, math.ceil(decision.reset_s))
+        reset_at = next_utc_midnight(self.clock()).isoformat().replace("+00:00", "Z")
+        return Problem(
+            429,
+            "trial-limit-exceeded",
+            f"Trial accounts may run {self.limit} tasks per UTC day; the quota resets at "
+            f"{reset_at}.",
+            extra={"limit": self.limit, "reset_at": reset_at, "retry_after": retry},
+            headers=[
+                ("retry-after", str(retry)),
+                ("ratelimit-limit", str(self.limit)),
+                ("ratelimit-remaining", "0"),
+                ("ratelimit-reset", str(retry)),
+            ],
+        )
+
+
+def build(settings: Settings, deps: Dependencies) -> TrialQuotaStep | None:
+    if not settings.guard_on("rate_limit"):
+        return None
+    return TrialQuotaStep(settings, deps.counters, getattr(deps, "flags", None))

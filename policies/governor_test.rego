@@ -1,0 +1,99 @@
+# Tests of governor approval: sensitive actions, the Governor, approvals from policy data.
+# Each rule is tested both ways; input fields are replaced one by one (rego-cpp limitation).
+package plant.gateway.governor_test
+
+import rego.v1
+
+import data.plant.gateway.governor
+
+now := 1767225600000000000
+
+jwt(claims) := object.union({"user_id": "u-1", "roles": ["customer_admin"]}, claims)
+
+approvals := {"ap-1": {"user_id": "u-1", "action": "delete_agent", "resource": "agents", "expires_ns": now + 60}}
+
+test_every_sensitive_action_needs_approval if {
+	every action in ["delete_agent", "update_billing", "change_subscription", "export_data", "delete_customer"] {
+		governor.approval_required with input.jwt as jwt({}) with input.action as action
+	}
+}
+
+test_ordinary_action_needs_no_approval if {
+	not governor.approval_required with input.jwt as jwt({}) with input.action as "delete"
+}
+
+test_governor_needs_no_approval if {
+	not governor.approval_required with input.jwt as jwt({"roles": ["admin"], "governor_agent_id": "gov-1"})
+		with input.action as "delete_agent"
+}
+
+test_admin_without_governor_agent_needs_approval if {
+	governor.approval_required with input.jwt as jwt({"roles": ["admin"]}) with input.action as "delete_agent"
+}
+
+test_governor_agent_without_admin_needs_approval if {
+	governor.approval_required with input.jwt as jwt({"governor_agent_id": "gov-1"}) with input.action as "delete_agent"
+}
+
+test_empty_governor_agent_id_is_not_governor if {
+	not governor.is_governor with input.jwt as jwt({"roles": ["admin"], "governor_agent_id": ""})
+}
+
+test_null_governor_agent_id_is_not_governor if {
+	not governor.is_governor with input.jwt as jwt({"roles": ["admin"], "governor_agent_id": null})
+}
+
+test_valid_approval_passes if {
+	not governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+}
+
+test_approval_for_other_user_refused if {
+	governor.approval_required with input.jwt as jwt({"user_id": "u-2"}) with input.action as "delete_agent"
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+}
+
+test_approval_for_other_action_refused if {
+	governor.approval_required with input.jwt as jwt({}) with input.action as "export_data"
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+}
+
+test_approval_for_other_resource_refused if {
+	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
+		with input.resource as "customers" with input.approval as {"id": "ap-1"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+}
+
+test_expired_approval_refused if {
+	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now + 61
+		with data.plant.config.approvals as approvals
+}
+
+test_unknown_approval_refused if {
+	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
+		with input.resource as "agents" with input.approval as {"id": "nope"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+}
+
+test_approval_outcome if {
+	o := governor.approval_outcome with input.jwt as jwt({"agent_id": "agent-7"}) with input.action as "export_data"
+	o.status == 307
+	o.kind == "governor-approval-required"
+	o.redirect == {"action": "export_data", "agent_id": "agent-7"}
+}
+
+test_approval_outcome_without_agent if {
+	o := governor.approval_outcome with input.jwt as jwt({}) with input.action as "export_data"
+	o.redirect.agent_id == null
+}
+
+test_approval_used_sets_expiry if {
+	e := governor.approval_expires_ns with input.jwt as jwt({}) with input.action as "delete_agent"
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
+		with data.plant.config.approvals as approvals
+	e == now + 60
+}

@@ -1,0 +1,52 @@
+# Plant Gateway RBAC: role hierarchy and minimum level per action, both from policy data.
+# Governor-only resources need one of the governor-only roles (admin, customer_admin).
+package plant.gateway.rbac
+
+import rego.v1
+
+import data.plant.gateway.common
+
+cfg := data.plant.config
+
+required_level := cfg.action_levels[input.action]
+
+allowed if common.best_level <= required_level
+
+required_permission := sprintf("%s:%s", [common.resource, common.action])
+
+denied_outcome := {
+	"allow": false,
+	"status": 403,
+	"kind": "permission-denied",
+	"reason": reason,
+	"required_permission": required_permission,
+	"redirect": null,
+}
+
+reason := sprintf("action '%s' on '%s' is not a known action", [common.action, common.resource]) if {
+	not cfg.action_levels[input.action]
+} else := "the caller holds no known role" if {
+	not common.best_level
+} else := sprintf("action '%s' needs role level %d or better", [common.action, required_level])
+
+governor_only_denied if {
+	input.resource in cfg.governor_only_resources
+	not holds_governor_only_role
+}
+
+holds_governor_only_role if {
+	some name in common.mapped_roles
+	name in cfg.governor_only_roles
+}
+
+governor_only_outcome := {
+	"allow": false,
+	"status": 403,
+	"kind": "permission-denied",
+	"reason": sprintf("resource '%s' is reserved to the governor-only roles", [common.resource]),
+	"required_permission": sprintf("%s:%s", [common.resource, "manage"]),
+	"redirect": null,
+}
+
+# Fields the upstream should mask for this caller, by mapped role (data, empty by default).
+mask_fields := sort([f | some name in common.mapped_roles; some f in object.get(cfg.mask_fields, name, [])])

@@ -1,0 +1,81 @@
+"""Unit tests of the benchmark harness's pure parts: wrk summary parsing, traffic mix, pacing.
+
+No server is started here; tests/e2e/test_bench_quick.py runs the harness for real.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jwt
+import pytest
+
+from bench.configs import envoy_conf, jwks_oct
+from bench.loadgen import MARK, lua_script, pacing, parse_wrk
+from bench.traffic import DEV_SECRET, Mix, build_requests, parse_mix
+
+
+def test_parse_wrk_reads_the_done_line() -> None:
+    line = MARK + json.dumps({
+        "requests": 5000, "duration_us": 2_000_000, "connect": 0, "read": 1, "write": 0,
+        "status": 250, "timeout": 2, "mean_us": 812.5, "max_us": 9000,
+        "pct": {"50": 700, "90": 1100, "99": 2500, "99.9": 4100},
+    })
+    result = parse_wrk(f"Running 2s test\n{line}\nRequests/sec: 2500\n")
+    assert result.rps == 2500
+    assert result.non2xx_share == 0.05
+    assert result.socket_errors == 3
+    assert result.pct_ms[99.9] == pytest.approx(4.1)
+
+
+def test_parse_wrk_without_summary_names_the_output() -> None:
+    with pytest.raises(ValueError, match="no summary"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+def test_mix_shares_and_distinct_users() -> None:
+    mix = parse_mix("bad_token=0.1,policy_deny=0.05,rate_limited=0.05", users=50)
+    requests = build_requests(mix, count=1000)
+    kinds = [r.kind for r in requests]
+    assert kinds.count("bad_token") == 100
+    assert kinds.count("policy_deny") == 50
+    assert kinds.count("rate_limited") == 50
+    tokens = {r.headers["Authorization"] for r in requests if r.kind == "ok"}
+    assert len(tokens) == 50
+
+
+def test_tokens_verify_with_the_dev_secret_only_when_meant_to() -> None:
+    requests = build_requests(parse_mix("realistic", users=3), count=200)
+    by_kind = {r.kind: r.headers["Authorization"].split()[1] for r in requests}
+    claims = jwt.decode(by_kind["ok"], DEV_SECRET, algorithms=["HS256"], issuer="waooaw.com")
+    assert claims["roles"] and claims["user_id"] and claims["customer_id"]
+    assert jwt.decode(by_kind["rate_limited"], DEV_SECRET, algorithms=["HS256"])["trial_mode"]
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(by_kind["bad_token"], DEV_SECRET, algorithms=["HS256"])
+
+
+@pytest.mark.parametrize("text", ["bogus=0.1", "bad_token=0.7,policy_deny=0.6"])
+def test_bad_mix_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_mix(text, users=10)
+
+
+def test_pacing_adds_up_to_the_rate() -> None:
+    connections, interval = pacing(4000)
+    assert connections * 1000 / interval == pytest.approx(4000, rel=0.05)
+
+
+def test_lua_script_paces_only_when_asked() -> None:
+    requests = build_requests(Mix(users=2), count=4)
+    assert "function delay()" not in lua_script(requests)
+    assert "function delay() return 7 end" in lua_script(requests, pace_ms=7)
+
+
+def test_envoy_gets_the_same_hs256_key_as_a_jwks_oct_key() -> None:
+    key = json.loads(jwks_oct(DEV_SECRET))["keys"][0]
+    assert key["kty"] == "oct" and key["alg"] == "HS256"
+    signing = jwt.PyJWK(key).key
+    assert signing == DEV_SECRET.encode()
+    assert json.dumps(key) in json.loads(envoy_conf(1, 2, 3, DEV_SECRET))["static_resources"][
+        "listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0][
+        "typed_config"]["providers"]["bench"]["local_jwks"]["inline_string"]
