@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PostgreSQL DSN allowed to CREATE DATABASE (scenario 5)")
     p.add_argument("--full-guards", default="auth,rate_limit,policy,budget,tenant,audit",
                    help="guards of the full-chain scenarios 4 and 5 (to cost guards one by one)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the gateway scenarios (bench/results/profile-*.md)")
     p.add_argument("--no-install", action="store_true", help="do not apt/pip install tools")
     p.add_argument("--out", type=Path, help="Markdown output path")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
@@ -63,6 +65,7 @@ def options_from(args: argparse.Namespace) -> Options:
         install=not args.no_install,
         quick=quick,
         services=Services(args.redis_url, args.postgres_admin_url),
+        profile_dir=RESULTS if args.profile else None,
         full_guards=tuple(g.strip() for g in args.full_guards.split(",") if g.strip()),
     )
 
@@ -79,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(result, out)
     print(f"[bench] table written to {out}")
     if not options.quick and not args.no_readme and out.resolve().parent == RESULTS:
-        update_readme(result, REPO / "README.md", "bench/results/latest.md")
-        print("[bench] README.md Benchmark section updated")
+        if update_readme(result, REPO / "README.md", "bench/results/latest.md"):
+            print("[bench] README.md Benchmark section updated")
+        else:
+            print("[bench] no README.md yet: Benchmark section not written")
     failed = [r for r in result.rows if r.status == "failed"]
     for row in failed:
         print(f"[bench] FAILED {row.scenario.key} ({row.workers}w): {row.reason}", file=sys.stderr)

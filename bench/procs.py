@@ -58,6 +58,9 @@ class Server:
     cmd: list[str]
     log_path: Path
     env: dict[str, str | None] = field(default_factory=dict)  # None removes a variable
+    # Helpers the server starts outside its own process tree (a daemonised embedded
+    # PostgreSQL) are found by this string in their command line; counted, and stopped.
+    helper_marker: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -97,9 +100,21 @@ class Server:
             return []
         try:
             root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
+            procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+        known = {p.pid for p in procs}
+        return procs + [p for p in self.helpers() if p.pid not in known]
+
+    def helpers(self) -> list[psutil.Process]:
+        if not self.helper_marker:
+            return []
+        found: list[psutil.Process] = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info.get("cmdline") or [])
+            if self.helper_marker in cmdline:
+                found.append(proc)
+        return found
 
     def usage(self, include_root: bool = True) -> TreeUsage:
         """RSS of every process in the tree and their summed CPU seconds."""
@@ -113,10 +128,12 @@ class Server:
                     rss.append(int(proc.memory_info().rss))
         return TreeUsage(rss_bytes=rss, cpu_s=cpu)
 
-    def worker_rss_mb(self) -> list[float]:
-        """RSS of the serving processes: the children when there are any, else the root."""
+    def worker_rss_mb(self, python_workers: bool = False) -> list[float]:
+        """RSS of the serving processes: the children (only Python ones for the gateway, whose
+        tree may hold an embedded PostgreSQL) when there are any, else the root."""
         procs = self.tree()
-        workers = [p for p in procs[1:] if _is_worker(p)] or procs[:1]
+        children = [p for p in procs[1:] if _is_worker(p)] if python_workers else procs[1:]
+        workers = children or procs[:1]
         out: list[float] = []
         for proc in workers:
             with contextlib.suppress(psutil.Error):
@@ -135,9 +152,20 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        # Children that outlived their parent (e.g. an embedded database) go too.
+        # Children that outlived their parent go too, and so do helpers it left running.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self._stop_helpers()
+
+    def _stop_helpers(self) -> None:
+        leftovers = self.helpers()
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGINT)  # PostgreSQL: fast shutdown
+        _, alive = psutil.wait_procs(leftovers, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def _readable(line: str) -> str:

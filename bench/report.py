@@ -262,7 +262,9 @@ def markdown(result: RunResult) -> str:
         f"- Backend: {result.backend_note}",
         f"- Full chain (4, 5): guards {', '.join(opts.full_guards)}; HS256 dev secret; "
         "limits and budgets set high enough never to reject allowed traffic",
-        f"- Duration of the whole run: {result.finished - result.started:.0f} s",
+        f"- Duration of the whole run: {result.finished - result.started:.0f} s; 1-min load "
+        f"average at start / end: {' / '.join(f'{x:.2f}' for x in result.load_avg)} "
+        "(anything else running on the machine competes with the servers and wrk)",
         "",
         "## Peak throughput at fixed concurrency",
         "",
@@ -315,9 +317,14 @@ def as_json(result: RunResult) -> dict[str, object]:
 
 
 def update_readme(result: RunResult, readme: Path, results_path: str) -> bool:
-    """Replace the README's generated Benchmark block (add the section at the end if absent)."""
+    """Replace the README's generated Benchmark block (add the section at the end if absent).
+
+    A missing README is left missing (its author creates it); returns whether it was written.
+    """
+    if not readme.exists():
+        return False
     block = readme_block(result, results_path)
-    text = readme.read_text() if readme.exists() else ""
+    text = readme.read_text()
     if README_START in text and README_END in text:
         head, rest = text.split(README_START, 1)
         tail = rest.split(README_END, 1)[1]

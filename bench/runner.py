@@ -6,13 +6,15 @@ A scenario whose tool is missing is ``skipped``; one that breaks is ``failed`` w
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.loadgen import LoadResult, Wrk, pacing
+from bench import profile
+from bench.loadgen import LoadResult, Wrk, pacing_connections
 from bench.procs import Server, http_status
 from bench.scenarios import (
     FIXED_RATE_KEYS,
@@ -49,6 +51,7 @@ class Options:
     only: tuple[str, ...] = ()
     install: bool = True
     quick: bool = False
+    profile_dir: Path | None = None
     services: Services = field(default_factory=Services)
     full_guards: tuple[str, ...] = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
 
@@ -99,6 +102,7 @@ class RunResult:
     log: list[str]
     started: float
     finished: float = 0.0
+    load_avg: list[float] = field(default_factory=list)  # 1-min load average at start, end
 
 
 def run(options: Options, say=print) -> RunResult:  # type: ignore[no-untyped-def]
@@ -108,7 +112,7 @@ def run(options: Options, say=print) -> RunResult:  # type: ignore[no-untyped-de
         say(f"[bench] {line}")
     for name, why in tools.missing.items():
         say(f"[bench] unavailable: {name}: {why}")
-    result = RunResult(options, [], [], tools, "", log, time.time())
+    result = RunResult(options, [], [], tools, "", log, time.time(), load_avg=[_load()])
     workdir = Path(tempfile.mkdtemp(prefix="plant-bench-"))
     run_id = uuid.uuid4().hex[:10]
     try:
@@ -117,7 +121,15 @@ def run(options: Options, say=print) -> RunResult:  # type: ignore[no-untyped-de
         cleanup_real_services(options.services, run_id)
         remove_tree(workdir)
     result.finished = time.time()
+    result.load_avg.append(_load())
     return result
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def _run_all(options: Options, result: RunResult, workdir: Path, run_id: str, say) -> None:  # type: ignore[no-untyped-def]
@@ -228,18 +240,33 @@ def _peak_runs(row: Row, server: Server | None, wrk: Wrk, url: str, script: Path
                options: Options) -> None:
     repeats = options.repeats if row.scenario.is_gateway else 1
     loads: list[LoadResult] = []
-    for _ in range(repeats):
+    for index in range(repeats):
+        spy = None
+        if options.profile_dir and server and server.proc and index == 0:
+            (options.profile_dir / "raw").mkdir(parents=True, exist_ok=True)
+            raw = options.profile_dir / "raw" / f"profile-{row.scenario.key}-w{row.workers}.txt"
+            spy = profile.start(server.proc.pid, options.duration_s, raw)
         before = server.usage().cpu_s if server else 0.0
         load = wrk.run(url, script, options.connections, options.duration_s)
+        if spy is not None:
+            spy.wait(timeout=60)
+            _write_profile(raw, row)
         after = server.usage().cpu_s if server else 0.0
         loads.append(load)
         row.cpu_s += after - before
         row.measured_requests += load.requests
         if server is not None:
-            row.rss_worker_mb = server.worker_rss_mb()
+            row.rss_worker_mb = server.worker_rss_mb(python_workers=row.scenario.is_gateway)
             row.rss_history_mb.append(max(row.rss_worker_mb, default=0.0))
     loads.sort(key=lambda item: item.rps)
     row.load = loads[len(loads) // 2]
+
+
+def _write_profile(raw: Path, row: Row) -> None:
+    if raw.exists():
+        summary = profile.summarise(raw)
+        title = f"# py-spy: scenario {row.scenario.key} ({row.scenario.title}), {row.workers}w\n\n"
+        (raw.parent.parent / raw.with_suffix(".md").name).write_text(title + summary)
 
 
 def _check(row: Row, server: Server | None, mix: Mix) -> None:
@@ -260,9 +287,9 @@ def _fixed_rate(scenario: Scenario, wrk: Wrk, url: str, requests: list[Request],
                 options: Options, rate: float) -> FixedRow:
     if not rate:
         return FixedRow(scenario, 0.0, "skipped", "no peak of scenario 3 to derive the rate from")
-    connections, interval = pacing(rate)
-    script = wrk.write_script(f"paced-{scenario.key}", requests, pace_ms=interval)
-    row = FixedRow(scenario, connections * 1000 / interval)
+    connections = pacing_connections(rate)
+    script = wrk.write_script(f"paced-{scenario.key}", requests, rate, connections)
+    row = FixedRow(scenario, rate)
     try:
         time.sleep(0.5)  # let queued work (audit batches) drain after the peak run
         row.load = wrk.run(url, script, connections, options.fixed_s)

@@ -184,8 +184,10 @@ def _gateway_env(ctx: Context, prefix: Path, port: int) -> dict[str, str]:
     }
 
 
-def _gateway_cmd() -> list[str]:
-    return [str(VENV_BIN / "plant-gateway"), "serve"]
+def _gateway_server(prefix: Path, env: dict[str, str | None]) -> Server:
+    cmd = [str(VENV_BIN / "plant-gateway"), "serve"]
+    # The embedded PostgreSQL lives under PLANT_STATE_DIR, a directory unique to this run.
+    return Server("gateway", cmd, prefix / "server.log", env, helper_marker=str(prefix / "state"))
 
 
 def _strip_service_env() -> dict[str, str | None]:
@@ -198,14 +200,14 @@ def _strip_service_env() -> dict[str, str | None]:
 def _gateway_forward(ctx: Context, prefix: Path, port: int) -> tuple[Server, str]:
     env: dict[str, str | None] = {
         **_strip_service_env(), **_gateway_env(ctx, prefix, port), "PLANT_GUARDS": "[]"}
-    return Server("gateway", _gateway_cmd(), prefix / "server.log", env), "PLANT_GUARDS=[]"
+    return _gateway_server(prefix, env), "PLANT_GUARDS=[]"
 
 
 def _gateway_embedded(ctx: Context, prefix: Path, port: int) -> tuple[Server, str]:
     env: dict[str, str | None] = {
         **_strip_service_env(), **_gateway_env(ctx, prefix, port), "PLANT_GUARDS": ctx.full_guards}
     note = "in-process counters, in-process Rego, embedded PostgreSQL audit"
-    return Server("gateway", _gateway_cmd(), prefix / "server.log", env), note
+    return _gateway_server(prefix, env), note
 
 
 def _gateway_real(ctx: Context, prefix: Path, port: int) -> tuple[Server, str]:
@@ -218,7 +220,7 @@ def _gateway_real(ctx: Context, prefix: Path, port: int) -> tuple[Server, str]:
         "DATABASE_URL": ctx.services.database_url(ctx.run_id),
     }
     note = "real Redis and PostgreSQL (fresh database)"
-    return Server("gateway", _gateway_cmd(), prefix / "server.log", env), note
+    return _gateway_server(prefix, env), note
 
 
 _STARTERS = {

@@ -133,7 +133,9 @@ class GatewayApp:
             (b"x-request-id", ctx.request_id.encode()),
         ]
         out += ops.cors_headers(self.settings, ctx.headers.get("origin"))
-        out += [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in ctx.extra_response_headers]
+        out += [
+            (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in ctx.extra_response_headers
+        ]
         return out
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:

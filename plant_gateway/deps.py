@@ -29,7 +29,7 @@ class Dependencies:
 
 
 def _optional_backend(module_name: str, settings: Settings) -> Any:
-    """``plant_gateway.backends.<name>.create(settings)``, or None while that module is unwritten."""
+    """``plant_gateway.backends.<name>.create(settings)``; None while the module is unwritten."""
     import importlib
 
     full = f"plant_gateway.backends.{module_name}"

@@ -17,7 +17,9 @@ correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", defaul
 
 _SECRET_PATTERN = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _SECRET_KEYS = ("authorization", "secret", "password", "token", "key", "cookie")
-_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message",
+}
 
 
 def redact(value: Any) -> Any:

@@ -45,6 +45,7 @@ OWNED = frozenset(
 # upstream response headers the gateway replaces with its own
 RESPONSE_OWNED = frozenset({"x-correlation-id", "x-request-id", "x-target-backend", "server"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
 METADATA_URL = (
     "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/identity"
@@ -208,7 +209,9 @@ class Upstream:
         self.name = name
         self.base = URL(base_url)
         self.settings = settings
-        self.breaker = CircuitBreaker(name, settings.breaker_failure_threshold, settings.breaker_reset_s)
+        self.breaker = CircuitBreaker(
+            name, settings.breaker_failure_threshold, settings.breaker_reset_s
+        )
         self.session: aiohttp.ClientSession | None = None
         self.id_tokens = (
             IdTokenSource(settings.plant_backend_audience or base_url)
@@ -224,7 +227,8 @@ class Upstream:
             limit=self.settings.upstream_pool_size, ttl_dns_cache=300, enable_cleanup_closed=True
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            connector=connector, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=self.timeout, cookie_jar=aiohttp.DummyCookieJar(),
         )
 
@@ -267,7 +271,8 @@ class Proxy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.upstreams = {"production": Upstream("production", settings.plant_backend_url, settings)}
+        production = Upstream("production", settings.plant_backend_url, settings)
+        self.upstreams = {"production": production}
         if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
             self.upstreams["sandbox"] = Upstream("sandbox", settings.plant_sandbox_url, settings)
 
@@ -308,14 +313,17 @@ class Proxy:
         return None
 
     async def _send(
-        self, upstream: Upstream, ctx: RequestContext, body: BodySource, headers: list[tuple[str, str]]
+        self, upstream: Upstream, ctx: RequestContext, body: BodySource,
+        headers: list[tuple[str, str]],
     ) -> tuple[aiohttp.ClientResponse | None, Problem | None]:
         assert upstream.session is not None
         replayable = ctx.body is not None or not body.has_body
         retries = self.settings.upstream_retries if ctx.method in IDEMPOTENT and replayable else 0
         url = upstream.url(ctx.upstream_path, ctx.query_string)
         for attempt in range(retries + 1):
-            data: Any = ctx.body if ctx.body is not None else (body.chunks() if body.has_body else None)
+            data: Any = ctx.body
+            if data is None and body.has_body:
+                data = body.chunks()
             try:
                 resp = await upstream.session.request(
                     ctx.method, url, headers=headers, data=data, allow_redirects=False,
@@ -354,7 +362,9 @@ class Proxy:
     def _bad_gateway(self, upstream: Upstream, exc: Exception) -> Problem:
         _count(upstream, "bad_gateway")
         upstream.breaker.failure()
-        log.warning("upstream error", extra={"upstream": upstream.name, "error": type(exc).__name__})
+        log.warning(
+            "upstream error", extra={"upstream": upstream.name, "error": type(exc).__name__}
+        )
         return Problem(502, "bad-gateway", "the backend gave an invalid response")
 
     async def _relay(
@@ -367,6 +377,10 @@ class Proxy:
         headers = downstream_response_headers(ctx.response_headers, ctx) + extra
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            if ctx.method != "HEAD" and 0 <= (resp.content_length or -1) <= SMALL_BODY:
+                body = await resp.read()  # small and of known size: one write, no chunk loop
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             if ctx.method != "HEAD":
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -404,7 +418,7 @@ class Proxy:
             return _unavailable(upstream, "connection failed")
         except (aiohttp.ClientError, TimeoutError):
             upstream.breaker.failure()
-            return Problem(504, "gateway-timeout", "the backend did not accept the websocket in time")
+            return Problem(504, "gateway-timeout", "the backend did not accept the websocket")
         upstream.breaker.success()
         ctx.status_code = 101
         await send({"type": "websocket.accept", "subprotocol": ws.protocol})
@@ -433,7 +447,9 @@ async def _bridge(ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: S
         code = ws.close_code or 1000
         await send({"type": "websocket.close", "code": code if code != 1006 else 1011})
 
-    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    tasks = [
+        asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())
+    ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -8,14 +8,19 @@ import data.plant.gateway.governor
 
 now := 1767225600000000000
 
+# rego-cpp 1.5 ignores `with ... as <rule>`: values given to `with` are function calls or locals.
+at(offset) := now + offset
+
 jwt(claims) := object.union({"user_id": "u-1", "roles": ["customer_admin"]}, claims)
 
-approvals := {"ap-1": {"user_id": "u-1", "action": "delete_agent", "resource": "agents", "expires_ns": now + 60}}
+approvals_until(expires) := {"ap-1": {"user_id": "u-1", "action": "delete_agent", "resource": "agents", "expires_ns": expires}}
 
 test_every_sensitive_action_needs_approval if {
-	every action in ["delete_agent", "update_billing", "change_subscription", "export_data", "delete_customer"] {
-		governor.approval_required with input.jwt as jwt({}) with input.action as action
-	}
+	governor.approval_required with input.jwt as jwt({}) with input."delete_agent" as "delete_agent"
+	governor.approval_required with input.jwt as jwt({}) with input."update_billing" as "update_billing"
+	governor.approval_required with input.jwt as jwt({}) with input."change_subscription" as "change_subscription"
+	governor.approval_required with input.jwt as jwt({}) with input."export_data" as "export_data"
+	governor.approval_required with input.jwt as jwt({}) with input."delete_customer" as "delete_customer"
 }
 
 test_ordinary_action_needs_no_approval if {
@@ -45,38 +50,38 @@ test_null_governor_agent_id_is_not_governor if {
 
 test_valid_approval_passes if {
 	not governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
-		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_approval_for_other_user_refused if {
 	governor.approval_required with input.jwt as jwt({"user_id": "u-2"}) with input.action as "delete_agent"
-		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_approval_for_other_action_refused if {
 	governor.approval_required with input.jwt as jwt({}) with input.action as "export_data"
-		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_approval_for_other_resource_refused if {
 	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
-		with input.resource as "customers" with input.approval as {"id": "ap-1"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "customers" with input.approval as {"id": "ap-1"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_expired_approval_refused if {
 	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
 		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now + 61
-		with data.plant.config.approvals as approvals
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_unknown_approval_refused if {
 	governor.approval_required with input.jwt as jwt({}) with input.action as "delete_agent"
-		with input.resource as "agents" with input.approval as {"id": "nope"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "agents" with input.approval as {"id": "nope"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 }
 
 test_approval_outcome if {
@@ -93,7 +98,7 @@ test_approval_outcome_without_agent if {
 
 test_approval_used_sets_expiry if {
 	e := governor.approval_expires_ns with input.jwt as jwt({}) with input.action as "delete_agent"
-		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as now
-		with data.plant.config.approvals as approvals
+		with input.resource as "agents" with input.approval as {"id": "ap-1"} with input.now_ns as at(0)
+		with data.plant.config.approvals as approvals_until(at(60))
 	e == now + 60
 }

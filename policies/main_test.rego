@@ -8,6 +8,9 @@ import data.plant.gateway
 
 now := 1767225600000000000
 
+# rego-cpp 1.5 ignores `with ... as <rule>`: values given to `with` are function calls or locals.
+at(offset) := now + offset
+
 hour := 3600000000000
 
 paid(roles) := {"user_id": "u-1", "roles": roles, "trial_mode": false}
@@ -16,7 +19,7 @@ trial(expires) := {"user_id": "u-2", "roles": ["user"], "trial_mode": true, "tri
 
 test_allowed_decision_shape if {
 	d := gateway.decision with input.jwt as paid(["user"])
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.allow == true
 	d.status == 200
 	d.kind == null
@@ -29,7 +32,7 @@ test_allowed_decision_shape if {
 
 test_denied_decision_shape if {
 	d := gateway.decision with input.jwt as paid(["readonly"])
-		with input.resource as "agents" with input.action as "create" with input.now_ns as now
+		with input.resource as "agents" with input.action as "create" with input.now_ns as at(0)
 	d.allow == false
 	d.status == 403
 	d.kind == "permission-denied"
@@ -38,7 +41,7 @@ test_denied_decision_shape if {
 }
 
 test_empty_input_denied if {
-	d := gateway.decision with input.now_ns as now
+	d := gateway.decision with input.now_ns as at(0)
 	d.allow == false
 	d.kind == "permission-denied"
 }
@@ -88,20 +91,20 @@ test_non_boolean_flag_counts_as_on if {
 
 test_expired_trial_wins_over_rbac if {
 	d := gateway.decision with input.jwt as object.union(trial(now - 1), {"roles": ["bogus"]})
-		with input.resource as "agents" with input.action as "manage" with input.now_ns as now
+		with input.resource as "agents" with input.action as "manage" with input.now_ns as at(0)
 	d.kind == "trial-expired"
 	d.status == 403
 }
 
 test_trial_flag_off_ignores_expiry if {
 	d := gateway.decision with input.jwt as trial(now - 1) with input.flags as {"trial_mode": false}
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.allow == true
 }
 
 test_trial_blocked_resource_denied if {
 	d := gateway.decision with input.jwt as trial(now + hour)
-		with input.resource as "billing" with input.action as "read" with input.now_ns as now
+		with input.resource as "billing" with input.action as "read" with input.now_ns as at(0)
 	d.allow == false
 	d.kind == "permission-denied"
 	d.required_permission == "paid_plan"
@@ -109,59 +112,59 @@ test_trial_blocked_resource_denied if {
 
 test_paid_user_reaches_billing if {
 	d := gateway.decision with input.jwt as paid(["user"])
-		with input.resource as "billing" with input.action as "read" with input.now_ns as now
+		with input.resource as "billing" with input.action as "read" with input.now_ns as at(0)
 	d.allow == true
 }
 
 test_trial_task_counted if {
 	d := gateway.decision with input.jwt as trial(now + hour)
-		with input.resource as "tasks" with input.action as "create" with input.now_ns as now
+		with input.resource as "tasks" with input.action as "create" with input.now_ns as at(0)
 	d.allow == true
 	d.obligations.count_trial_task == true
 }
 
 test_trial_read_not_counted if {
 	d := gateway.decision with input.jwt as trial(now + hour)
-		with input.resource as "tasks" with input.action as "read" with input.now_ns as now
+		with input.resource as "tasks" with input.action as "read" with input.now_ns as at(0)
 	d.obligations.count_trial_task == false
 }
 
 test_paid_task_not_counted if {
 	d := gateway.decision with input.jwt as paid(["user"])
-		with input.resource as "tasks" with input.action as "execute" with input.now_ns as now
+		with input.resource as "tasks" with input.action as "execute" with input.now_ns as at(0)
 	d.allow == true
 	d.obligations.count_trial_task == false
 }
 
 test_denied_trial_task_not_counted if {
 	d := gateway.decision with input.jwt as object.union(trial(now + hour), {"roles": ["readonly"]})
-		with input.resource as "tasks" with input.action as "create" with input.now_ns as now
+		with input.resource as "tasks" with input.action as "create" with input.now_ns as at(0)
 	d.allow == false
 	d.obligations.count_trial_task == false
 }
 
 test_trial_decision_valid_until_expiry if {
 	d := gateway.decision with input.jwt as trial(now + hour)
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.valid_until_ns == now + hour
 }
 
 test_paid_decision_valid_forever if {
 	d := gateway.decision with input.jwt as paid(["user"])
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.valid_until_ns == null
 }
 
 test_rbac_before_governor_redirect if {
 	d := gateway.decision with input.jwt as paid(["user"])
-		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as now
+		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as at(0)
 	d.status == 403
 	d.kind == "permission-denied"
 }
 
 test_governor_redirect_decision if {
 	d := gateway.decision with input.jwt as paid(["customer_admin"])
-		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as now
+		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as at(0)
 	d.allow == false
 	d.status == 307
 	d.kind == "governor-approval-required"
@@ -170,20 +173,20 @@ test_governor_redirect_decision if {
 
 test_governor_passes_sensitive_action if {
 	d := gateway.decision with input.jwt as object.union(paid(["admin"]), {"governor_agent_id": "gov-1"})
-		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as now
+		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as at(0)
 	d.allow == true
 }
 
 test_governor_flag_off_skips_redirect if {
 	d := gateway.decision with input.jwt as paid(["customer_admin"]) with input.flags as {"governor_approval": false}
-		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as now
+		with input.resource as "agents" with input.action as "delete_agent" with input.now_ns as at(0)
 	d.allow == true
 }
 
 test_approval_bounds_cache_validity if {
-	approvals := {"ap-1": {"user_id": "u-1", "action": "export_data", "expires_ns": now + 60}}
+	approvals := {"ap-1": {"user_id": "u-1", "action": "export_data", "expires_ns": at(60)}}
 	d := gateway.decision with input.jwt as paid(["customer_admin"]) with input.approval as {"id": "ap-1"}
-		with input.resource as "customers" with input.action as "export_data" with input.now_ns as now
+		with input.resource as "customers" with input.action as "export_data" with input.now_ns as at(0)
 		with data.plant.config.approvals as approvals
 	d.allow == true
 	d.valid_until_ns == now + 60
@@ -191,12 +194,12 @@ test_approval_bounds_cache_validity if {
 
 test_sandbox_flag_off_routes_trial_to_production if {
 	d := gateway.decision with input.jwt as trial(now + hour) with input.flags as {"sandbox_routing": false}
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.target_backend == "production"
 }
 
 test_trial_routed_to_sandbox if {
 	d := gateway.decision with input.jwt as trial(now + hour)
-		with input.resource as "agents" with input.action as "read" with input.now_ns as now
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
 	d.target_backend == "sandbox"
 }

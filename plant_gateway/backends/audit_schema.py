@@ -95,6 +95,14 @@ def _canon_value(name: str, value: Any) -> Any:
     return value
 
 
+def normalise(row: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the jsonb values in place (done once, before hashing and queueing)."""
+    for name in JSONB:
+        if row.get(name) is not None:
+            row[name] = _norm(row[name])
+    return row
+
+
 def canonical(row: dict[str, Any]) -> bytes:
     """The bytes the row hash covers: every column but row_hash, in table order."""
     values = [_canon_value(name, row.get(name)) for name in HASHED]
@@ -113,11 +121,11 @@ def to_record(row: dict[str, Any]) -> tuple[Any, ...]:
         if value is None:
             out.append(None)
         elif kind == "uuid":
-            out.append(uuid.UUID(str(value)))
+            out.append(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
         elif kind == "timestamptz":
             out.append(datetime.fromisoformat(value) if isinstance(value, str) else value)
         elif kind == "jsonb":
-            out.append(json.dumps(_norm(value), separators=(",", ":"), ensure_ascii=False))
+            out.append(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
         elif kind in ("integer", "bigint"):
             out.append(int(value))
         elif kind == "double precision":

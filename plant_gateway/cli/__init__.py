@@ -19,7 +19,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Plant Gateway: policy-enforcing API gateway (keeps sub-commands even when only one exists)."""
+    """Plant Gateway: policy-enforcing API gateway (a group even with one sub-command)."""
 
 
 # One entry per command module; each owns its commands.

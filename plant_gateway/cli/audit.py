@@ -1,3 +1,4 @@
+# ruff: noqa: B008  (typer declares options as argument defaults)
 """``plant-gateway audit``: query and tail the audit log under an RLS identity, verify hash chains.
 
 Reads go through the reader role with ``app.*`` settings chosen by ``--as-user``,
@@ -7,6 +8,7 @@ Reads go through the reader role with ``app.*`` settings chosen by ``--as-user``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,8 +47,8 @@ async def reader(
 
 
 def _filters(
-    correlation_id: str | None, user: str | None, customer: str | None,
-    status_min: int | None, since: datetime | None, until: datetime | None,
+    correlation_id: str | None = None, user: str | None = None, customer: str | None = None,
+    status_min: int | None = None, since: datetime | None = None, until: datetime | None = None,
 ) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
@@ -156,11 +158,13 @@ def _check_chain(chain: list[dict[str, Any]], anchored: bool) -> list[Finding]:
             out.append(Finding("deleted", inst, a + 1, None,
                                f"gap: seq {a + 1}..{b - 1} missing (between rows "
                                f"{chain[by_seq[a][0]]['id']} and {chain[by_seq[b][0]]['id']})"))
-        elif not any(chain[j]["prev_hash"] in {chain[k]["row_hash"] for k in by_seq[a]}
-                     for j in by_seq[b]):
-            if all(valid[j] for j in by_seq[b]) and all(valid[k] for k in by_seq[a]):
-                out.append(Finding("forged", inst, b, str(chain[by_seq[b][0]]["id"]),
-                                   "does not link to the previous row"))
+            continue
+        previous = {chain[k]["row_hash"] for k in by_seq[a]}
+        linked = any(chain[j]["prev_hash"] in previous for j in by_seq[b])
+        all_valid = all(valid[j] for j in by_seq[b] + by_seq[a])
+        if not linked and all_valid:
+            out.append(Finding("forged", inst, b, str(chain[by_seq[b][0]]["id"]),
+                               "does not link to the previous row"))
     return out
 
 
@@ -236,11 +240,8 @@ def tail(
         finally:
             await conn.close()
 
-    with database(database_url, state_dir) as dsn:
-        try:
-            asyncio.run(run(dsn))
-        except KeyboardInterrupt:
-            pass
+    with database(database_url, state_dir) as dsn, contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(dsn))
 
 
 @audit_app.command("verify")

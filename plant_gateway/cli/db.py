@@ -1,3 +1,4 @@
+# ruff: noqa: B008  (typer declares options as argument defaults)
 """``plant-gateway db``: run the packaged Alembic migrations (upgrade, downgrade, current).
 
 Uses DATABASE_URL when set, otherwise the embedded PostgreSQL in ``PLANT_STATE_DIR/pgdata``.

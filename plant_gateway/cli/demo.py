@@ -1,6 +1,6 @@
 """``plant-gateway demo``: the demo backend plus a gateway with embedded defaults, in one command.
 
-Prints three ready-to-paste curl commands: one passes, one has a bad token, one is refused by policy.
+Prints three ready-to-paste curl commands: one passes, one has a bad token, one meets policy.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> Non
 
 
 def _token(secret: str, **kwargs: str) -> str:
-    from plant_gateway.cli.token import mint_claims
-
     import jwt
+
+    from plant_gateway.cli.token import mint_claims
 
     claims = mint_claims(
         kwargs.get("sub", "demo-user"), None, "demo@waooaw.com", kwargs.get("roles", "admin"),

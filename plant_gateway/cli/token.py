@@ -150,7 +150,7 @@ def mint(
     private_key: Annotated[
         str | None, typer.Option("--private-key", help="PEM file: sign RS256/ES256 instead")
     ] = None,
-    alg: Annotated[str | None, typer.Option("--alg", help="RS256 or ES256 with --private-key")] = None,
+    alg: Annotated[str | None, typer.Option("--alg", help="RS256/ES256 (--private-key)")] = None,
     kid: Annotated[str | None, typer.Option("--kid")] = None,
     secret: Annotated[
         str | None, typer.Option("--secret", envvar="JWT_SECRET", help="HS256 secret")

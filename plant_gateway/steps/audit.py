@@ -21,10 +21,11 @@ import os
 import re
 import secrets
 import uuid
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from plant_gateway.backends.audit_schema import GENESIS, row_hash
+from plant_gateway.backends.audit_schema import GENESIS, normalise, row_hash
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import AuditSink
@@ -65,6 +66,7 @@ def _words(key: str) -> list[str]:
     return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
 
 
+@lru_cache(maxsize=4096)
 def sensitive_key(key: str) -> bool:
     words = _words(key)
     joined = "".join(words)
@@ -120,10 +122,15 @@ def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in items:
         lname = str(name).lower()
-        hidden = lname in REDACTED_HEADERS or any(w in lname for w in HEADER_WORDS)
+        hidden = _hidden_header(lname)
         text = MASK if hidden else _mask_text(str(value), secrets_)[:TEXT_CAP]
         out[lname] = f"{out[lname]}, {text}" if lname in out else text
     return out
+
+
+@lru_cache(maxsize=1024)
+def _hidden_header(lname: str) -> bool:
+    return lname in REDACTED_HEADERS or any(w in lname for w in HEADER_WORDS)
 
 
 def body_json(raw: bytes | None, cap: int, secrets_: tuple[str, ...]) -> Any:
@@ -190,6 +197,7 @@ class AuditRecorder:
 
     def submit_chained(self, row: dict[str, Any]) -> None:
         self.seq += 1
+        normalise(row)
         row["instance_id"] = self.instance_id
         row["seq"] = self.seq
         row["prev_hash"] = self.prev_hash

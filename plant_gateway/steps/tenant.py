@@ -74,7 +74,9 @@ class TenantStep:
                 return problem
         return None
 
-    async def _apply(self, ctx: RequestContext, rule: TenantRule, customer_id: str) -> Problem | None:
+    async def _apply(
+        self, ctx: RequestContext, rule: TenantRule, customer_id: str
+    ) -> Problem | None:
         if rule.location == "query":
             ctx.query_string = bind_query(ctx.query_string, rule.field, customer_id)
         elif rule.location == "path":

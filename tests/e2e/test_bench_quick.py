@@ -22,7 +22,8 @@ def test_quick_bench_writes_a_row_per_scenario(
     out = tmp_path / "quick.md"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--no-readme",
-         "--redis-url", redis_url, "--postgres-admin-url", postgres_dsn, "--mix", "bad_token=0.05,policy_deny=0.05", "--users", "20"],
+         "--redis-url", redis_url, "--postgres-admin-url", postgres_dsn,
+         "--mix", "bad_token=0.05,policy_deny=0.05", "--users", "20"],
         cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
     )
     assert out.exists(), f"no table written:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"

@@ -102,12 +102,11 @@ async def test_100mb_download_streams_without_buffering(gw: Proc) -> None:
 
 async def test_sse_events_arrive_before_the_stream_ends(gw: Proc) -> None:
     # 1000 events 0.2 s apart: a buffering proxy would show nothing for minutes
-    async with aiohttp.ClientSession() as s:
-        async with s.get(gw.url + "/sse?count=1000&delay=0.2") as r:
-            assert r.headers["Content-Type"].startswith("text/event-stream")
-            first = await asyncio.wait_for(r.content.readline(), 10)
-            second = await asyncio.wait_for(r.content.readline(), 10)
-            assert first == b"id: 0\n" and second == b"data: event 0\n"
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/sse?count=1000&delay=0.2") as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        first = await asyncio.wait_for(r.content.readline(), 10)
+        second = await asyncio.wait_for(r.content.readline(), 10)
+        assert first == b"id: 0\n" and second == b"data: event 0\n"
 
 
 async def test_websocket_echo(gw: Proc) -> None:
@@ -205,11 +204,14 @@ def test_hostile_paths_are_400(gw: Proc, path: str) -> None:
 
 
 async def test_compressed_body_keeps_its_content_encoding(gw: Proc) -> None:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        async with s.get(gw.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as r:
-            raw = await r.read()
-            assert r.headers["Content-Encoding"] == "gzip"
-            assert int(r.headers["Content-Length"]) == len(raw)
+    gzip_only = {"Accept-Encoding": "gzip"}
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.get(gw.url + "/gzip", headers=gzip_only) as r,
+    ):
+        raw = await r.read()
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert int(r.headers["Content-Length"]) == len(raw)
     assert json.loads(gzip.decompress(raw))["compressed"] is True
 
 

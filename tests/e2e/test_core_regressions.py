@@ -31,7 +31,8 @@ def gw(backend: Proc) -> Iterator[Proc]:
 @pytest.mark.parametrize(
     "path",
     ["/api/v1/agents/docs", "/api/v1/secret/health", "/docs/x", "/health/x", "/ready/anything",
-     "/api/v1/auth/loginx", "/x/api/v1/auth/login", "/api/v1/customers/register/extra/openapi.json"],
+     "/api/v1/auth/loginx", "/x/api/v1/auth/login",
+     "/api/v1/customers/register/extra/openapi.json"],
 )
 async def test_no_suffix_or_unhandled_public_path_skips_auth(gw: Proc, path: str) -> None:
     async with aiohttp.ClientSession() as s, s.get(gw.url + path) as r:
@@ -52,10 +53,12 @@ async def test_body_rewrite_sends_a_true_content_length(gw: Proc) -> None:
     token = mint_token(customer_id="cust-A")
     body = b'{"customer_id": "cust-B-much-longer-than-A", "amount": 5}'
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(gw.url + "/api/v1/payments", data=body, headers=headers) as r:
-            assert r.status == 200
-            doc = await r.json()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.url + "/api/v1/payments", data=body, headers=headers) as r,
+    ):
+        assert r.status == 200
+        doc = await r.json()
     sent = {k.lower(): v for k, v in doc["headers"]}
     assert '"customer_id":"cust-A"' in doc["body"]
     assert int(sent["content-length"]) == doc["body_length"] == len(doc["body"].encode())

@@ -5,7 +5,7 @@ Each test owns its backend process so it can stop and restart it.
 
 from __future__ import annotations
 
-import time
+import asyncio
 
 import aiohttp
 
@@ -20,7 +20,8 @@ async def _get(url: str) -> tuple[int, dict]:
 async def _circuit(url: str) -> str:
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         text = await r.text()
-    line = next(x for x in text.splitlines() if x.startswith('gateway_circuit_state{upstream="production"}'))
+    prefix = 'gateway_circuit_state{upstream="production"}'
+    line = next(x for x in text.splitlines() if x.startswith(prefix))
     return line.split()[-1]
 
 
@@ -44,7 +45,7 @@ async def test_backend_down_503_breaker_opens_then_half_opens(gateway_factory) -
         assert status == 503 and "circuit open" in doc["detail"]
 
         backend = start_backend("production", port=backend.port)
-        time.sleep(1.2)  # past BREAKER_RESET_S: the next call is the half-open probe
+        await asyncio.sleep(1.2)  # past BREAKER_RESET_S: the next call is the half-open probe
         status, doc = await _get(gw.url + "/api/v1/x")
         assert status == 200 and doc["backend"] == "production"
         assert await _circuit(gw.url) == "0.0"  # closed again

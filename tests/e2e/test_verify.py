@@ -45,8 +45,7 @@ def audit_dsn(postgres_dsn: str) -> Iterator[str]:
 def test_verify_passes_on_a_healthy_gateway(
     backend: Proc, gateway_factory: Callable[..., Proc], audit_dsn: str
 ) -> None:
-    gw = gateway_factory({"DATABASE_URL": with_user(audit_dsn, "plant_audit_writer")},
-                         backend=backend)
+    gw = gateway_factory(writer_env(audit_dsn), backend=backend)
     code, doc = verify(gw.url, "--database-url", audit_dsn)
     assert code == 0 and doc["ok"], failed(doc) or gw.output()[-3000:]
     checks = by_name(doc)
@@ -58,11 +57,15 @@ def test_verify_passes_on_a_healthy_gateway(
     assert checks["audit row (deny)"]["status"] == "pass"
 
 
+def writer_env(audit_dsn: str, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": with_user(audit_dsn, "plant_audit_writer"), **extra}
+
+
 def test_verify_fails_when_the_backend_is_stopped(
-    gateway_factory: Callable[..., Proc]
+    gateway_factory: Callable[..., Proc], audit_dsn: str
 ) -> None:
     own_backend = start_backend("production")
-    gw = gateway_factory(backend=own_backend)
+    gw = gateway_factory(writer_env(audit_dsn), backend=own_backend)
     own_backend.stop()
     code, doc = verify(gw.url)
     assert code == 1 and not doc["ok"]
@@ -74,10 +77,10 @@ def test_verify_fails_when_the_backend_is_stopped(
 
 
 def test_verify_fails_when_the_policy_engine_is_broken(
-    backend: Proc, gateway_factory: Callable[..., Proc]
+    backend: Proc, gateway_factory: Callable[..., Proc], audit_dsn: str
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    gw = gateway_factory({"OPA_SERVICE_URL": dead}, backend=backend)
+    gw = gateway_factory(writer_env(audit_dsn, OPA_SERVICE_URL=dead), backend=backend)
     code, doc = verify(gw.url)
     assert code == 1
     bad = failed(doc)

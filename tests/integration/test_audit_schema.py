@@ -75,8 +75,9 @@ async def test_schema_matches_spec(audit_db: str) -> None:
         policies = {r["polname"] for r in await conn.fetch(
             "SELECT polname FROM pg_policy WHERE polrelid = 'gateway_audit_logs'::regclass")}
         assert policies == POLICIES
-        rls = await conn.fetchrow("SELECT relrowsecurity, relforcerowsecurity, relkind FROM "
-                                  "pg_class WHERE oid = 'gateway_audit_logs'::regclass")
+        rls = await conn.fetchrow(
+            "SELECT relrowsecurity, relforcerowsecurity, relkind::text AS relkind FROM pg_class "
+            "WHERE oid = 'gateway_audit_logs'::regclass")
         assert rls["relrowsecurity"] and rls["relforcerowsecurity"] and rls["relkind"] == "p"
         checks = " ".join(r["def"] for r in await conn.fetch(
             "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint "

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from plant_gateway.backends import flags as F
 from plant_gateway.context import Identity, RequestContext
@@ -24,7 +25,7 @@ SECRET = "s" * 40
 
 
 def settings(**kw: Any) -> Settings:
-    return Settings(plant_backend_url="http://127.0.0.1:9", jwt_secret=SECRET, **kw)
+    return Settings(plant_backend_url="http://127.0.0.1:9", jwt_secret=SecretStr(SECRET), **kw)
 
 
 def request(identity: Identity | None) -> RequestContext:

@@ -1,0 +1,253 @@
+"""Unit tests for the core steps: ingress, routes, tenant binding, proxy header hygiene.
+
+Pure functions and steps on a RequestContext built from an ASGI scope; no network.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plant_gateway.context import Identity
+from plant_gateway.problems import Problem
+from plant_gateway.proxy import (
+    CircuitBreaker,
+    downstream_response_headers,
+    upstream_request_headers,
+)
+from plant_gateway.settings import Settings, TenantRule
+from plant_gateway.steps import ingress, routes, tenant
+
+SETTINGS = Settings(plant_backend_url="http://backend:9000", guards=["tenant"],
+                    cp_registration_key="k" * 20, trusted_proxy_hops=1)
+
+
+def scope(path: str = "/api/v1/x", headers: list[tuple[bytes, bytes]] | None = None,
+          method: str = "GET", raw_path: bytes | None = None, qs: bytes = b"") -> dict:
+    return {"type": "http", "method": method, "path": path, "raw_path": raw_path or path.encode(),
+            "query_string": qs, "headers": headers or [], "client": ("10.0.0.9", 5555),
+            "scheme": "http"}
+
+
+def ctx_for(**kwargs):
+    return ingress.context_from_scope(scope(**kwargs), SETTINGS)
+
+
+# --- ingress ---------------------------------------------------------------------------------
+
+def test_correlation_id_valid_uuid_kept_else_minted() -> None:
+    cid = "3F2B8C1E-8A4E-4A8E-9C1D-1F2E3D4C5B6A"
+    assert ctx_for(headers=[(b"x-correlation-id", cid.encode())]).correlation_id == cid.lower()
+    minted = ctx_for(headers=[(b"x-correlation-id", b"not-a-uuid")]).correlation_id
+    assert minted != "not-a-uuid" and ingress.parse_uuid(minted) == minted
+
+
+def test_causation_from_causation_or_request_id() -> None:
+    a, b = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+    assert ctx_for(headers=[(b"x-request-id", b.encode())]).causation_id == b
+    both = [(b"x-causation-id", a.encode()), (b"x-request-id", b.encode())]
+    assert ctx_for(headers=both).causation_id == a
+    assert ctx_for(headers=[(b"x-causation-id", b"junk")]).causation_id is None
+
+
+@pytest.mark.parametrize("bad", [None, "garbage", "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+                                 "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
+def test_traceparent_invalid_gets_a_fresh_trace(bad: str | None) -> None:
+    out = ingress.propagate_traceparent(bad)
+    assert ingress._TRACEPARENT.match(out) and "0" * 32 not in out
+
+
+def test_traceparent_valid_keeps_trace_id_new_span() -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    out = ingress.propagate_traceparent(tp)
+    assert out.startswith("00-0af7651916cd43dd8448eb211c80319c-") and out.endswith("-01")
+    assert "b7ad6b7169203331" not in out
+
+
+def test_client_ip_never_the_spoofable_first_entry() -> None:
+    assert ingress.client_ip("10.0.0.1", "6.6.6.6, 1.2.3.4", 1) == "1.2.3.4"
+    assert ingress.client_ip("10.0.0.1", "6.6.6.6, 1.2.3.4, 10.0.0.2", 2) == "1.2.3.4"
+    assert ingress.client_ip("10.0.0.1", "6.6.6.6", 0) == "10.0.0.1"
+    assert ingress.client_ip("10.0.0.1", "1.2.3.4", 2) == "10.0.0.1"  # fewer entries than hops
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [([(b"content-length", b"3"), (b"transfer-encoding", b"chunked")], 400),
+     ([(b"content-length", b"3"), (b"content-length", b"3")], 400),
+     ([(b"host", b"a"), (b"host", b"b")], 400),
+     ([(b"transfer-encoding", b"gzip")], 400),
+     ([(b"content-length", b"-1")], 400),
+     ([(b"x-big", b"v" * 9000)], 400),
+     ([(b"content-length", str(SETTINGS.max_body_bytes + 1).encode())], 413),
+     ([(b"content-length", b"10")], None)],
+)
+async def test_ingress_framing(headers, status) -> None:
+    problem = await ingress.IngressStep(SETTINGS).run(ctx_for(headers=headers))
+    assert (problem.status if problem else None) == status
+
+
+async def test_body_source_enforces_limit_while_streaming() -> None:
+    messages = [{"type": "http.request", "body": b"a" * 6, "more_body": True},
+                {"type": "http.request", "body": b"a" * 6, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0)
+
+    with pytest.raises(ingress.BodyTooLarge):
+        await ingress.BodySource(receive, 10, True).read()
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [("/api/v1/auth/login", "/api/v1/auth/login", True),
+     ("/api/v1/auth/login", "/api/v1/auth/login/x", False),
+     ("/api/v1/auth/login", "/x/api/v1/auth/login", False),
+     ("/docs", "/api/v1/agents/docs", False),
+     ("/api/v1/auth/otp/*", "/api/v1/auth/otp/send", True),
+     ("/api/v1/auth/otp/*", "/api/v1/auth/otp", True),
+     ("/api/v1/auth/otp/*", "/api/v1/auth/otpx", False),
+     ("/api/v1/otp/sessions*", "/api/v1/otp/sessions/1", True)],
+)
+def test_match_route_exact_or_anchored_prefix_never_suffix(pattern, path, expected) -> None:
+    assert routes.match_route(pattern, path) is expected
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [("/a/../b", "/a/../b"), ("/a/../b", "/a/%2e%2e/b"), ("/a/b", "/a%2Fb"), ("/a\x00", "/a%00"),
+     ("/a//b", "/a//b"), ("/a/./b", "/a/./b"), ("/a\\b", "/a%5cb"), ("a", "a"),
+     ("/a/%2e%2e", "/a/%252e%252e")],
+)
+def test_hostile_paths(path: str, raw: str) -> None:
+    assert routes.hostile_path(path, raw) is not None
+
+
+def test_normal_path_is_fine() -> None:
+    assert routes.hostile_path("/api/v1/a b", "/api/v1/a%20b") is None
+
+
+async def test_routes_step_public_rewrite_and_brute_force() -> None:
+    step = routes.RoutesStep(SETTINGS)
+    ctx = ctx_for(path="/auth/google/verify")
+    assert await step.run(ctx) is None
+    assert ctx.upstream_path == "/api/v1/auth/google/verify" and ctx.is_public
+    ctx = ctx_for(path="/api/v1/auth/login")
+    await step.run(ctx)
+    assert ctx.brute_force_route and ctx.is_public
+    ctx = ctx_for(path="/api/v1/agents/docs")
+    await step.run(ctx)
+    assert not ctx.is_public
+
+
+async def test_service_key_checked_in_constant_time_and_closed_when_unset() -> None:
+    step = routes.RoutesStep(SETTINGS)
+    path = "/api/v1/customers/register"
+    ok = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"k" * 20)])
+    assert await step.run(ok) is None and ok.service_key_route and ok.identity
+    bad = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"nope")])
+    assert (await step.run(bad)).status == 401 and not bad.service_key_route
+    absent = ctx_for(path=path)
+    assert await step.run(absent) is None and not absent.service_key_route
+    closed = routes.RoutesStep(Settings(plant_backend_url="http://b", guards=[]))
+    empty_key = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"")])
+    assert (await closed.run(empty_key)).status == 403
+
+
+# --- tenant ----------------------------------------------------------------------------------
+
+def test_bind_helpers() -> None:
+    query = tenant.bind_query("customer_id=b&x=1&customer_id=c", "customer_id", "a")
+    assert query == "x=1&customer_id=a"
+    path = tenant.bind_path("/api/v1/subscriptions/by-customer/b", 4, "a")
+    assert path == "/api/v1/subscriptions/by-customer/a"
+    assert tenant.bind_path("/api/v1/subscriptions/by-customer/", 4, "a") is None
+    assert json.loads(tenant.bind_body(b'{"customer_id":"b","n":1}', "customer_id", "a")) == {
+        "customer_id": "a", "n": 1}
+    assert tenant.bind_body(b"[1]", "customer_id", "a") is None
+    assert tenant.bind_body(b"{not json", "customer_id", "a") is None
+
+
+async def test_tenant_step_needs_a_customer_and_rewrites_body_length() -> None:
+    rule = TenantRule(path="/api/v1/payments*", location="body", methods=["POST"])
+    step = tenant.TenantStep([rule])
+    ctx = ctx_for(path="/api/v1/payments", method="POST")
+    problem = await step.run(ctx)
+    assert isinstance(problem, Problem) and problem.status == 401
+    ctx.identity = Identity(user_id="u", customer_id="cust-A")
+    ctx.body = b'{"customer_id":"cust-B-longer"}'
+    assert await step.run(ctx) is None
+    assert ctx.body_rewritten and json.loads(ctx.body)["customer_id"] == "cust-A"
+    headers = dict(upstream_request_headers(ctx, SETTINGS))
+    assert headers["Content-Length"] == str(len(ctx.body))
+
+
+def test_tenant_build_off_when_guard_off() -> None:
+    assert tenant.build(Settings(plant_backend_url="http://b", guards=[]), None) is None
+
+
+# --- proxy header hygiene ----------------------------------------------------------------------
+
+def test_upstream_headers_strip_spoofing_and_hop_by_hop() -> None:
+    raw = [(b"authorization", b"Bearer t"), (b"x-gateway", b"evil"), (b"x-gateway-type", b"PP"),
+           (b"x-user-id", b"attacker"), (b"x-customer-id", b"c"), (b"x-debug-trace", b"1"),
+           (b"x-original-authorization", b"Bearer stolen"), (b"connection", b"keep-alive, x-drop"),
+           (b"x-drop", b"1"), (b"keep-alive", b"5"), (b"te", b"trailers"), (b"upgrade", b"h2c"),
+           (b"proxy-authorization", b"p"), (b"x-keep", b"yes"), (b"x-forwarded-for", b"6.6.6.6")]
+    ctx = ctx_for(headers=raw)
+    ctx.identity = Identity(user_id="u1", customer_id="cust-A", roles=["viewer", "analyst"])
+    out = upstream_request_headers(ctx, SETTINGS)
+    names = [k.lower() for k, _ in out]
+    values = dict((k.lower(), v) for k, v in out)
+    for gone in ("authorization", "x-debug-trace", "connection", "x-drop", "keep-alive", "te",
+                 "upgrade", "proxy-authorization"):
+        assert gone not in names
+    assert names.count("x-gateway") == 1 and values["x-gateway"] == "plant-gateway"
+    assert values["x-original-authorization"] == "Bearer t"
+    assert values["x-user-id"] == "u1" and values["x-customer-id"] == "cust-A"
+    assert values["x-user-roles"] == "viewer,analyst" and values["x-keep"] == "yes"
+    assert values["x-forwarded-for"] == "6.6.6.6"  # one trusted hop: the proxy's view of the client
+    assert values["x-correlation-id"] == ctx.correlation_id
+
+
+def test_downstream_headers_drop_hop_by_hop_cors_and_debug() -> None:
+    ctx = ctx_for()
+    out = dict(downstream_response_headers(
+        [("Content-Encoding", "gzip"), ("Transfer-Encoding", "chunked"), ("Connection", "close"),
+         ("Access-Control-Allow-Origin", "*"), ("X-Debug-Internal-Url", "http://10.0.0.1"),
+         ("X-Correlation-ID", "other")], ctx))
+    assert out[b"content-encoding"] == b"gzip"
+    assert b"transfer-encoding" not in out and b"connection" not in out
+    assert b"access-control-allow-origin" not in out and b"x-debug-internal-url" not in out
+    assert b"x-correlation-id" not in out and out[b"x-target-backend"] == b"production"
+
+
+def test_circuit_breaker_cycle(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("plant_gateway.proxy.time.monotonic", lambda: now[0])
+    breaker = CircuitBreaker("unit", threshold=2, reset_s=5)
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state == "closed"
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] += 5
+    assert breaker.allow() and breaker.state == "half_open"
+    assert not breaker.allow()  # one probe at a time
+    breaker.failure()
+    assert breaker.state == "open"
+    now[0] += 5
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_problem_document_shape() -> None:
+    doc = json.loads(Problem(413, "payload-too-large", "too big").render(
+        base="https://waooaw.com", instance="/x", correlation_id="c"))
+    assert doc == {"type": "https://waooaw.com/errors/payload-too-large",
+                   "title": "Payload Too Large", "status": 413, "detail": "too big",
+                   "instance": "/x", "correlation_id": "c"}
