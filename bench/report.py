@@ -129,6 +129,24 @@ def _row_line(row: Row, rows: list[Row]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _notes(result: RunResult) -> list[str]:
+    lines = []
+    for row in sorted(result.rows, key=lambda r: (r.workers, r.scenario.key)):
+        probes = ", ".join(f"{kind} → {status}" for kind, status in row.probes.items())
+        details = "; ".join(part for part in (row.note.strip("; "), probes and f"probes: {probes}",
+                                              _rss_history(row)) if part)
+        if details:
+            lines.append(f"- ({row.scenario.key}, {row.workers}w) {details}")
+    return [*lines, ""] if lines else []
+
+
+def _rss_history(row: Row) -> str:
+    if len(row.rss_history_mb) < 2:
+        return ""
+    steps = " → ".join(f"{mb:.0f}" for mb in row.rss_history_mb)
+    return f"worker RSS after each run: {steps} MB"
+
+
 def fixed_table(result: RunResult) -> list[str]:
     if not result.fixed:
         return ["_No fixed-rate run (scenario 3 had no peak or was not selected)._"]
@@ -270,10 +288,12 @@ def markdown(result: RunResult) -> str:
         "",
         *results_table(result),
         "",
-        "CPU and RSS are summed over the server's process tree (for the gateway with the embedded "
-        "database that includes PostgreSQL); RSS/worker is the largest serving process. "
+        "CPU is summed over the server's processes (scenario 4 includes its embedded PostgreSQL; "
+        "scenario 5 excludes the shared Redis and PostgreSQL servers); RSS/worker is the largest "
+        "serving process (gateway: Python workers only). "
         "×(n) is throughput relative to scenario n with the same workers.",
         "",
+        *_notes(result),
         "## Latency at a fixed rate",
         "",
         *fixed_table(result),

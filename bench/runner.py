@@ -23,6 +23,7 @@ from bench.scenarios import (
     Context,
     Scenario,
     Services,
+    audit_rows,
     cleanup_real_services,
     gateway_available,
     launch,
@@ -210,6 +211,9 @@ def _measure(scenario: Scenario, ctx: Context, wrk: Wrk, script: Path, requests:
             if row.status == "failed" and not server.alive() and "log:" not in row.reason:
                 row.reason += f" / log: {server.log_tail()}"[:400]
             server.stop()
+        if scenario.kind == "gateway-full-real" and row.ok and "audit" in options.full_guards:
+            count = audit_rows(ctx.services, ctx.run_id)
+            row.note += f"; {count if count is not None else '?'} audit rows in PostgreSQL"
     return row
 
 

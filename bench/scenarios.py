@@ -266,6 +266,23 @@ def _migrate(services: Services, run_id: str) -> str | None:
     return None
 
 
+def audit_rows(services: Services, run_id: str) -> int | None:
+    """Rows the gateway wrote to the run's audit table (proof that scenario 5 audited)."""
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(services.database_url(run_id), connect_timeout=3)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM gateway_audit_logs")
+                row = cur.fetchone()
+                return int(row[0]) if row else None
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - reported as unknown
+        return None
+
+
 def cleanup_real_services(services: Services, run_id: str) -> None:
     try:
         import redis

@@ -51,9 +51,9 @@ test_clock_from_input if {
 }
 
 test_trial_blocked_resources if {
-	trial.blocked with input.jwt as jwt(true, now + 1) with input."billing" as "billing"
-	trial.blocked with input.jwt as jwt(true, now + 1) with input."invoices" as "invoices"
-	trial.blocked with input.jwt as jwt(true, now + 1) with input."subscriptions" as "subscriptions"
+	trial.blocked with input.jwt as jwt(true, now + 1) with input.resource as "billing"
+	trial.blocked with input.jwt as jwt(true, now + 1) with input.resource as "invoices"
+	trial.blocked with input.jwt as jwt(true, now + 1) with input.resource as "subscriptions"
 }
 
 test_trial_open_resources if {
@@ -73,10 +73,10 @@ test_blocked_outcome if {
 }
 
 test_tasks_counted if {
-	trial.counts_task with input.jwt as jwt(true, now + 1) with input."agents" as "agents" with input."create" as "create"
-	trial.counts_task with input.jwt as jwt(true, now + 1) with input."agents" as "agents" with input."execute" as "execute"
-	trial.counts_task with input.jwt as jwt(true, now + 1) with input."tasks" as "tasks" with input."create" as "create"
-	trial.counts_task with input.jwt as jwt(true, now + 1) with input."tasks" as "tasks" with input."execute" as "execute"
+	trial.counts_task with input.jwt as jwt(true, now + 1) with input.resource as "agents" with input.action as "create"
+	trial.counts_task with input.jwt as jwt(true, now + 1) with input.resource as "agents" with input.action as "execute"
+	trial.counts_task with input.jwt as jwt(true, now + 1) with input.resource as "tasks" with input.action as "create"
+	trial.counts_task with input.jwt as jwt(true, now + 1) with input.resource as "tasks" with input.action as "execute"
 }
 
 test_reads_not_counted if {
