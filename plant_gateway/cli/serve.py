@@ -6,12 +6,13 @@ A bad or missing setting stops start-up with one line naming it and exit code 2.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from plant_gateway.settings import SettingsError, load_settings
+from plant_gateway.settings import Settings, SettingsError, load_settings
 
 
 def serve(
@@ -37,9 +38,39 @@ def serve(
     from plant_gateway.logging import configure_logging
 
     configure_logging(settings.log_level)
+    worker_count = workers or settings.workers
+    shared_redis = _share_counters(settings, worker_count)
+    try:
+        _run(uvicorn, settings, worker_count)
+    finally:
+        if shared_redis is not None:
+            shared_redis.terminate()
+            shared_redis.wait(timeout=10)
+
+
+def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[bytes] | None:
+    """Several workers must share one counters store: per-worker counters are not limits.
+
+    Without REDIS_URL, start an embedded redis-server (unix socket) for the workers to share.
+    """
+    os.environ["WORKERS"] = str(worker_count)
+    if worker_count == 1 or settings.effective_redis_url:
+        return None
+    from plant_gateway.backends.counters import start_embedded_redis
+
+    try:
+        url, proc = start_embedded_redis(settings.state_dir)
+    except SettingsError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ["REDIS_URL"] = url
+    return proc
+
+
+def _run(uvicorn: Any, settings: Settings, worker_count: int) -> None:
     uvicorn.run(
         "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
-        workers=workers or settings.workers, loop="uvloop", http="httptools", lifespan="on",
+        workers=worker_count, loop="uvloop", http="httptools", lifespan="on",
         log_config=None, access_log=False, proxy_headers=False, server_header=False,
         date_header=False, timeout_graceful_shutdown=10,
     )

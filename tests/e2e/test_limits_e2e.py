@@ -67,3 +67,16 @@ def test_three_gateways_share_exact_limits_and_budget(
     finally:
         client.delete(f"revoked_access:{jti}")
         client.close()
+
+
+def test_workers_without_redis_share_one_embedded_store(
+    backend: Proc, gateway_factory: Callable[..., Proc], mint: Callable[..., str], tmp_path: Any,
+) -> None:
+    """`serve --workers 2` without REDIS_URL: limits still hold exactly (spec §8)."""
+    env = limits_env("", "")
+    env.update({"REDIS_URL": None, "REDIS_KEY_PREFIX": None, "PLANT_STATE_DIR": str(tmp_path)})
+    gateway = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
+    token = mint(user_id="e2e-workers-1", roles=["admin"], agent_id="agent-workers")
+    statuses = asyncio.run(burst([gateway.url], token, N + K))
+    assert statuses.count(200) == N, (statuses, gateway.output()[-2000:])
+    assert statuses.count(429) == K
