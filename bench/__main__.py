@@ -7,6 +7,7 @@ README's Benchmark section.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -70,7 +71,17 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. from `timeout`) into SystemExit so every server is stopped."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     args = parse_args(argv)
     try:
         options = options_from(args)

@@ -56,7 +56,9 @@ def summarise(raw: Path, top: int = 25) -> str:
             total[name] += count
     if not samples:
         return "_no samples_\n"
-    lines = [f"{samples} samples.", "", "| self % | total % | function |", "|---:|---:|---|"]
+    lines = [f"{samples} samples (on-CPU, all gateway processes). Coroutines resumed by the "
+             "event loop appear without their callers, so read the self column first.", "",
+             "| self % | total % | function |", "|---:|---:|---|"]
     for name, count in own.most_common(top):
         share, inclusive = 100 * count / samples, 100 * total[name] / samples
         lines.append(f"| {share:.1f} | {inclusive:.1f} | `{name}` |")

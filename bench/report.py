@@ -163,9 +163,15 @@ def fixed_table(result: RunResult) -> list[str]:
             _num(load.rps if load else None),
             *(_num(pct.get(p), "{:.2f}") for p in (50.0, 99.0, 99.9)),
             _num(load.non2xx_share * 100 if load else None, "{:.1f}%"),
-            _status(row),
+            _fixed_status(row),
         ]) + " |")
     return lines
+
+
+def _fixed_status(row: FixedRow) -> str:
+    if row.status == "ok" and row.load is not None and row.load.rps < 0.95 * row.rate:
+        return "saturated (cannot sustain the rate: latency is queueing)"
+    return _status(row)
 
 
 # --- targets -----------------------------------------------------------------------------------

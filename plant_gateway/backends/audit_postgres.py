@@ -21,7 +21,15 @@ from typing import IO, TYPE_CHECKING, Any
 import asyncpg
 
 from plant_gateway.backends import audit_metrics as m
-from plant_gateway.backends.audit_schema import COLUMNS, NAMES, TABLE, WRITER_ROLE, to_record
+from plant_gateway.backends.audit_schema import (
+    COLUMNS,
+    NAMES,
+    TABLE,
+    WRITER_ROLE,
+    from_wire,
+    to_record,
+    to_wire,
+)
 from plant_gateway.backends.base import DependencyStatus
 
 if TYPE_CHECKING:
@@ -53,6 +61,8 @@ class Outage(Exception):
 
 
 def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.DataError | ValueError | TypeError):
+        return False  # a value asyncpg could not encode: the row is the problem
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         return any(state.startswith(prefix) for prefix in OUTAGE_CLASSES)
@@ -85,7 +95,7 @@ class Spool:
             return sum(1 for _ in fh)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+        data = b"".join(to_wire(r) + b"\n" for r in rows)
         self._fh.write(data)
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -310,12 +320,7 @@ class PostgresAuditSink:
 
     async def _write(self, rows: list[dict[str, Any]]) -> int:
         """Write rows; quarantine bad ones; raise Outage if the database cannot take them."""
-        records: list[tuple[Any, ...]] = []
-        for row in rows:
-            try:
-                records.append(to_record(row))
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                self._dead_letter(row, f"{type(exc).__name__}: {exc}")
+        records = [to_record(row) for row in rows]
         if not records:
             return 0
         return await self._copy(records, rows)
@@ -385,7 +390,7 @@ class PostgresAuditSink:
             rows: list[dict[str, Any]] = []
             for line in lines:
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(from_wire(line))
                 except ValueError:
                     self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
             try:

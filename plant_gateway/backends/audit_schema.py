@@ -1,7 +1,9 @@
-"""The audit row: column list, wire form (JSON-safe dict), database record and hash chain.
+"""The audit row: column list, row form, database record and hash chain.
 
-One canonical form is hashed when the row is built and recomputed from the stored row by
-``audit verify``; both sides go through ``canonical`` so the stored row round-trips exactly.
+A row is a dict in database-ready form: uuids as lowercase strings, ``timestamp`` a datetime,
+every jsonb value already serialised once (canonical JSON text, sorted keys, see ``dump_json``).
+The writer passes it to COPY as is, the hash covers the very same text, and ``audit verify``
+re-derives that text from the stored jsonb (``from_db``), so both sides hash the same bytes.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import uuid
+import re
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
+
+import orjson
 
 GENESIS = "0" * 64
 TABLE = "gateway_audit_logs"
@@ -59,54 +64,91 @@ NAMES = tuple(name for name, _ in COLUMNS)
 HASHED = NAMES[:-1]
 JSONB = frozenset(name for name, kind in COLUMNS if kind == "jsonb")
 UUIDS = frozenset(name for name, kind in COLUMNS if kind == "uuid")
+FLOATS = frozenset(name for name, kind in COLUMNS if kind == "double precision")
+_JSONB_AT = tuple(i for i, name in enumerate(HASHED) if name in JSONB)
+_TS_AT = HASHED.index("timestamp")
+_GET_HASHED = itemgetter(*HASHED)
+_GET_ALL = itemgetter(*NAMES)
+# Output that a jsonb round trip would not reproduce byte for byte: exponent floats (PostgreSQL
+# prints numerics in plain notation), negative zero, NUL (jsonb refuses it). Matches inside
+# strings are false alarms that only cost the slow path.
+_RISKY = re.compile(rb"(?:^|[:\[,])-?\d+(?:\.\d+)?e|(?:^|[:\[,])-0\.0(?!\d)|\\u0000")
+_LONG_INT = re.compile(r"\d{16}")
 
 
 def _norm(value: Any) -> Any:
-    """Normalise a JSON value so it survives a jsonb round trip unchanged."""
+    """Normalise a JSON value so it survives a jsonb round trip unchanged (the slow path)."""
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
         return int(value) if value.is_integer() else value
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _clean(value)
     if isinstance(value, dict):
-        return {str(k).replace("\x00", "\ufffd"): _norm(v) for k, v in value.items()}
+        return {_clean(str(k)): _norm(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_norm(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int):
+        return value
+    return _clean(str(value))
 
 
-def _canon_value(name: str, value: Any) -> Any:
+def _clean(text: str) -> str:
+    text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates
+        text = text.encode("utf-8", "replace").decode()
+    return text
+
+
+def dump_json(value: Any) -> str | None:
+    """The canonical jsonb text of a value (sorted keys, compact); None stays None.
+
+    Fast path: one orjson call. Values a jsonb round trip would change go through ``_norm``.
+    """
     if value is None:
         return None
-    if name in UUIDS:
-        return str(value).lower()
-    if name == "timestamp":
-        ts = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-        return ts.astimezone(UTC).isoformat(timespec="microseconds")
-    if name in JSONB:
-        return _norm(json.loads(value) if isinstance(value, str) else value)
-    if isinstance(value, float):
-        return _norm(value)
-    if isinstance(value, list | tuple):
-        return [_norm(v) for v in value]
-    if isinstance(value, str):
-        return value.rstrip(" ") if name == "prev_hash" else value
-    return value
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if _RISKY.search(out) is None:
+            return out.decode()
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    value = _norm(value)
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:  # integers beyond 64 bits
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def normalise(row: dict[str, Any]) -> dict[str, Any]:
-    """Normalise the jsonb values in place (done once, before hashing and queueing)."""
-    for name in JSONB:
-        if row.get(name) is not None:
-            row[name] = _norm(row[name])
-    return row
+def load_json(text: str | bytes) -> Any:
+    """Parse JSON keeping long integers exact (orjson turns them into floats)."""
+    probe = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if _LONG_INT.search(probe):
+        return json.loads(text)
+    return orjson.loads(text)
+
+
+def iso(ts: datetime | str) -> str:
+    value = ts if isinstance(ts, datetime) else datetime.fromisoformat(ts)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def canonical(row: dict[str, Any]) -> bytes:
-    """The bytes the row hash covers: every column but row_hash, in table order."""
-    values = [_canon_value(name, row.get(name)) for name in HASHED]
-    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes the row hash covers: every column but row_hash, in table order.
+
+    jsonb values enter as their (already canonical) text, embedded verbatim.
+    """
+    try:
+        values = list(_GET_HASHED(row))
+    except KeyError:
+        values = [row.get(name) for name in HASHED]
+    values[_TS_AT] = iso(values[_TS_AT])
+    for i in _JSONB_AT:
+        if values[i] is not None:
+            values[i] = orjson.Fragment(values[i])
+    return orjson.dumps(values)
 
 
 def row_hash(row: dict[str, Any]) -> str:
@@ -114,31 +156,43 @@ def row_hash(row: dict[str, Any]) -> str:
 
 
 def to_record(row: dict[str, Any]) -> tuple[Any, ...]:
-    """Wire row (JSON-safe dict) -> tuple for COPY; raises ValueError/TypeError on bad data."""
-    out: list[Any] = []
-    for name, kind in COLUMNS:
+    """Row -> tuple for COPY. No conversion on the normal path; asyncpg validates the types."""
+    try:
+        return _GET_ALL(row)  # type: ignore[no-any-return]
+    except KeyError:
+        return tuple(row.get(name) for name in NAMES)
+
+
+def to_wire(row: dict[str, Any]) -> bytes:
+    """One spool line (JSON, the timestamp as ISO 8601)."""
+    return orjson.dumps(row)
+
+
+def from_wire(line: bytes) -> dict[str, Any]:
+    """A spool line back to a row; older spools with jsonb as objects are serialised here."""
+    row: dict[str, Any] = orjson.loads(line)
+    ts = row.get("timestamp")
+    if isinstance(ts, str):
+        row["timestamp"] = datetime.fromisoformat(ts)
+    for name in JSONB:
         value = row.get(name)
-        if value is None:
-            out.append(None)
-        elif kind == "uuid":
-            out.append(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
-        elif kind == "timestamptz":
-            out.append(datetime.fromisoformat(value) if isinstance(value, str) else value)
-        elif kind == "jsonb":
-            out.append(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
-        elif kind in ("integer", "bigint"):
-            out.append(int(value))
-        elif kind == "double precision":
-            out.append(float(value))
-        elif kind == "boolean":
-            out.append(bool(value))
-        elif kind == "text[]":
-            out.append([str(v) for v in value])
-        else:
-            out.append(str(value))
-    return tuple(out)
+        if value is not None and not isinstance(value, str):
+            row[name] = dump_json(value)
+    return row
 
 
 def from_db(record: Any) -> dict[str, Any]:
-    """A fetched asyncpg record (jsonb as text) as a dict comparable through ``canonical``."""
-    return {name: record[name] for name in NAMES}
+    """A fetched record (jsonb as text) in row form, so ``row_hash`` gives the stored hash."""
+    row = {name: record[name] for name in NAMES}
+    for name in UUIDS:
+        if row[name] is not None:
+            row[name] = str(row[name])
+    for name in JSONB:
+        if row[name] is not None:
+            row[name] = dump_json(load_json(row[name]))
+    for name in FLOATS:
+        if row[name] is not None:
+            row[name] = float(row[name])
+    if row["prev_hash"] is not None:
+        row["prev_hash"] = row["prev_hash"].rstrip(" ")
+    return row

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,25 +357,82 @@ def discover_tests(sources: BundleSources) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def run_tests_inline(sources: BundleSources, names: list[str]) -> Iterator[RegoTestResult]:
+    """Evaluate each named test rule in this process (rego-cpp may crash it: see run_rego_tests)."""
+    interpreter = new_interpreter({**sources.modules, **sources.tests}, sources.data)
+    interpreter.set_input_term("{}")
+    for name in names:
+        try:
+            output = interpreter.query(f"x := {name}")
+            value = output.results[0].bindings.get("x") if output.ok() and output.results else None
+        except (RegoError, ValueError) as exc:
+            yield RegoTestResult(name, False, f"error: {exc}")
+            continue
+        if not output.ok():
+            yield RegoTestResult(name, False, f"error: {str(output)[:300]}")
+        elif value is True:
+            yield RegoTestResult(name, True)
+        else:
+            yield RegoTestResult(name, False, "undefined" if value is None else f"got {value!r}")
+
+
 def run_rego_tests(
     policy_dir: Path, *, on_result: Callable[[RegoTestResult], None] | None = None
 ) -> list[RegoTestResult]:
-    """Run every ``test_`` rule; a test passes only when it evaluates to ``true``."""
+    """Run every ``test_`` rule of the bundle; a test passes only when it is ``true``.
+
+    Tests run in a child process: a test that crashes rego-cpp fails (named), and the rest
+    still run. Raises PolicyBundleError when the bundle (tests included) does not compile.
+    """
     sources = load_sources(policy_dir)
-    interpreter = new_interpreter({**sources.modules, **sources.tests}, sources.data)
+    new_interpreter({**sources.modules, **sources.tests}, sources.data)  # compile errors here
+    remaining = discover_tests(sources)
     results: list[RegoTestResult] = []
-    for name in discover_tests(sources):
-        try:
-            output = interpreter.query(f"x := {name}")
-        except RegoError as exc:
-            result = RegoTestResult(name, False, f"error: {exc}")
-        else:
-            value = output.results[0].bindings.get("x") if output.ok() and output.results else None
-            if not output.ok():
-                result = RegoTestResult(name, False, f"error: {str(output)[:300]}")
-            else:
-                result = RegoTestResult(name, value is True, "" if value is True else f"got {value!r}")
+    fruitless = 0
+    while remaining:
+        done = _run_child(policy_dir, remaining, results, on_result)
+        if done == len(remaining):
+            break
+        crashed = RegoTestResult(remaining[done], False, "crashed the rego engine")
+        results.append(crashed)
+        if on_result is not None:
+            on_result(crashed)
+        fruitless = fruitless + 1 if done == 0 else 0
+        remaining = remaining[done + 1 :] if fruitless < 3 else []
+    return results
+
+
+def _run_child(
+    policy_dir: Path,
+    names: list[str],
+    results: list[RegoTestResult],
+    on_result: Callable[[RegoTestResult], None] | None,
+) -> int:
+    command = [sys.executable, "-m", "plant_gateway.backends.policy_local", str(policy_dir)]
+    child = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(json.dumps(names))
+    child.stdin.close()
+    done = 0
+    for line in child.stdout:
+        item = json.loads(line)
+        result = RegoTestResult(item["name"], item["passed"], item["detail"])
         results.append(result)
+        done += 1
         if on_result is not None:
             on_result(result)
-    return results
+    child.wait()
+    return done
+
+
+def _child_main(argv: list[str]) -> None:
+    sources = load_sources(Path(argv[0]))
+    names = json.loads(sys.stdin.read())
+    for result in run_tests_inline(sources, names):
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

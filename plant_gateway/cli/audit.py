@@ -18,7 +18,14 @@ from typing import Any
 import asyncpg
 import typer
 
-from plant_gateway.backends.audit_schema import GENESIS, NAMES, READER_ROLE, TABLE, row_hash
+from plant_gateway.backends.audit_schema import (
+    GENESIS,
+    NAMES,
+    READER_ROLE,
+    TABLE,
+    from_db,
+    row_hash,
+)
 from plant_gateway.cli.db import STATE_OPTION, URL_OPTION, database
 
 audit_app = typer.Typer(help="Query, tail and verify the audit log.", no_args_is_help=True)
@@ -112,7 +119,7 @@ async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> tup
     findings: list[Finding] = []
     chain: list[dict[str, Any]] = []
     for record in rows:
-        row = {n: record[n] for n in NAMES}
+        row = from_db(record)
         if chain and chain[0]["instance_id"] != row["instance_id"]:
             findings += _check_chain(chain, anchored=since is not None)
             chain = []

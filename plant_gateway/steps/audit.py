@@ -15,17 +15,24 @@ Decisions (documented in the README):
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 import re
 import secrets
 import uuid
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from plant_gateway.backends.audit_schema import GENESIS, normalise, row_hash
+from plant_gateway.backends.audit_schema import (
+    GENESIS,
+    NAMES,
+    canonical,
+    dump_json,
+    load_json,
+)
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import AuditSink
@@ -58,7 +65,9 @@ PAIR_WORDS = (("account", "number"), ("account", "no"), ("account", "num"), ("ro
               ("sort", "code"), ("bank", "account"), ("acct", "number"), ("acct", "no"))
 JWT_RE = re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 DIGITS_RE = re.compile(r"(?:\d[ -]?){13,19}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TEXT_CAP = 2000
+HEADER_CACHE_MAX = 2048
 
 
 def _words(key: str) -> list[str]:
@@ -89,16 +98,21 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return MASK if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
+
+
 def _mask_text(value: str, secrets_: tuple[str, ...]) -> str:
-    if any(s and s in value for s in secrets_):
-        return MASK
-    value = JWT_RE.sub(MASK, value)
-
-    def card(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group(0))
-        return MASK if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
-
-    return DIGITS_RE.sub(card, value).replace("\x00", "\ufffd")
+    """Mask known secrets, JWTs and card numbers in free text; the common case costs 2 scans."""
+    for s in secrets_:
+        if s and s in value:
+            return MASK
+    if "eyJ" in value:
+        value = JWT_RE.sub(MASK, value)
+    if DIGITS_RE.search(value) is not None:
+        value = DIGITS_RE.sub(_card, value)
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def redact(value: Any, secrets_: tuple[str, ...] = (), depth: int = 0) -> Any:
@@ -117,15 +131,14 @@ def redact(value: Any, secrets_: tuple[str, ...] = (), depth: int = 0) -> Any:
     return value
 
 
-def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str]:
+def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str] | None:
     items = headers.items() if isinstance(headers, dict) else headers
     out: dict[str, str] = {}
     for name, value in items:
         lname = str(name).lower()
-        hidden = _hidden_header(lname)
-        text = MASK if hidden else _mask_text(str(value), secrets_)[:TEXT_CAP]
+        text = MASK if _hidden_header(lname) else _mask_text(str(value), secrets_)[:TEXT_CAP]
         out[lname] = f"{out[lname]}, {text}" if lname in out else text
-    return out
+    return out or None
 
 
 @lru_cache(maxsize=1024)
@@ -140,7 +153,7 @@ def body_json(raw: bytes | None, cap: int, secrets_: tuple[str, ...]) -> Any:
     if len(raw) > cap:
         return {"_omitted": "too_large", "_size": len(raw)}
     try:
-        parsed = json.loads(raw)
+        parsed = load_json(raw)
     except (ValueError, UnicodeDecodeError):
         return {"_omitted": "not_json", "_size": len(raw)}
     return redact(parsed, secrets_)
@@ -150,6 +163,8 @@ def as_uuid(raw: str | None) -> str | None:
     """A UUID string, or a deterministic uuid5 of a non-UUID value (None stays None)."""
     if raw is None or raw == "":
         return None
+    if len(raw) == 36 and UUID_RE.fullmatch(raw):  # the common case: ingress made it
+        return raw
     try:
         return str(uuid.UUID(str(raw)))
     except ValueError:
@@ -157,6 +172,8 @@ def as_uuid(raw: str | None) -> str | None:
 
 
 def strict_uuid(raw: str | None) -> str | None:
+    if raw and len(raw) == 36 and UUID_RE.fullmatch(raw):
+        return raw
     try:
         return str(uuid.UUID(str(raw))) if raw else None
     except ValueError:
@@ -186,6 +203,10 @@ class AuditRecorder:
         self.prev_hash = GENESIS
         key = settings.cp_registration_key
         self.secret_values = (key.get_secret_value(),) if key is not None else ()
+        # row ids: a random UUIDv4-shaped prefix per recorder + a counter (unique, cheap)
+        self._id_prefix = str(uuid.uuid4())[:24]
+        self._ids = 0
+        self._header_cache: dict[tuple[tuple[str, str], ...], str | None] = {}
 
     def record(self, ctx: RequestContext) -> None:
         try:
@@ -196,14 +217,36 @@ class AuditRecorder:
         self.submit_chained(row)
 
     def submit_chained(self, row: dict[str, Any]) -> None:
+        """Chain the row (jsonb values already serialised by ``build_row``) and queue it."""
         self.seq += 1
-        normalise(row)
         row["instance_id"] = self.instance_id
         row["seq"] = self.seq
         row["prev_hash"] = self.prev_hash
-        row["row_hash"] = row_hash(row)
-        self.prev_hash = row["row_hash"]
+        try:
+            digest = hashlib.sha256(canonical(row)).hexdigest()
+        except TypeError:  # a value orjson refuses (e.g. a lone surrogate): clean and retry
+            _clean_row(row)
+            digest = hashlib.sha256(canonical(row)).hexdigest()
+        row["row_hash"] = self.prev_hash = digest
         self.sink.submit(row)
+
+    def next_id(self) -> str:
+        self._ids += 1
+        return f"{self._id_prefix}{self._ids & 0xFFFFFFFFFFFF:012x}"
+
+    def headers_json(self, headers: Any) -> str | None:
+        """Redacted headers as jsonb text, memoised for repeated header sets (no secrets kept:
+        the key is the redacted form for hidden headers)."""
+        items = headers.items() if isinstance(headers, dict) else headers
+        key = tuple((n, MASK if _hidden_header(str(n).lower()) else v) for n, v in items)
+        cached = self._header_cache.get(key, _MISS)
+        if cached is not _MISS:
+            return cached  # type: ignore[return-value]
+        text = dump_json(redact_headers(key, self.secret_values))
+        if len(self._header_cache) >= HEADER_CACHE_MAX:
+            self._header_cache.clear()
+        self._header_cache[key] = text
+        return text
 
     def _detail_on(self, ctx: RequestContext) -> bool:
         if self.flags is None:
@@ -216,7 +259,6 @@ class AuditRecorder:
     def build_row(self, ctx: RequestContext) -> dict[str, Any]:
         ident = ctx.identity
         detail = self._detail_on(ctx)
-        cap = self.settings.audit_body_cap_bytes
         status = ctx.status_code if ctx.status_code is not None else 500
         error_type = ctx.error_type
         if not 100 <= status <= 599:
@@ -224,44 +266,66 @@ class AuditRecorder:
             status = 502
         if ctx.status_code is None and error_type is None:
             error_type = "no_response"
+        secrets_ = self.secret_values
         row: dict[str, Any] = {
-            "id": str(uuid.uuid4()),
+            "id": self.next_id(),
             "correlation_id": as_uuid(ctx.correlation_id) or str(uuid.uuid4()),
             "causation_id": as_uuid(ctx.causation_id),
-            "timestamp": ctx.timestamp.isoformat(),
+            "timestamp": ctx.timestamp,
             "gateway_type": self.settings.gateway_type,
             "request_id": as_uuid(ctx.request_id),
             "http_method": _text(ctx.method, 16),
             "endpoint": _text(ctx.path),
-            "query_params": self._query(ctx.query_string) if detail else None,
-            "request_headers": redact_headers(ctx.headers, self.secret_values) if detail else None,
-            "request_body": body_json(ctx.request_body_sample or ctx.body, cap, self.secret_values)
-            if detail else None,
-            "user_id": strict_uuid(ident.user_id) if ident else None,
-            "customer_id": _text(ident.customer_id, 255) if ident else None,
-            "email": _text(ident.email, 320) if ident else None,
-            "roles": [_text(r, 100) for r in ident.roles] if ident and ident.roles else None,
-            "trial_mode": ident.trial_mode if ident else None,
+            "query_params": None,
+            "request_headers": None,
+            "request_body": None,
+            "user_id": None,
+            "customer_id": None,
+            "email": None,
+            "roles": None,
+            "trial_mode": None,
             "opa_policies_evaluated": list(ctx.policies_evaluated) or None,
-            "opa_decisions": redact(ctx.policy_decision, self.secret_values)
+            "opa_decisions": dump_json(redact(ctx.policy_decision, secrets_))
             if ctx.policy_decision is not None else None,
             "opa_latency_ms": _ms(ctx.policy_latency_ms),
             "status_code": status,
-            "response_headers": redact_headers(ctx.response_headers, self.secret_values)
-            if detail else None,
-            "response_body": body_json(ctx.response_body_sample, cap, self.secret_values)
-            if detail and self.settings.audit_capture_response_body else None,
+            "response_headers": None,
+            "response_body": None,
             "error_type": _text(error_type, 200),
-            "error_message": _text(_mask_text(ctx.error_message, self.secret_values))
+            "error_message": _text(_mask_text(ctx.error_message, secrets_))
             if ctx.error_message else None,
             "total_latency_ms": _ms(ctx.elapsed_ms()) or 0.0,
             "plant_latency_ms": _ms(ctx.upstream_latency_ms),
             "action": _text(ctx.action, 100),
             "resource": _text(ctx.resource, 200),
             "resource_id": _text(ctx.resource_id, 255),
-            "user_ref": _text(ident.user_id or ident.service_account, 255) if ident else None,
+            "user_ref": None,
         }
+        if ident is not None:
+            row["user_id"] = strict_uuid(ident.user_id)
+            row["customer_id"] = _text(ident.customer_id, 255)
+            row["email"] = _text(ident.email, 320)
+            row["roles"] = [_text(r, 100) for r in ident.roles] if ident.roles else None
+            row["trial_mode"] = ident.trial_mode
+            row["user_ref"] = _text(ident.user_id or ident.service_account, 255)
+        if detail:
+            self._add_detail(ctx, row)
         return row
+
+    def _add_detail(self, ctx: RequestContext, row: dict[str, Any]) -> None:
+        cap = self.settings.audit_body_cap_bytes
+        if ctx.query_string:
+            row["query_params"] = dump_json(self._query(ctx.query_string))
+        row["request_headers"] = self.headers_json(ctx.headers)
+        body = ctx.request_body_sample or ctx.body
+        if body:
+            row["request_body"] = dump_json(body_json(body, cap, self.secret_values))
+        if ctx.response_headers:
+            row["response_headers"] = self.headers_json(ctx.response_headers)
+        if self.settings.audit_capture_response_body and ctx.response_body_sample:
+            row["response_body"] = dump_json(
+                body_json(ctx.response_body_sample, cap, self.secret_values)
+            )
 
     def _query(self, query_string: str) -> dict[str, Any] | None:
         if not query_string:
@@ -271,20 +335,33 @@ class AuditRecorder:
         return redact(flat, self.secret_values)
 
     def minimal_row(self, ctx: Any) -> dict[str, Any]:
-        from datetime import UTC, datetime
-
         status = getattr(ctx, "status_code", None)
-        return {
-            "id": str(uuid.uuid4()),
+        row: dict[str, Any] = dict.fromkeys(NAMES)
+        row.update({
+            "id": self.next_id(),
             "correlation_id": as_uuid(getattr(ctx, "correlation_id", None)) or str(uuid.uuid4()),
-            "timestamp": datetime.now(UTC).isoformat(),
+            "timestamp": datetime.now(UTC),
             "gateway_type": self.settings.gateway_type,
             "http_method": _text(getattr(ctx, "method", None), 16),
             "endpoint": _text(getattr(ctx, "path", None)),
             "status_code": status if isinstance(status, int) and 100 <= status <= 599 else 500,
             "error_type": "audit_row_error",
             "total_latency_ms": 0.0,
-        }
+        })
+        return row
+
+
+_MISS = object()
+
+
+def _clean_row(row: dict[str, Any]) -> None:
+    """Replace lone surrogates in text columns (orjson, like PostgreSQL, refuses them)."""
+    for name, value in row.items():
+        if isinstance(value, str):
+            row[name] = value.encode("utf-8", "replace").decode()
+        elif isinstance(value, list):
+            row[name] = [v.encode("utf-8", "replace").decode() if isinstance(v, str) else v
+                         for v in value]
 
 
 def build(settings: Settings, deps: Dependencies) -> AuditRecorder | None:

@@ -153,3 +153,30 @@ async def test_verify_names_edited_deleted_and_forged_rows(audit_db: str, tmp_pa
     assert ("deleted", None, deleted["seq"]) in kinds
     assert ("forged", forged_id, 11) in kinds
     assert len(mine) == 3, mine
+
+
+async def test_jsonb_values_that_postgres_reformats_still_verify(
+    audit_db: str, tmp_path: Path
+) -> None:
+    """The hash covers the jsonb text once; floats, huge ints, NUL and odd keys round-trip."""
+    sink, recorder = await started_sink(audit_db, tmp_path)
+    tricky = [
+        {"f": 1e16, "g": 1e-10, "h": 0.30000000000000004, "z": -0.0, "n": float("nan")},
+        {"big": 10**30, "u64": 2**63 + 5, "neg": -(10**20), "e": 2.5e-7, "i": 5.0},
+        {"nul": "a\x00b", "sur": "x\ud800y", "esc": "tab\tq\"\\", "uni": "é✓"},
+        {"nested": [{"b": 1, "a": [1.5, {"k": "5f0c1f5e-2d7e"}]}], "empty": {}, "l": []},
+    ]
+    for value in tricky:
+        ctx = context(status=200)
+        ctx.policy_decision = value
+        ctx.request_body_sample = b'{"amount": 1e400, "id": 123456789012345678901234567890}'
+        recorder.record(ctx)
+    await sink.close()
+    assert sink.stats["written"] == len(tricky) and sink.stats["dead"] == 0
+    conn = await reader(audit_db, admin=True)
+    try:
+        checked, findings = await verify(conn)
+    finally:
+        await conn.close()
+    assert checked >= len(tricky)
+    assert [f for f in findings if f.instance_id == recorder.instance_id] == []
