@@ -168,8 +168,12 @@ def fixed_table(result: RunResult) -> list[str]:
     return lines
 
 
+def _saturated(row: FixedRow) -> bool:
+    return row.status == "ok" and row.load is not None and row.load.rps < 0.95 * row.rate
+
+
 def _fixed_status(row: FixedRow) -> str:
-    if row.status == "ok" and row.load is not None and row.load.rps < 0.95 * row.rate:
+    if _saturated(row):
         return "saturated (cannot sustain the rate: latency is queueing)"
     return _status(row)
 
@@ -236,8 +240,12 @@ def _t_added_p99(result: RunResult) -> list[Target]:
             out.append(Target(name, "≤ 2 ms", "n/a (a fixed-rate run did not happen)", None))
             continue
         added = row.load.pct_ms[99.0] - base.load.pct_ms[99.0]
-        out.append(Target(name, "≤ 2 ms", f"{added:+.2f} ms at {base.rate:,.0f} req/s",
-                          added <= 2.0))
+        measured = f"{added:+.2f} ms at {base.rate:,.0f} req/s"
+        if _saturated(base) or _saturated(row):
+            out.append(Target(name, "≤ 2 ms", measured + " (not comparable: a run could not "
+                              "hold the rate)", None if _saturated(base) else False))
+            continue
+        out.append(Target(name, "≤ 2 ms", measured, added <= 2.0))
     return out
 
 
@@ -288,7 +296,9 @@ def markdown(result: RunResult) -> str:
         "limits and budgets set high enough never to reject allowed traffic",
         f"- Duration of the whole run: {result.finished - result.started:.0f} s; 1-min load "
         f"average at start / end: {' / '.join(f'{x:.2f}' for x in result.load_avg)} "
-        "(anything else running on the machine competes with the servers and wrk)",
+        "(anything else running on the machine competes with the servers and wrk)"
+        + (" — **the machine was busy: treat these numbers as noisy**"
+           if max(result.load_avg, default=0.0) > (os.cpu_count() or 1) else ""),
         "",
         "## Peak throughput at fixed concurrency",
         "",
@@ -369,7 +379,8 @@ def readme_block(result: RunResult, results_path: str) -> str:
         README_START,
         f"Measured by `python -m bench` on {info['cpu']} ({info['cores']} cores, "
         f"{info['kernel']}, Python {info['python']}), {workers} worker(s) per proxy, "
-        f"{result.options.connections} connections, traffic: {result.options.mix.describe()}. "
+        f"{result.options.connections} connections, traffic: {result.options.mix.describe()}; "
+        f"full chain (4, 5) = guards {', '.join(result.options.full_guards)}. "
         f"Full table: [{results_path}]({results_path}).",
         "",
         "| # | Scenario | req/s | p99 ms | ×(2) nginx | ×(3) forwarding | ×(6) Envoy | Status |",

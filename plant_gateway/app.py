@@ -67,8 +67,11 @@ class GatewayApp:
         self.settings = settings
         self.deps = deps
         self.pipeline: list[Step] = []
+        self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
+        self.max_body = settings.max_body_bytes
         self.proxy = Proxy(settings)
         self.audit: Any = NoAudit()
+        self.audit_sample_cap = 0  # request body bytes kept for the audit row
         self.guards: list[str] = []
 
     # --- lifespan ------------------------------------------------------------------------
@@ -82,7 +85,10 @@ class GatewayApp:
         except Exception:
             await self.shutdown()
             raise
+        self.steps = [(s, hasattr(s, "after")) for s in self.pipeline]
         self.audit = build_audit_recorder(self.settings, self.deps)
+        if not isinstance(self.audit, NoAudit):
+            self.audit_sample_cap = self.settings.audit_body_cap_bytes
         self.guards = [s.name for s in self.pipeline if s.name not in ("ingress", "routes")]
         if not isinstance(self.audit, NoAudit):
             self.guards.append("audit")
@@ -132,24 +138,30 @@ class GatewayApp:
             (b"x-correlation-id", ctx.correlation_id.encode()),
             (b"x-request-id", ctx.request_id.encode()),
         ]
-        out += ops.cors_headers(self.settings, ctx.headers.get("origin"))
-        out += [
-            (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in ctx.extra_response_headers
-        ]
+        origin = ctx.headers.get("origin")
+        if origin:
+            out += ops.cors_headers(self.settings, origin)
+        if ctx.extra_response_headers:
+            out += [
+                (k.encode("latin-1"), str(v).encode("latin-1"))
+                for k, v in ctx.extra_response_headers
+            ]
         return out
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_from_scope(scope, self.settings)
         token = correlation_id_var.set(ctx.correlation_id)
         tracker = Tracker(send)
-        has_body = bool(ctx.headers.get("transfer-encoding")) or ctx.headers.get(
-            "content-length", "0"
-        ).strip() not in ("", "0")
-        body = BodySource(receive, self.settings.max_body_bytes, has_body)
+        headers = ctx.headers
+        has_body = bool(headers.get("transfer-encoding")) or (
+            "content-length" in headers and headers["content-length"].strip() not in ("", "0")
+        )
+        body = BodySource(receive, self.max_body, has_body, self.audit_sample_cap)
         ctx.scratch["body_source"] = body
         probe = ctx.path in ops.PROBES
         ran: list[Any] = []
-        metrics.IN_FLIGHT.inc()
+        in_flight = metrics.IN_FLIGHT_COUNT
+        in_flight.value += 1
         try:
             if ops.is_ops_route(ctx.method, ctx.path):
                 await self.ops_route(ctx, tracker)
@@ -172,15 +184,15 @@ class GatewayApp:
                 await self.send_problem(ctx, tracker, Problem(500, "internal-error", detail))
         finally:
             await self.finish(ctx, ran, probe)
-            metrics.IN_FLIGHT.dec()
+            in_flight.value -= 1
             correlation_id_var.reset(token)
 
     async def run_pipeline(
         self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any]
     ) -> None:
         problem: Problem | None = None
-        for step in self.pipeline:
-            if hasattr(step, "after"):
+        for step, has_after in self.steps:
+            if has_after:
                 ran.append(step)
             problem = await step.run(ctx)
             if problem is not None:
@@ -199,8 +211,8 @@ class GatewayApp:
         status = ctx.status_code or 499
         elapsed = ctx.elapsed_ms()
         route = metrics.route_label(ctx.path)
-        metrics.REQUESTS.labels(route, ctx.method, str(status)).inc()
-        metrics.LATENCY.labels(route).observe(elapsed / 1000)
+        metrics.child(metrics.REQUESTS, route, ctx.method, str(status)).inc()
+        metrics.child(metrics.LATENCY, route).observe(elapsed / 1000)
         if ctx.policy_latency_ms is not None:
             metrics.POLICY_LATENCY.observe(ctx.policy_latency_ms / 1000)
         if probe:
@@ -226,7 +238,7 @@ class GatewayApp:
         ctx.status_code = problem.status
         ctx.error_type = ctx.error_type or problem.kind
         ctx.error_message = ctx.error_message or problem.detail
-        metrics.DENIALS.labels(problem.kind, str(problem.status)).inc()
+        metrics.child(metrics.DENIALS, problem.kind, str(problem.status)).inc()
         body = problem.render(
             base=self.settings.problem_type_base, instance=ctx.path,
             correlation_id=ctx.correlation_id,

@@ -6,6 +6,8 @@ low-cardinality: routes are reduced to their first two path segments.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -54,15 +56,65 @@ BUDGET_REJECTED = Counter(
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests in progress", registry=REGISTRY)
+
+
+class InFlight:
+    """A plain int read by the gauge at scrape time (no lock taken per request)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+IN_FLIGHT_COUNT = InFlight()
+IN_FLIGHT.set_function(lambda: IN_FLIGHT_COUNT.value)
 GUARD_ACTIVE = Gauge(
     "gateway_guard_active", "1 when a guard is in the pipeline", ["guard"], registry=REGISTRY
 )
 
 
-def route_label(path: str) -> str:
-    """First two path segments only: ``/api/v1/agents/42`` -> ``/api/v1``."""
+MAX_ROUTE_LABELS = 256  # distinct route labels kept; later ones are counted as "/other"
+_CACHE_LIMIT = 4096
+_route_labels: dict[str, str] = {}
+_labels_seen: set[str] = set()
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _route_label(path: str) -> str:
     parts = [p for p in path.split("/") if p][:2]
     return "/" + "/".join(parts) if parts else "/"
+
+
+def route_label(path: str) -> str:
+    """First two path segments only: ``/api/v1/agents/42`` -> ``/api/v1``.
+
+    Paths come from clients, so the number of distinct labels is capped (memory, scrape size).
+    """
+    label = _route_labels.get(path)
+    if label is not None:
+        return label
+    label = _route_label(path)
+    if label not in _labels_seen:
+        if len(_labels_seen) >= MAX_ROUTE_LABELS:
+            label = "/other"
+        else:
+            _labels_seen.add(label)
+    if len(_route_labels) >= _CACHE_LIMIT:
+        _route_labels.clear()
+    _route_labels[path] = label
+    return label
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)`` memoised (``labels()`` takes a lock and builds tuples)."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        if len(_children) >= _CACHE_LIMIT:
+            _children.clear()
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 
 def render() -> bytes:

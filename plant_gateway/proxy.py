@@ -44,6 +44,13 @@ OWNED = frozenset(
 )
 # upstream response headers the gateway replaces with its own
 RESPONSE_OWNED = frozenset({"x-correlation-id", "x-request-id", "x-target-backend", "server"})
+_DROP = HOP_BY_HOP | OWNED  # client header names never forwarded as such
+_DROP_PREFIXES = (*OWNED_PREFIXES, "proxy-")
+_DROP_PREFIXES_WS = (*_DROP_PREFIXES, "sec-websocket-")
+_RESPONSE_DROP = HOP_BY_HOP | RESPONSE_OWNED
+_RESPONSE_DROP_PREFIXES = ("proxy-", "access-control-", "x-debug-")
+_URL_CACHE_LIMIT = 1024  # upstream URLs built per (path, query): bounded count and key size
+_URL_CACHE_KEY_MAX = 512
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
@@ -67,12 +74,11 @@ def is_hop_by_hop(name: str, listed: set[str]) -> bool:
 def upstream_request_headers(ctx: RequestContext, settings: Settings) -> list[tuple[str, str]]:
     """The headers sent upstream: client headers minus hop-by-hop and owned ones, plus ours."""
     raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in ctx.raw_headers]
-    listed = connection_listed(raw)
-    out = [
-        (k, v) for k, v in raw
-        if not is_hop_by_hop(k, listed) and k not in OWNED and not k.startswith(OWNED_PREFIXES)
-        and not (ctx.is_websocket and k.startswith("sec-websocket-"))
-    ]
+    drop: frozenset[str] | set[str] = _DROP
+    if any(k == "connection" for k, _ in raw):
+        drop = _DROP | connection_listed(raw)
+    prefixes = _DROP_PREFIXES_WS if ctx.is_websocket else _DROP_PREFIXES
+    out = [(k, v) for k, v in raw if k not in drop and not k.startswith(prefixes)]
     if ctx.authorization:
         out.append(("X-Original-Authorization", ctx.authorization))
     out += [
@@ -109,14 +115,13 @@ def downstream_response_headers(
 ) -> list[tuple[bytes, bytes]]:
     """Upstream response headers minus hop-by-hop, CORS (the gateway owns it) and ids we set."""
     lowered = [(k.lower(), v) for k, v in upstream]
-    listed = connection_listed(lowered)
-    out = []
-    for name, value in lowered:
-        if is_hop_by_hop(name, listed) or name in RESPONSE_OWNED:
-            continue
-        if name.startswith("access-control-") or name.startswith("x-debug-"):
-            continue
-        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    drop: frozenset[str] | set[str] = _RESPONSE_DROP
+    if any(name == "connection" for name, _ in lowered):
+        drop = _RESPONSE_DROP | connection_listed(lowered)
+    out = [
+        (name.encode("latin-1"), value.encode("latin-1")) for name, value in lowered
+        if name not in drop and not name.startswith(_RESPONSE_DROP_PREFIXES)
+    ]
     out.append((b"x-target-backend", ctx.target_backend.encode()))
     return out
 
@@ -217,6 +222,9 @@ class Upstream:
             IdTokenSource(settings.plant_backend_audience or base_url)
             if settings.plant_backend_use_id_token else None
         )
+        self.latency = metrics.UPSTREAM_LATENCY.labels(name)
+        self._base_text = str(self.base).rstrip("/")
+        self._urls: dict[tuple[str, str], URL] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.upstream_connect_timeout_s,
             sock_read=settings.upstream_read_timeout_s,
@@ -237,8 +245,16 @@ class Upstream:
             await self.session.close()
 
     def url(self, path: str, query: str) -> URL:
-        text = str(self.base).rstrip("/") + quote(path, safe=SAFE_PATH)
-        return URL(f"{text}?{query}" if query else text, encoded=True)
+        key = (path, query)
+        found = self._urls.get(key)
+        if found is None:
+            text = self._base_text + quote(path, safe=SAFE_PATH)
+            found = URL(f"{text}?{query}" if query else text, encoded=True)
+            if len(path) + len(query) <= _URL_CACHE_KEY_MAX:
+                if len(self._urls) >= _URL_CACHE_LIMIT:
+                    self._urls.clear()
+                self._urls[key] = found
+        return found
 
     async def auth_header(self) -> list[tuple[str, str]]:
         if self.id_tokens is None or self.session is None:
@@ -297,18 +313,22 @@ class Proxy:
         upstream = self.upstream(ctx.target_backend)
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
-        try:
-            headers = upstream_request_headers(ctx, self.settings) + await upstream.auth_header()
-        except (aiohttp.ClientError, TimeoutError):
-            upstream.breaker.failure()
-            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        headers = upstream_request_headers(ctx, self.settings)
+        if upstream.id_tokens is not None:
+            try:
+                headers += await upstream.auth_header()
+            except (aiohttp.ClientError, TimeoutError):
+                upstream.breaker.failure()
+                return Problem(
+                    503, "upstream-unavailable", "could not obtain a backend identity token"
+                )
         started = time.perf_counter()
         resp, problem = await self._send(upstream, ctx, body, headers)
         if problem is not None:
             return problem
         assert resp is not None
         ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
-        metrics.UPSTREAM_LATENCY.labels(upstream.name).observe(ctx.upstream_latency_ms / 1000)
+        upstream.latency.observe(ctx.upstream_latency_ms / 1000)
         await self._relay(upstream, ctx, resp, send, extra)
         return None
 

@@ -14,7 +14,12 @@ import data.plant.gateway.trial
 # A flag missing from the input counts as on: a check is skipped only when explicitly off.
 flag(name) := input.flags[name] if is_boolean(input.flags[name]) else := true
 
-flags := {name: flag(name) | some name in ["rbac", "trial_mode", "governor_approval", "sandbox_routing"]}
+flags := {
+	"rbac": flag("rbac"),
+	"trial_mode": flag("trial_mode"),
+	"governor_approval": flag("governor_approval"),
+	"sandbox_routing": flag("sandbox_routing"),
+}
 
 # Every failed check is numbered; the lowest number wins (the order of spec §1.5).
 # The request is allowed only when no check failed: an undefined denial denies (no decision).

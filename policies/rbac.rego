@@ -12,6 +12,9 @@ required_level := cfg.action_levels[input.action]
 
 allowed if common.best_level <= required_level
 
+# A caller that proved a service key (only on the configured service-key routes) is not a user.
+allowed if input.client.service_key == true
+
 required_permission := sprintf("%s:%s", [common.resource, common.action])
 
 denied_outcome := {

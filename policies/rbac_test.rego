@@ -136,3 +136,13 @@ test_no_mask_fields_by_default if {
 	f := rbac.mask_fields with input.jwt as jwt(["readonly"]) with input.resource as "customers"
 	f == []
 }
+
+test_service_key_caller_allowed if {
+	rbac.allowed with input.jwt as {} with input.client as {"service_key": true}
+		with input.resource as "customers" with input.action as "create"
+}
+
+test_service_role_claim_grants_nothing if {
+	not rbac.allowed with input.jwt as jwt(["service"]) with input.client as {"service_key": false}
+		with input.resource as "customers" with input.action as "create"
+}

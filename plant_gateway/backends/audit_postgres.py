@@ -156,6 +156,7 @@ class PostgresAuditSink:
         self._task: asyncio.Task[None] | None = None
         self._maint_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._wakeup = asyncio.Event()  # set when a full batch is queued, or on close
         self._retry_at = 0.0
         self._retry_s = RETRY_MIN_S
         self._last_error = ""
@@ -179,6 +180,7 @@ class PostgresAuditSink:
 
     async def close(self) -> None:
         self._closing = True
+        self._wakeup.set()
         if self._maint_task is not None:
             self._maint_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,7 +232,8 @@ class PostgresAuditSink:
         if not self._closing:
             try:
                 self.queue.put_nowait(row)
-                m.QUEUE_DEPTH.set(self.queue.qsize())
+                if self.queue.qsize() >= self.batch_size:
+                    self._wakeup.set()
                 return
             except asyncio.QueueFull:
                 pass
@@ -250,25 +253,18 @@ class PostgresAuditSink:
             await self._drain_spool(self.spool, max_batches=1000)
 
     async def _collect(self) -> list[dict[str, Any]]:
-        try:
-            first = await asyncio.wait_for(self.queue.get(), self.interval)
-        except TimeoutError:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.interval
-        while len(batch) < self.batch_size:
-            try:
-                batch.append(self.queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
+        """The next batch: ``batch_size`` rows as soon as they are queued, else what the
+        interval gathered. One wait per batch (never one per row: that cost the request path
+        a timer and a task per request)."""
+        if self.queue.qsize() < self.batch_size and not self._closing:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.interval)
+        batch: list[dict[str, Any]] = []
+        get = self.queue.get_nowait
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while len(batch) < self.batch_size:
+                batch.append(get())
         m.QUEUE_DEPTH.set(self.queue.qsize())
         return batch
 

@@ -318,6 +318,13 @@ class AuditRecorder:
             row["query_params"] = dump_json(self._query(ctx.query_string))
         row["request_headers"] = self.headers_json(ctx.headers)
         body = ctx.request_body_sample or ctx.body
+        source = ctx.scratch.get("body_source")
+        if body is None and source is not None and source.received:
+            sample = getattr(source, "sample", None)
+            body = bytes(sample) if sample is not None else None
+            if body is None:  # bigger than the sample cap
+                row["request_body"] = dump_json({"_omitted": "too_large",
+                                                 "_size": source.received})
         if body:
             row["request_body"] = dump_json(body_json(body, cap, self.secret_values))
         if ctx.response_headers:

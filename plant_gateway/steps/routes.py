@@ -6,6 +6,7 @@ Routes match exactly or by an anchored prefix (``/x/*``), never by suffix (spec 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import TYPE_CHECKING
 
 from plant_gateway.context import Identity, RequestContext
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 SERVICE_KEY_HEADER = "x-cp-registration-key"
 SERVICE_ACCOUNT = "cp-registration"
 _ENCODED_BAD = ("%2f", "%5c", "%00", "%2e", "%25")
+_CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def match_route(pattern: str, path: str) -> bool:
@@ -37,23 +39,47 @@ def match_any(patterns: list[str], path: str) -> bool:
     return any(match_route(p, path) for p in patterns)
 
 
+class RouteSet:
+    """``match_any`` precompiled: a set of exact paths plus a tuple of anchored prefixes."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, patterns: list[str]) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for pattern in patterns:
+            if not pattern.endswith("*"):
+                exact.add(pattern)
+                continue
+            base = pattern[:-1]
+            prefixes.append(base)
+            if base.endswith("/"):
+                exact.add(base[:-1])
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+
+    def __call__(self, path: str) -> bool:
+        return path in self.exact or path.startswith(self.prefixes)
+
+
 def hostile_path(path: str, raw_path: str) -> str | None:
     """Why a path is refused (traversal, encoded separators, NUL, not normalised), or None."""
     if not path.startswith("/") or not raw_path.startswith("/"):
         return "path must start with '/'"
-    if "\x00" in path or "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _CONTROL_OR_BACKSLASH.search(path):
         return "control characters or backslashes in path"
-    lowered_raw = raw_path.lower()
-    if any(code in lowered_raw for code in _ENCODED_BAD) or any(
-        code in path.lower() for code in _ENCODED_BAD
-    ):
+    if ("%" in raw_path or "%" in path) and _has_encoded_bad(raw_path, path):
         return "encoded separators, dots or percent signs in path"
-    segments = path.split("/")[1:]
-    if any(s in (".", "..") for s in segments):
+    if "/." in path and any(s in (".", "..") for s in path.split("/")[1:]):
         return "dot segments in path"
     if "//" in path:
         return "empty segments in path"
     return None
+
+
+def _has_encoded_bad(raw_path: str, path: str) -> bool:
+    lowered_raw, lowered = raw_path.lower(), path.lower()
+    return any(code in lowered_raw or code in lowered for code in _ENCODED_BAD)
 
 
 def rewrite(path: str, rewrites: dict[str, str]) -> str:
@@ -74,6 +100,10 @@ class RoutesStep:
         self.public = list(settings.public_routes)
         self.brute_force = list(settings.brute_force_routes)
         self.service_key_routes = list(settings.service_key_routes)
+        self._public = RouteSet(self.public)
+        self._brute_force = RouteSet(self.brute_force)
+        self._service_key_routes = RouteSet(self.service_key_routes)
+        self._rewrite_prefixes = tuple(r[:-1] for r in self.rewrites if r.endswith("*"))
         key = settings.cp_registration_key
         self.service_key = key.get_secret_value().encode() if key else None
 
@@ -81,11 +111,13 @@ class RoutesStep:
         reason = hostile_path(ctx.path, ctx.scratch.get("raw_path", ctx.path))
         if reason:
             return Problem(400, "bad-request", f"refused path: {reason}")
-        ctx.upstream_path = rewrite(ctx.path, self.rewrites)
-        path = ctx.upstream_path
-        ctx.is_public = match_any(self.public, path)
-        ctx.brute_force_route = match_any(self.brute_force, path)
-        if match_any(self.service_key_routes, path):
+        path = ctx.path
+        if path in self.rewrites or path.startswith(self._rewrite_prefixes):
+            path = rewrite(path, self.rewrites)
+        ctx.upstream_path = path
+        ctx.is_public = self._public(path)
+        ctx.brute_force_route = self._brute_force(path)
+        if self._service_key_routes(path):
             return self._service_key(ctx)
         return None
 

@@ -1,0 +1,147 @@
+"""Remote policy engine: an OPA server's REST Data API (``POST /v1/data/<path>``) over aiohttp.
+
+Pooled connections, a per-call timeout, a circuit breaker; undefined decisions and errors raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from plant_gateway.backends.base import DependencyError, DependencyStatus
+from plant_gateway.settings import Settings
+
+
+class Breaker:
+    """closed -> open after ``threshold`` consecutive failures -> one probe after ``reset_s``."""
+
+    def __init__(self, threshold: int, reset_s: float) -> None:
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def admit(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold or self.opened_at is not None:
+            self.opened_at = time.monotonic()
+
+
+def normalise(result: Any) -> dict[str, Any]:
+    """OPA's ``result`` as a decision document; a bare boolean (the deployed policies) is allowed.
+
+    A document without ``allow`` is undefined for the gateway and raises.
+    """
+    if isinstance(result, bool):
+        return {
+            "allow": result,
+            "status": 200 if result else 403,
+            "kind": None if result else "permission-denied",
+            "reason": "allowed" if result else "denied by policy",
+            "required_permission": None,
+            "redirect": None,
+            "target_backend": "production",
+            "obligations": {},
+        }
+    if isinstance(result, dict) and isinstance(result.get("allow"), bool):
+        return dict(result)
+    raise DependencyError("policy decision is undefined (no boolean 'allow')")
+
+
+class RemotePolicyEngine:
+    """``PolicyEngine`` asking OPA; ``decision_id`` (when OPA logs decisions) is kept."""
+
+    name = "policy"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.opa_service_url
+        self.base = settings.opa_service_url.rstrip("/")
+        self.url = f"{self.base}/v1/data/{settings.opa_decision_path.strip('/')}"
+        self.timeout = aiohttp.ClientTimeout(total=settings.opa_timeout_s)
+        self.pool_size = max(8, settings.upstream_pool_size // 4)
+        self.breaker = Breaker(settings.breaker_failure_threshold, settings.breaker_reset_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.pool_size, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+        return self._session
+
+    async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]:
+        if not self.breaker.admit():
+            raise DependencyError("policy engine circuit is open")
+        try:
+            body = await self._post(policy_input)
+        except DependencyError:
+            self.breaker.failure()
+            raise
+        self.breaker.success()
+        if "result" not in body:
+            raise DependencyError("policy decision is undefined (OPA answered without result)")
+        decision = normalise(body["result"])
+        if body.get("decision_id"):
+            decision["decision_id"] = str(body["decision_id"])
+        return decision
+
+    async def _post(self, policy_input: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with self._client().post(self.url, json={"input": policy_input}) as response:
+                if response.status != 200:
+                    raise DependencyError(f"policy engine answered HTTP {response.status}")
+                body = await response.json(content_type=None)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise DependencyError("policy engine timed out") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise DependencyError(f"policy engine unreachable: {type(exc).__name__}") from None
+        if not isinstance(body, dict):
+            raise DependencyError("policy engine answered a non-object")
+        return body
+
+    async def start(self) -> None:
+        self._client()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def check(self) -> DependencyStatus:
+        started = time.perf_counter()
+        try:
+            async with self._client().get(f"{self.base}/health") as response:
+                ok = response.status == 200
+                detail = "remote OPA" if ok else f"remote OPA /health answered {response.status}"
+        except (TimeoutError, asyncio.TimeoutError):
+            ok, detail = False, "remote OPA /health timed out"
+        except aiohttp.ClientError as exc:
+            ok, detail = False, f"remote OPA unreachable: {type(exc).__name__}"
+        latency = (time.perf_counter() - started) * 1000.0
+        if ok and self.breaker.state != "closed":
+            detail += f" (circuit {self.breaker.state})"
+        return DependencyStatus(self.name, ok=ok, detail=detail, latency_ms=latency)

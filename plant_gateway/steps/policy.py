@@ -1,0 +1,244 @@
+"""Policy step (spec §1.5): build the policy input, ask the engine once, enforce the decision.
+
+Python derives resource and action from the request; every rule lives in ``policies/`` (Rego).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from plant_gateway.backends.base import DependencyError
+from plant_gateway.context import Identity, RequestContext
+from plant_gateway.problems import Problem
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import PolicyEngine
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings
+
+APPROVAL_HEADER = "x-governor-approval-id"
+FLAG_NAMES = {
+    "rbac": "enable_rbac",
+    "trial_mode": "enable_trial_mode",
+    "governor_approval": "enable_governor_approval",
+    "sandbox_routing": "enable_sandbox_routing",
+}
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+METHOD_ACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
+VERB_ACTIONS = {"execute": "execute", "run": "execute", "approve": "approve", "deploy": "deploy"}
+EXPORT_WORDS = frozenset({"export", "exports", "data_export", "data_exports"})
+API_PREFIX = re.compile(r"^api/v\d+$")
+ID_LIKE = re.compile(r"\d|^[0-9a-f]{16,}$|^[0-9a-f]{8}-[0-9a-f]{4}-", re.IGNORECASE)
+JWT_FIELDS = (
+    "user_id", "subject", "email", "roles", "customer_id", "governor_agent_id", "agent_id",
+    "trial_mode", "trial_expires_at", "issuer",
+)
+
+
+# --- input derivation --------------------------------------------------------------------------
+
+
+def _norm(segment: str) -> str:
+    return segment.lower().replace("-", "_")
+
+
+def split_path(path: str) -> tuple[str, str | None, str | None, str]:
+    """``(resource, resource_id, verb, template)`` for ``/api/v1/<resource>/<id>/<verb>``.
+
+    An id is the first segment after the resource that looks like one (has a digit, a UUID or
+    a long hex string), or a lone non-verb segment; the verb is the last non-id segment.
+    """
+    segments = [s for s in path.split("?", 1)[0].split("/") if s]
+    if len(segments) >= 2 and API_PREFIX.match(f"{segments[0]}/{segments[1]}"):
+        prefix, segments = segments[:2], segments[2:]
+    else:
+        prefix = []
+    if not segments:
+        return "", None, None, "/" + "/".join(prefix)
+    resource, rest = _norm(segments[0]), segments[1:]
+    ids = {i for i, s in enumerate(rest) if ID_LIKE.search(s)}
+    if not ids and len(rest) == 1 and _norm(rest[0]) not in VERB_ACTIONS.keys() | EXPORT_WORDS:
+        ids = {0}
+    resource_id = rest[min(ids)] if ids else None
+    verb = _norm(rest[-1]) if rest and (len(rest) - 1) not in ids else None
+    template = [*prefix, segments[0], *("{id}" if i in ids else s for i, s in enumerate(rest))]
+    return resource, resource_id, verb, "/" + "/".join(template)
+
+
+def derive_action(method: str, resource: str, verb: str | None) -> str:
+    """CRUD action from the method and verb, then the named sensitive actions of spec §1.5."""
+    method = method.upper()
+    write = method not in READ_METHODS
+    if verb in EXPORT_WORDS or resource in EXPORT_WORDS:
+        return "export_data"
+    if resource == "agents" and method == "DELETE":
+        return "delete_agent"
+    if resource == "customers" and method == "DELETE":
+        return "delete_customer"
+    if resource == "billing" and write:
+        return "update_billing"
+    if resource == "subscriptions" and write:
+        return "change_subscription"
+    if method == "POST" and verb in VERB_ACTIONS:
+        return VERB_ACTIONS[verb]
+    return "read" if not write else METHOD_ACTIONS.get(method, "update")
+
+
+def iso_to_ns(value: Any) -> int | None:
+    """ISO 8601 (``Z`` or offset; naive means UTC) or epoch seconds, as epoch nanoseconds."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value * 1_000_000_000)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
+
+
+def jwt_input(identity: Identity | None) -> dict[str, Any]:
+    """The policy-relevant claims only: no ``jti``/``iat``/``exp``, so decisions can be memoised."""
+    if identity is None or identity.service_account:
+        return {}
+    doc: dict[str, Any] = {name: getattr(identity, name) for name in JWT_FIELDS}
+    doc["sub"] = doc.pop("subject")
+    doc["iss"] = doc.pop("issuer")
+    doc["trial_expires_ns"] = iso_to_ns(identity.trial_expires_at)
+    return doc
+
+
+def flags_input(flags: Any, ctx: RequestContext) -> dict[str, bool]:
+    """Per-request guard flags; without a flags backend, or when it fails, every check is on."""
+    out: dict[str, bool] = {}
+    for key, flag in FLAG_NAMES.items():
+        try:
+            out[key] = True if flags is None else bool(flags.enabled(flag, ctx))
+        except Exception:  # noqa: BLE001 - a broken flag never switches a guard off
+            out[key] = True
+    return out
+
+
+def build_input(ctx: RequestContext, settings: Settings, flags: Any) -> dict[str, Any]:
+    """The input document; fills ``ctx.resource/action/resource_id`` on the way."""
+    resource, resource_id, verb, template = split_path(ctx.upstream_path or ctx.path)
+    action = derive_action(ctx.method, resource, verb)
+    ctx.resource, ctx.action, ctx.resource_id = resource, action, resource_id
+    doc: dict[str, Any] = {
+        "jwt": jwt_input(ctx.identity),
+        "resource": resource,
+        "action": action,
+        "method": ctx.method.upper(),
+        "path": template,
+        "gateway_type": settings.gateway_type,
+        "client": {
+            "service_key": bool(ctx.service_key_route),
+            "service_account": ctx.identity.service_account if ctx.identity else None,
+        },
+        "flags": flags_input(flags, ctx),
+        "now_ns": time.time_ns(),
+    }
+    approval = ctx.header(APPROVAL_HEADER)
+    if approval:
+        doc["approval"] = {"id": approval[:200]}
+    return doc
+
+
+# --- enforcement --------------------------------------------------------------------------------
+
+
+def governor_redirect(ctx: RequestContext, decision: dict[str, Any], settings: Settings) -> Problem:
+    redirect = decision.get("redirect") if isinstance(decision.get("redirect"), dict) else {}
+    action = str(redirect.get("action") or ctx.action or "")
+    agent_id = redirect.get("agent_id") or (ctx.resource_id if ctx.resource == "agents" else None)
+    query = {"action": action, "resource": ctx.resource or "", "return_to": ctx.path,
+             "correlation_id": ctx.correlation_id}
+    if agent_id:
+        query["agent_id"] = str(agent_id)
+    if ctx.resource_id:
+        query["resource_id"] = ctx.resource_id
+    separator = "&" if "?" in settings.approval_ui_url else "?"
+    location = f"{settings.approval_ui_url}{separator}{urlencode(query)}"
+    headers = [
+        ("location", location),
+        ("x-governor-approval-required", "true"),
+        ("x-governor-action", action),
+        ("x-governor-agent-id", str(agent_id or "none")),
+    ]
+    detail = f"Action '{action}' requires Governor approval."
+    extra = {"action": action, "approval_url": location, "required_permission": action}
+    return Problem(307, "governor-approval-required", detail, extra=extra, headers=headers)
+
+
+def to_problem(ctx: RequestContext, decision: dict[str, Any], settings: Settings) -> Problem:
+    """The problem for a denying decision (deny is the default for anything unexpected)."""
+    status, kind = decision.get("status"), decision.get("kind")
+    reason = str(decision.get("reason") or "denied by policy")
+    if status == 307 or kind == "governor-approval-required":
+        return governor_redirect(ctx, decision, settings)
+    if kind == "trial-expired":
+        return Problem(403, "trial-expired", "The trial period has ended.", extra={"reason": reason})
+    required = decision.get("required_permission")
+    extra: dict[str, Any] = {"reason": reason}
+    if required:
+        extra["required_permission"] = required
+    detail = f"Permission '{required}' is required." if required else "Permission denied."
+    return Problem(403, "permission-denied", detail, extra=extra)
+
+
+def unavailable(reason: str) -> Problem:
+    return Problem(
+        503, "policy-unavailable",
+        "The policy engine could not decide; the request was denied.",
+        extra={"reason": reason}, headers=[("retry-after", "5")],
+    )
+
+
+class PolicyStep:
+    name = "policy"
+
+    def __init__(self, settings: Settings, engine: PolicyEngine | None, flags: Any) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.flags = flags
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        if ctx.is_public:
+            return None
+        policy_input = build_input(ctx, self.settings, self.flags)
+        if self.engine is None:
+            return unavailable("no policy engine is configured")
+        started = time.perf_counter()
+        try:
+            decision = await self.engine.decide(policy_input)
+        except DependencyError as exc:
+            ctx.policy_latency_ms = (time.perf_counter() - started) * 1000.0
+            ctx.error_message = str(exc)
+            return unavailable("engine error, timeout or undefined decision")
+        ctx.policy_latency_ms = (time.perf_counter() - started) * 1000.0
+        return self.apply(ctx, decision)
+
+    def apply(self, ctx: RequestContext, decision: dict[str, Any]) -> Problem | None:
+        ctx.policy_decision = decision
+        policies = decision.get("policies")
+        ctx.policies_evaluated = [str(p) for p in policies] if isinstance(policies, list) else []
+        ctx.policy_decision_id = decision.get("decision_id")
+        target = decision.get("target_backend")
+        ctx.target_backend = target if target in ("sandbox", "production") else "production"
+        if decision.get("allow") is True:
+            return None
+        return to_problem(ctx, decision, self.settings)
+
+
+def build(settings: Settings, deps: Dependencies) -> PolicyStep | None:
+    if not settings.guard_on("policy"):
+        return None
+    return PolicyStep(settings, deps.policy, getattr(deps, "flags", None))

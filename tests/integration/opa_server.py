@@ -1,0 +1,77 @@
+"""A stand-in OPA server for tests: the REST Data API evaluated with the in-process engine.
+
+``POST /_mode {"mode": ...}`` switches failure modes (ok, slow, error, undefined, bool, garbage);
+any other path records the request (``GET /_hits``), so it doubles as a recording backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from plant_gateway.backends.policy_local import compile_bundle, load_sources
+
+
+def make_app(policy_dir: Path) -> web.Application:
+    app = web.Application()
+    state = {"mode": "ok", "hits": 0, "decisions": 0}
+    sources = load_sources(policy_dir)
+    compiled: dict[str, object] = {}
+
+    async def data(request: web.Request) -> web.Response:
+        state["decisions"] += 1
+        mode = state["mode"]
+        if mode == "slow":
+            await asyncio.sleep(5)
+        if mode == "error":
+            return web.json_response({"code": "internal_error"}, status=500)
+        if mode == "undefined":
+            return web.json_response({"decision_id": str(uuid.uuid4())})
+        if mode == "garbage":
+            return web.Response(text="<html>", content_type="text/html")
+        body = await request.json()
+        if mode == "bool":
+            return web.json_response({"result": True})
+        path = request.match_info["path"].strip("/")
+        if path not in compiled:
+            compiled[path] = compile_bundle(sources, path)
+        result = compiled[path].evaluate(json.dumps(body.get("input", {})))  # type: ignore[attr-defined]
+        return web.json_response({"result": result, "decision_id": str(uuid.uuid4())})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({}, status=500 if state["mode"] == "down" else 200)
+
+    async def set_mode(request: web.Request) -> web.Response:
+        state["mode"] = (await request.json())["mode"]
+        return web.json_response(state)
+
+    async def hits(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    async def record(request: web.Request) -> web.Response:
+        state["hits"] += 1
+        return web.json_response({"backend": "recorder", "path": request.path})
+
+    app.router.add_post("/v1/data/{path:.*}", data)
+    app.router.add_get("/health", health)
+    app.router.add_post("/_mode", set_mode)
+    app.router.add_get("/_hits", hits)
+    app.router.add_route("*", "/{tail:.*}", record)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--policy-dir", type=Path, required=True)
+    args = parser.parse_args()
+    web.run_app(make_app(args.policy_dir), host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Remote OPA backend against a real HTTP server process serving the OPA Data API.
+
+Covers decisions, decision ids, timeout, 5xx, undefined results, the breaker and /health.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plant_gateway.backends.base import DependencyError
+from plant_gateway.backends.policy_remote import RemotePolicyEngine
+from plant_gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+ALLOW = {"jwt": {"roles": ["user"]}, "resource": "agents", "action": "read"}
+DENY = {"jwt": {"roles": ["readonly"]}, "resource": "agents", "action": "create"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OpaServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.popen = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/integration/opa_server.py"), "--port",
+             str(self.port), "--policy-dir", str(ROOT / "policies")],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                    return
+            except OSError:
+                if self.popen.poll() is not None:
+                    raise RuntimeError(self.popen.stderr.read().decode())  # type: ignore[union-attr]
+                time.sleep(0.05)
+        raise RuntimeError("OPA test server did not start")
+
+    def mode(self, mode: str) -> None:
+        req = urllib.request.Request(f"{self.url}/_mode", data=json.dumps({"mode": mode}).encode(),
+                                     headers={"content-type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def state(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/_hits", timeout=5) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(10)
+
+
+@pytest.fixture(scope="module")
+def opa() -> Iterator[OpaServer]:
+    server = OpaServer()
+    yield server
+    server.stop()
+
+
+def engine_for(opa: OpaServer, **extra: object) -> RemotePolicyEngine:
+    settings = Settings(plant_backend_url="http://127.0.0.1:9", opa_service_url=opa.url,
+                        opa_timeout_s=0.5, **extra)
+    return RemotePolicyEngine(settings)
+
+
+async def test_decisions_and_decision_id(opa: OpaServer) -> None:
+    opa.mode("ok")
+    engine = engine_for(opa)
+    await engine.start()
+    try:
+        allowed = await engine.decide(ALLOW)
+        denied = await engine.decide(DENY)
+        assert allowed["allow"] is True and allowed["decision_id"]
+        assert denied["allow"] is False and denied["required_permission"] == "agents:create"
+        assert allowed["decision_id"] != denied["decision_id"]
+        status = await engine.check()
+        assert status.ok
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize("mode", ["slow", "error", "undefined", "garbage"])
+async def test_failures_raise(opa: OpaServer, mode: str) -> None:
+    opa.mode(mode)
+    engine = engine_for(opa)
+    try:
+        with pytest.raises(DependencyError):
+            await engine.decide(ALLOW)
+    finally:
+        await engine.close()
+        opa.mode("ok")
+
+
+async def test_boolean_result_of_deployed_policies(opa: OpaServer) -> None:
+    opa.mode("bool")
+    engine = engine_for(opa, opa_decision_path="gateway/rbac/allow")
+    try:
+        decision = await engine.decide(ALLOW)
+        assert decision["allow"] is True and decision["target_backend"] == "production"
+    finally:
+        await engine.close()
+        opa.mode("ok")
+
+
+async def test_breaker_opens_then_recovers(opa: OpaServer) -> None:
+    engine = engine_for(opa, breaker_failure_threshold=2, breaker_reset_s=0.3)
+    try:
+        opa.mode("error")
+        for _ in range(2):
+            with pytest.raises(DependencyError, match="HTTP 500"):
+                await engine.decide(ALLOW)
+        before = opa.state()["decisions"]
+        with pytest.raises(DependencyError, match="circuit is open"):
+            await engine.decide(ALLOW)
+        assert opa.state()["decisions"] == before
+        opa.mode("ok")
+        time.sleep(0.35)
+        assert (await engine.decide(ALLOW))["allow"] is True
+        assert engine.breaker.state == "closed"
+    finally:
+        await engine.close()
+        opa.mode("ok")
+
+
+async def test_health_down_and_unreachable(opa: OpaServer) -> None:
+    opa.mode("down")
+    engine = engine_for(opa)
+    try:
+        assert not (await engine.check()).ok
+    finally:
+        await engine.close()
+        opa.mode("ok")
+    gone = RemotePolicyEngine(Settings(plant_backend_url="http://127.0.0.1:9",
+                                       opa_service_url=f"http://127.0.0.1:{free_port()}"))
+    try:
+        assert not (await gone.check()).ok
+        with pytest.raises(DependencyError, match="unreachable"):
+            await gone.decide(ALLOW)
+    finally:
+        await gone.close()
