@@ -329,8 +329,7 @@ class Proxy:
         assert resp is not None
         ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
         upstream.latency.observe(ctx.upstream_latency_ms / 1000)
-        await self._relay(upstream, ctx, resp, send, extra)
-        return None
+        return await self._relay(upstream, ctx, resp, send, extra)
 
     async def _send(
         self, upstream: Upstream, ctx: RequestContext, body: BodySource,
@@ -390,17 +389,32 @@ class Proxy:
     async def _relay(
         self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
         send: Send, extra: list[tuple[bytes, bytes]],
-    ) -> None:
+    ) -> Problem | None:
+        """Stream the response back; a Problem only when nothing was sent yet."""
         ctx.status_code = resp.status
         ctx.response_headers = list(resp.headers.items())
         _cost(ctx, resp, self.settings.cost_response_header)
         headers = downstream_response_headers(ctx.response_headers, ctx) + extra
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
+        length = resp.content_length
+        if ctx.method != "HEAD" and length is not None and 0 < length <= SMALL_BODY:
+            # small and of known size: read it before the head, then head and body back to back
+            # (one write on the wire), and a broken body is still a clean 502/504, not an abort
+            try:
+                body = await resp.read()
+            except TimeoutError:
+                _count(upstream, "timeout")
+                upstream.breaker.failure()
+                return Problem(504, "gateway-timeout", "the backend did not answer in time")
+            except aiohttp.ClientError as exc:
+                return self._bad_gateway(upstream, exc)
+            finally:
+                resp.release()
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return None
         try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            if ctx.method != "HEAD" and 0 <= (resp.content_length or -1) <= SMALL_BODY:
-                body = await resp.read()  # small and of known size: one write, no chunk loop
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
+            await send(start)
             if ctx.method != "HEAD":
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -411,6 +425,7 @@ class Proxy:
             raise ResponseStarted(type(exc).__name__) from exc
         finally:
             resp.release()
+        return None
 
     async def websocket(
         self, ctx: RequestContext, receive: Receive, send: Send

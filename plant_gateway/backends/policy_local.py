@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ class PolicyBundleError(SettingsError):
     """The bundle does not load or compile; the message names the file and position."""
 
 
-# --- loading sources ---------------------------------------------------------------------------
+# --- loading sources --------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -105,7 +105,7 @@ def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = value
 
 
-# --- compiling -----------------------------------------------------------------------------------
+# --- compiling --------------------------------------------------------------------------------
 
 
 def _explain(exc: RegoError, sources: dict[str, str]) -> str:
@@ -172,7 +172,9 @@ def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
         raise PolicyBundleError(f"POLICY_DIR: {_explain(exc, sources.modules)}") from None
     if not bundle.ok():
         raise PolicyBundleError(f"POLICY_DIR: bundle for entry point {entrypoint!r} did not build")
-    compiled = CompiledBundle(interpreter, bundle, entrypoint, sources.revision, len(sources.modules))
+    compiled = CompiledBundle(
+        interpreter, bundle, entrypoint, sources.revision, len(sources.modules)
+    )
     try:
         probe = compiled.evaluate("{}")
     except DependencyError as exc:
@@ -184,7 +186,7 @@ def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
     return compiled
 
 
-# --- decision cache --------------------------------------------------------------------------------
+# --- decision cache ---------------------------------------------------------------------------
 
 
 def input_digest(policy_input: dict[str, Any]) -> bytes:
@@ -227,7 +229,7 @@ class DecisionCache:
         self.entries.clear()
 
 
-# --- the engine ------------------------------------------------------------------------------------
+# --- the engine -------------------------------------------------------------------------------
 
 
 class LocalPolicyEngine:
@@ -343,7 +345,7 @@ class LocalPolicyEngine:
         return DependencyStatus(self.name, ok=True, detail=detail, latency_ms=0.0)
 
 
-# --- rego tests ------------------------------------------------------------------------------------
+# --- rego tests -------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)

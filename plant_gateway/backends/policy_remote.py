@@ -5,7 +5,6 @@ Pooled connections, a per-call timeout, a circuit breaker; undefined decisions a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -115,7 +114,7 @@ class RemotePolicyEngine:
                 if response.status != 200:
                     raise DependencyError(f"policy engine answered HTTP {response.status}")
                 body = await response.json(content_type=None)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise DependencyError("policy engine timed out") from None
         except (aiohttp.ClientError, ValueError) as exc:
             raise DependencyError(f"policy engine unreachable: {type(exc).__name__}") from None
@@ -137,7 +136,7 @@ class RemotePolicyEngine:
             async with self._client().get(f"{self.base}/health") as response:
                 ok = response.status == 200
                 detail = "remote OPA" if ok else f"remote OPA /health answered {response.status}"
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             ok, detail = False, "remote OPA /health timed out"
         except aiohttp.ClientError as exc:
             ok, detail = False, f"remote OPA unreachable: {type(exc).__name__}"

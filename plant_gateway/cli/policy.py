@@ -9,11 +9,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-policy_app = typer.Typer(help="Policy bundle: run Rego tests, evaluate decisions.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Policy bundle: run Rego tests, evaluate decisions.", no_args_is_help=True
+)
+DirOption = Annotated[Path | None, typer.Option("--dir", "-d", help="bundle directory")]
 
 
 def _policy_dir(value: Path | None) -> Path:
@@ -26,11 +29,15 @@ def _policy_dir(value: Path | None) -> Path:
 
 @policy_app.command("test")
 def test_command(
-    policy_dir: Path | None = typer.Option(None, "--dir", "-d", help="bundle directory"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="print passing tests too"),
+    policy_dir: DirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print passing tests")] = False,
 ) -> None:
     """Run every test_ rule of every package of the bundle."""
-    from plant_gateway.backends.policy_local import PolicyBundleError, RegoTestResult, run_rego_tests
+    from plant_gateway.backends.policy_local import (
+        PolicyBundleError,
+        RegoTestResult,
+        run_rego_tests,
+    )
 
     directory = _policy_dir(policy_dir)
     started = time.perf_counter()
@@ -52,7 +59,8 @@ def test_command(
         typer.echo(f"ERROR no test_ rules found in {directory}", err=True)
         raise typer.Exit(1)
     if failed:
-        typer.echo(f"\n{len(failed)} of {len(results)} policy tests FAILED ({elapsed:.1f}s):", err=True)
+        summary = f"{len(failed)} of {len(results)} policy tests FAILED ({elapsed:.1f}s):"
+        typer.echo(f"\n{summary}", err=True)
         for result in failed:
             typer.echo(f"  {result.name}", err=True)
         raise typer.Exit(1)
@@ -61,9 +69,9 @@ def test_command(
 
 @policy_app.command("eval")
 def eval_command(
-    input_file: Path = typer.Option(..., "--input", "-i", help="JSON input document ('-' = stdin)"),
-    policy_dir: Path | None = typer.Option(None, "--dir", "-d", help="bundle directory"),
-    entrypoint: str = typer.Option("plant/gateway/decision", "--entrypoint", "-e"),
+    input_file: Annotated[Path, typer.Option("--input", "-i", help="JSON input ('-' = stdin)")],
+    policy_dir: DirOption = None,
+    entrypoint: Annotated[str, typer.Option("--entrypoint", "-e")] = "plant/gateway/decision",
 ) -> None:
     """Print the decision document for one input (evaluated in-process)."""
     from plant_gateway.backends.base import DependencyError

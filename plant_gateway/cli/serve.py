@@ -67,10 +67,14 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
     return proc
 
 
+# httptools with corked writes: a small response's head and body leave in one send()
+HTTP_PROTOCOL = "plant_gateway.http_protocol:CorkedHttpToolsProtocol"
+
+
 def _run(uvicorn: Any, settings: Settings, worker_count: int) -> None:
     uvicorn.run(
         "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
-        workers=worker_count, loop="uvloop", http="httptools", lifespan="on",
+        workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
         log_config=None, access_log=False, proxy_headers=False, server_header=False,
         date_header=False, timeout_graceful_shutdown=10,
     )

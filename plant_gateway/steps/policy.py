@@ -156,7 +156,8 @@ def build_input(ctx: RequestContext, settings: Settings, flags: Any) -> dict[str
 
 
 def governor_redirect(ctx: RequestContext, decision: dict[str, Any], settings: Settings) -> Problem:
-    redirect = decision.get("redirect") if isinstance(decision.get("redirect"), dict) else {}
+    found = decision.get("redirect")
+    redirect: dict[str, Any] = found if isinstance(found, dict) else {}
     action = str(redirect.get("action") or ctx.action or "")
     agent_id = redirect.get("agent_id") or (ctx.resource_id if ctx.resource == "agents" else None)
     query = {"action": action, "resource": ctx.resource or "", "return_to": ctx.path,
@@ -185,7 +186,8 @@ def to_problem(ctx: RequestContext, decision: dict[str, Any], settings: Settings
     if status == 307 or kind == "governor-approval-required":
         return governor_redirect(ctx, decision, settings)
     if kind == "trial-expired":
-        return Problem(403, "trial-expired", "The trial period has ended.", extra={"reason": reason})
+        detail = "The trial period has ended."
+        return Problem(403, "trial-expired", detail, extra={"reason": reason})
     required = decision.get("required_permission")
     extra: dict[str, Any] = {"reason": reason}
     if required:

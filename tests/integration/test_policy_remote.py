@@ -5,6 +5,7 @@ Covers decisions, decision ids, timeout, 5xx, undefined results, the breaker and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -47,7 +48,8 @@ class OpaServer:
                     return
             except OSError:
                 if self.popen.poll() is not None:
-                    raise RuntimeError(self.popen.stderr.read().decode())  # type: ignore[union-attr]
+                    output = self.popen.stderr.read().decode()  # type: ignore[union-attr]
+                    raise RuntimeError(output) from None
                 time.sleep(0.05)
         raise RuntimeError("OPA test server did not start")
 
@@ -129,7 +131,7 @@ async def test_breaker_opens_then_recovers(opa: OpaServer) -> None:
             await engine.decide(ALLOW)
         assert opa.state()["decisions"] == before
         opa.mode("ok")
-        time.sleep(0.35)
+        await asyncio.sleep(0.35)
         assert (await engine.decide(ALLOW))["allow"] is True
         assert engine.breaker.state == "closed"
     finally:
