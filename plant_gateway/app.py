@@ -18,6 +18,7 @@ from plant_gateway.problems import Problem
 from plant_gateway.proxy import Proxy, ResponseStarted
 from plant_gateway.settings import Settings
 from plant_gateway.steps import Step
+from plant_gateway.steps.admit import settle
 from plant_gateway.steps.ingress import BodySource, context_from_scope
 
 Scope = MutableMapping[str, Any]
@@ -91,7 +92,8 @@ class GatewayApp:
         self.audit = build_audit_recorder(self.settings, self.deps)
         if not isinstance(self.audit, NoAudit):
             self.audit_sample_cap = self.settings.audit_body_cap_bytes
-        self.guards = [s.name for s in self.pipeline if s.name not in ("ingress", "routes")]
+        plumbing = ("ingress", "routes", "admit")
+        self.guards = [s.name for s in self.pipeline if s.name not in plumbing]
         if not isinstance(self.audit, NoAudit):
             self.guards.append("audit")
         for guard in self.settings.guards:
@@ -154,9 +156,10 @@ class GatewayApp:
         ctx = context_from_scope(scope, self.settings)
         token = correlation_id_var.set(ctx.correlation_id)
         tracker = Tracker(send)
-        headers = ctx.headers
-        has_body = bool(headers.get("transfer-encoding")) or (
-            "content-length" in headers and headers["content-length"].strip() not in ("", "0")
+        req_headers = ctx.headers
+        has_body = bool(req_headers.get("transfer-encoding")) or (
+            "content-length" in req_headers
+            and req_headers["content-length"].strip() not in ("", "0")
         )
         body = BodySource(receive, self.max_body, has_body, self.audit_sample_cap)
         ctx.scratch["body_source"] = body
@@ -198,6 +201,7 @@ class GatewayApp:
                 ran.append(step)
             problem = await step.run(ctx)
             if problem is not None:
+                problem = await settle(ctx, problem)  # pending counter ops: earlier refusal wins
                 break
         if problem is None:
             problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx))
@@ -276,6 +280,7 @@ class GatewayApp:
                     ran.append(step)
                 problem = await step.run(ctx)
                 if problem is not None:
+                    problem = await settle(ctx, problem)
                     break
             if problem is None:
                 problem = await self.proxy.websocket(ctx, receive, tracker)

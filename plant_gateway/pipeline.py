@@ -23,6 +23,7 @@ STEP_ORDER = (
     "policy",
     "trial_quota",
     "budget",
+    "admit",  # runs the counter ops auth..budget enqueued: one round trip (steps/admit.py)
     "tenant",
 )
 
@@ -41,4 +42,8 @@ def build_pipeline(settings: Settings, deps: Dependencies) -> list[Step]:
         step = module.build(settings, deps)
         if step is not None:
             steps.append(step)
+    for step in steps:  # a step that configures the others of its pipeline (admit)
+        bind = getattr(step, "bind", None)
+        if bind is not None:
+            bind(steps)
     return steps

@@ -5,6 +5,7 @@ Every backend is also a ``Dependency``: started once, closed once, and checked b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -91,8 +92,9 @@ class Counters(Dependency, Protocol):
         """One GCRA step for ``key`` (a principal or an IP); consumes one request if allowed."""
         ...
 
-    async def daily_quota(self, key: str, limit: int) -> RateDecision:
-        """Count one unit against ``key`` for the current UTC day unless ``limit`` is reached."""
+    async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
+        """Count one unit against ``key`` for the UTC day of ``now`` (default: the clock's
+        now) unless ``limit`` is reached."""
         ...
 
     async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
@@ -102,6 +104,26 @@ class Counters(Dependency, Protocol):
     async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
         """Add ``delta_usd`` (may be negative) to the counters a previous charge touched."""
         ...
+
+    async def release_quota(self, key: str, now: float) -> None:
+        """Give back one unit a ``daily_quota(key, limit, now)`` call counted (refunds)."""
+        ...
+
+    async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
+        """Run ``ops`` in ONE round trip (Redis: one non-transactional pipeline).
+
+        Each result is what the named method would return, or the ``DependencyError`` it
+        would raise (a failed round trip fails every op); ``execute`` itself never raises.
+        """
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class CounterOp:
+    """One counters call to run in a batch: ``kind`` names the ``Counters`` method."""
+
+    kind: str  # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota
+    args: tuple[Any, ...]
 
 
 @dataclass(slots=True)

@@ -7,12 +7,15 @@ read and its write, so on one event loop every check-and-update is atomic.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
+    CounterOp,
+    DependencyError,
     DependencyStatus,
     RateDecision,
 )
@@ -112,8 +115,8 @@ class MemoryCounters:
             self._set(full_key, tat, reset_s + 1)
         return RateDecision(allowed, limit, remaining, reset_s, retry)
 
-    async def daily_quota(self, key: str, limit: int) -> RateDecision:
-        now = self.clock()
+    async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
+        now = self.clock() if now is None else now
         full_key = f"q:{key}:{utc_day(now)}"
         used = self._get(full_key) or 0
         reset_s = next_utc_midnight(now).timestamp() - now
@@ -152,6 +155,23 @@ class MemoryCounters:
         for key, ttl in zip(keys, ttls, strict=True):
             if key:
                 self._incr(key, delta, ttl)
+
+    async def release_quota(self, key: str, now: float) -> None:
+        full_key = f"q:{key}:{utc_day(now)}"
+        used = self._get(full_key)
+        if used:
+            self._set(full_key, used - 1, day_ttl(now))
+
+    # --- batches ----------------------------------------------------------------------------
+    async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
+        """In process there is no round trip: run the ops one after another."""
+        results: list[Any] = []
+        for op in ops:
+            try:
+                results.append(await getattr(self, op.kind)(*op.args))
+            except DependencyError as exc:
+                results.append(exc)
+        return results
 
 
 def make_budget_decision(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
+    CounterOp,
     DependencyError,
     DependencyStatus,
     RateDecision,
@@ -118,6 +120,13 @@ end
 return #KEYS
 """
 
+# a refund of one quota unit (never below zero)
+RELEASE_LUA = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > 0 then redis.call('DECR', KEYS[1]) end
+return used
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class LuaScript:
@@ -129,6 +138,7 @@ class LuaScript:
 
 
 SCRIPTS = {
+    "release": LuaScript(RELEASE_LUA),
     "rate": LuaScript(RATE_LUA),
     "quota": LuaScript(QUOTA_LUA),
     "budget": LuaScript(BUDGET_LUA),
@@ -181,17 +191,6 @@ class RedisCounters:
             raise DependencyError(f"redis: {type(exc).__name__}") from None
 
     # --- plumbing -----------------------------------------------------------------------
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        script = SCRIPTS[name]
-        try:
-            try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await self._load_scripts()
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-        except (RedisError, OSError) as exc:
-            raise DependencyError(f"redis: {type(exc).__name__}") from None
-
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
@@ -215,39 +214,122 @@ class RedisCounters:
 
     async def auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
         """Revocation and token_version in one pipelined round trip (no transaction: two slots)."""
-        if not jti and not user_id:
-            return False, None
-        pipe = self.client.pipeline(transaction=False)
-        if jti:
-            pipe.exists(self.settings.revoked_prefix + jti)
-        if user_id:
-            pipe.get(self.settings.token_version_prefix + user_id)
-        results = await self._call(pipe.execute())
-        revoked = bool(results[0]) if jti else False
-        version = _as_int(results[-1]) if user_id else None
-        return revoked, version
+        return await self._one(CounterOp("auth_state", (jti, user_id)))  # type: ignore[no-any-return]
 
-    # --- rate limit and quota -------------------------------------------------------------
+    async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
+        return await self._one(CounterOp("rate_limit", (key, limit, period_s, burst)))  # type: ignore[no-any-return]
+
+    async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
+        return await self._one(CounterOp("daily_quota", (key, limit, now)))  # type: ignore[no-any-return]
+
+    async def release_quota(self, key: str, now: float) -> None:
+        await self._one(CounterOp("release_quota", (key, now)))
+
+    async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
+        return await self._one(CounterOp("budget_charge", (request,)))  # type: ignore[no-any-return]
+
+    async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
+        await self._one(CounterOp("budget_adjust", (charge, delta_usd)))
+
+    # --- batches: every op is a plan (commands + a reply parser); one pipeline runs them all --
+    async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
+        """All ``ops`` in one non-transactional pipeline: ONE round trip.
+
+        No MULTI: the ops touch several hash slots, and each check-and-update is atomic on
+        its own (one script, one slot), so Cluster clients may split the pipeline by node. A
+        ``NOSCRIPT`` reply (Redis restarted) reloads the scripts and re-sends only the commands
+        that failed, so nothing is applied twice.
+        """
+        plans = [self._plan(op) for op in ops]
+        commands = [command for cmds, _ in plans for command in cmds]
+        try:
+            replies = await self._send(commands) if commands else []
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                replies = await self._resend_missing_scripts(commands, replies)
+        except (RedisError, OSError, DependencyError) as exc:
+            name = type(exc.__cause__ or exc).__name__
+            return [DependencyError(f"redis: {name}") for _ in ops]
+        results: list[Any] = []
+        at = 0
+        for cmds, parse in plans:
+            results.append(_parsed(parse, replies[at : at + len(cmds)]))
+            at += len(cmds)
+        return results
+
+    async def _one(self, op: CounterOp) -> Any:
+        [result] = await self.execute([op])
+        if isinstance(result, DependencyError):
+            raise result
+        return result
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _resend_missing_scripts(
+        self, commands: list[Command], replies: list[Any]
+    ) -> list[Any]:
+        await self._load_scripts()
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        again = await self._send([commands[i] for i in missing])
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+        return replies
+
+    def _plan(self, op: CounterOp) -> Plan:
+        planner = getattr(self, f"_plan_{op.kind}", None)
+        if planner is None:
+            raise ValueError(f"unknown counters op {op.kind!r}")
+        return planner(*op.args)  # type: ignore[no-any-return]
+
+    def _plan_auth_state(self, jti: str | None, user_id: str | None) -> Plan:
+        commands: list[Command] = []
+        if jti:
+            commands.append(("EXISTS", self.settings.revoked_prefix + jti))
+        if user_id:
+            commands.append(("GET", self.settings.token_version_prefix + user_id))
+
+        def parse(replies: list[Any]) -> tuple[bool, int | None]:
+            revoked = bool(replies[0]) if jti else False
+            return revoked, (_as_int(replies[-1]) if user_id else None)
+
+        return commands, parse
+
     def rate_key(self, key: str) -> str:
         return f"{self.prefix}rl:{{{key}}}"
 
-    async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
+    def _plan_rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> Plan:
         gcra = Gcra(limit, period_s, burst)
         now_us = int(self.clock() * 1_000_000)
         args = [now_us, gcra.interval, gcra.window]
-        allowed, tat, remaining = await self._eval("rate", [self.rate_key(key)], args)
-        return rate_decision(gcra, bool(allowed), int(tat), int(remaining), now_us)
 
-    async def daily_quota(self, key: str, limit: int) -> RateDecision:
-        now = self.clock()
-        redis_key = f"{self.prefix}q:{{{key}}}:{utc_day(now)}"
-        allowed, used = await self._eval("quota", [redis_key], [limit, day_ttl(now)])
-        reset_s = next_utc_midnight(now).timestamp() - now
-        if not allowed:
-            return RateDecision(False, limit, 0, reset_s, reset_s)
-        return RateDecision(True, limit, max(0, limit - int(used)), reset_s)
+        def parse(replies: list[Any]) -> RateDecision:
+            allowed, tat, remaining = replies[0]
+            return rate_decision(gcra, bool(allowed), int(tat), int(remaining), now_us)
 
-    # --- budget ---------------------------------------------------------------------------
+        return [_evalsha("rate", [self.rate_key(key)], args)], parse
+
+    def quota_key(self, key: str, now: float) -> str:
+        return f"{self.prefix}q:{{{key}}}:{utc_day(now)}"
+
+    def _plan_daily_quota(self, key: str, limit: int, now: float | None = None) -> Plan:
+        at = self.clock() if now is None else now
+        reset_s = next_utc_midnight(at).timestamp() - at
+
+        def parse(replies: list[Any]) -> RateDecision:
+            allowed, used = replies[0]
+            if not allowed:
+                return RateDecision(False, limit, 0, reset_s, reset_s)
+            return RateDecision(True, limit, max(0, limit - int(used)), reset_s)
+
+        command = _evalsha("quota", [self.quota_key(key, at)], [limit, day_ttl(at)])
+        return [command], parse
+
+    def _plan_release_quota(self, key: str, now: float) -> Plan:
+        return [_evalsha("release", [self.quota_key(key, now)], [])], _none
+
     def budget_keys(
         self, day: str, month: str, agent: str | None, customer: str | None
     ) -> list[str]:
@@ -258,18 +340,22 @@ class RedisCounters:
             f"{base}:customer:{customer or '-'}:{month}",
         ]
 
-    async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
+    def _plan_budget_charge(self, request: BudgetRequest) -> Plan:
         now = self.clock()
         day, month = utc_day(now), utc_month(now)
         keys = self.budget_keys(day, month, request.agent_id, request.customer_id)
-        allowed, reason, *spent = await self._eval("budget", keys, budget_args(request, now))
         charge = BudgetCharge(day, month, request.agent_id, request.customer_id, request.cost_usd)
-        spent_micro = [int(s) for s in spent]
-        return make_budget_decision(
-            request, bool(allowed), str(reason), spent_micro, charge if allowed else None
-        )
 
-    async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
+        def parse(replies: list[Any]) -> BudgetDecision:
+            allowed, reason, *spent = replies[0]
+            spent_micro = [int(s) for s in spent]
+            return make_budget_decision(
+                request, bool(allowed), str(reason), spent_micro, charge if allowed else None
+            )
+
+        return [_evalsha("budget", keys, budget_args(request, now))], parse
+
+    def _plan_budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> Plan:
         now = self.clock()
         platform, agent, customer = self.budget_keys(
             charge.day, charge.month, charge.agent_id, charge.customer_id
@@ -281,7 +367,30 @@ class RedisCounters:
         if charge.customer_id:
             keys.append(customer)
             ttls.append(month_ttl(now))
-        await self._eval("adjust", keys, [to_micro(delta_usd), *ttls])
+        return [_evalsha("adjust", keys, [to_micro(delta_usd), *ttls])], _none
+
+
+Command = tuple[Any, ...]
+Plan = tuple[list[Command], Callable[[list[Any]], Any]]
+
+
+def _evalsha(name: str, keys: list[str], args: list[Any]) -> Command:
+    return ("EVALSHA", SCRIPTS[name].sha, len(keys), *keys, *args)
+
+
+def _none(replies: list[Any]) -> None:
+    return None
+
+
+def _parsed(parse: Callable[[list[Any]], Any], replies: list[Any]) -> Any:
+    """The op's result, or a DependencyError when one of its replies is an error."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            return DependencyError(f"redis: {type(reply).__name__}")
+    try:
+        return parse(replies)
+    except (TypeError, ValueError, IndexError):
+        return DependencyError("redis: unexpected reply")
 
 
 def budget_args(request: BudgetRequest, now: float) -> list[Any]:

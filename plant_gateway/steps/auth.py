@@ -1,7 +1,8 @@
 """Authentication step (spec §1.3): verify the bearer JWT and fill ``ctx.identity``.
 
 Signature and claims are checked once per token (cached by digest until ``exp``); revocation
-and ``token_version`` are checked on every request; every store outage denies (503).
+and ``token_version`` are checked on every request (in the pipeline as an op of the request's one
+counters round trip, see ``steps/admit.py``); every store outage denies (503).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from jwt.exceptions import (
     PyJWTError,
 )
 
-from plant_gateway.backends.base import DependencyError
+from plant_gateway.backends.base import CounterOp, DependencyError
 from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.steps.admit import submit
 from plant_gateway.steps.routes import match_route
 
 if TYPE_CHECKING:
@@ -217,6 +219,7 @@ class AuthStep:
         self._allowed = frozenset(a for a in settings.jwt_algorithms if a.lower() != "none")
         self._issuers = list(settings.jwt_issuers)
         self._leeway = settings.jwt_leeway_s
+        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
         self._tenant_rules: list[TenantRule] = (
             list(settings.tenant_rules) if settings.guard_on("tenant") else []
         )
@@ -234,7 +237,7 @@ class AuthStep:
         verified = await self._verified(token, digest)
         if isinstance(verified, Problem):
             return verified
-        problem = await self._check_state(verified)
+        problem = await self._check_state(ctx, verified)
         if problem is not None:
             return problem
         identity = replace(verified.identity, roles=list(verified.identity.roles))
@@ -303,22 +306,14 @@ class AuthStep:
         )
 
     # --- revocation and session version (every request) ---------------------------------------
-    async def _check_state(self, verified: _Verified) -> Problem | None:
+    async def _check_state(self, ctx: RequestContext, verified: _Verified) -> Problem | None:
         identity = verified.identity
-        try:
-            revoked, current = await self.counters.auth_state(
-                revocation_id(identity), identity.user_id
-            )
-        except DependencyError:
-            return dependency_unavailable("the token revocation store is unavailable")
-        except Exception:  # noqa: BLE001 - a store bug must deny, never let the token through
-            log.exception("revocation check failed")
-            return dependency_unavailable("the token revocation store is unavailable")
-        if revoked:
-            return unauthorized("token-revoked", "the token has been revoked")
-        if current is not None and verified.token_version < current:
-            return unauthorized("token-version-mismatch", "the session has been invalidated")
-        return None
+        op = CounterOp("auth_state", (revocation_id(identity), identity.user_id))
+
+        def resolve(result: Any) -> Problem | None:
+            return state_problem(result, verified.token_version)
+
+        return await submit(ctx, self.counters, op, resolve, self.batched)
 
     # --- customer enrichment -------------------------------------------------------------------
     def needs_customer(self, ctx: RequestContext) -> bool:
@@ -346,6 +341,20 @@ class AuthStep:
         identity.customer_id = found.customer_id
         identity.email = found.email or identity.email
         return None
+
+
+def state_problem(result: Any, token_version: int) -> Problem | None:
+    """The verdict on ``auth_state``'s (revoked, current version); every store failure denies."""
+    if isinstance(result, BaseException):
+        if not isinstance(result, DependencyError):  # a store bug must deny, never admit
+            log.error("revocation check failed: %s", type(result).__name__)
+        return dependency_unavailable("the token revocation store is unavailable")
+    revoked, current = result
+    if revoked:
+        return unauthorized("token-revoked", "the token has been revoked")
+    if current is not None and token_version < current:
+        return unauthorized("token-version-mismatch", "the session has been invalidated")
+    return None
 
 
 def _safe_reason(exc: Exception) -> str:

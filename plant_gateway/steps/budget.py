@@ -1,6 +1,7 @@
 """Budget guard (spec §1.6): agent daily, platform monthly and optional customer monthly caps.
 
-Check-and-charge is one atomic backend call before forwarding; ``after`` settles the real cost
+Check-and-charge is one atomic backend op before forwarding (in the pipeline it rides in the
+request's one counters round trip, see ``steps/admit.py``); ``after`` settles the real cost
 the backend reported in ``COST_RESPONSE_HEADER`` by charging only the difference.
 """
 
@@ -11,10 +12,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metrics
-from plant_gateway.backends.base import BudgetCharge, BudgetDecision, BudgetRequest, DependencyError
+from plant_gateway.backends.base import (
+    BudgetCharge,
+    BudgetDecision,
+    BudgetRequest,
+    CounterOp,
+    DependencyError,
+)
 from plant_gateway.backends.counters import Clock, next_utc_midnight, next_utc_month
 from plant_gateway.context import RequestContext
 from plant_gateway.problems import Problem
+from plant_gateway.steps.admit import submit
 from plant_gateway.steps.rate_limit import flag_on, unavailable
 
 if TYPE_CHECKING:
@@ -57,6 +65,7 @@ class BudgetStep:
             0.80, 0.95, 1.00,
         )
         self.critical_agents = frozenset(settings.critical_agents)
+        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
 
     def thresholds(self, ctx: RequestContext) -> tuple[float, float, float]:
         if self.flags is None:
@@ -86,12 +95,22 @@ class BudgetStep:
         request = self.request_for(ctx)
         if request is None or not flag_on(self.flags, ENABLE_BUDGET_ENFORCEMENT, ctx):
             return None
-        try:
-            decision = await self.counters.budget_charge(request)
-        except DependencyError:
+        op = CounterOp("budget_charge", (request,))
+
+        def resolve(result: Any) -> Problem | None:
+            return self.resolve(ctx, result)
+
+        return await submit(ctx, self.counters, op, resolve, self.batched)
+
+    def resolve(self, ctx: RequestContext, result: Any) -> Problem | None:
+        """The outcome of this request's check-and-charge (or of its failure)."""
+        if isinstance(result, BaseException):
+            if not isinstance(result, DependencyError):
+                raise result
             if self.settings.budget_fail_mode == "open":
                 return None
             return unavailable("budget")
+        decision: BudgetDecision = result
         headers = budget_headers(decision)
         if decision.allowed:
             ctx.scratch[self.name] = decision.extra.get("charge")

@@ -15,9 +15,10 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metrics
-from plant_gateway.backends.base import DependencyError, RateDecision
+from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
+from plant_gateway.steps.admit import submit
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -83,6 +84,7 @@ class RateLimitStep:
         self.tiers = settings.rate_tiers
         bf_limit = settings.brute_force_limit_per_min
         self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
+        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
 
     def limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
         """(counter key, tier label, limit, period, burst) of this request."""
@@ -102,12 +104,24 @@ class RateLimitStep:
         if not flag_on(self.flags, ENABLE_RATE_LIMITING, ctx):
             return None
         key, tier, limit, period, burst = self.limit_for(ctx)
-        try:
-            decision = await self.counters.rate_limit(key, limit, period, burst)
-        except DependencyError:
+        op = CounterOp("rate_limit", (key, limit, period, burst))
+
+        def resolve(result: Any) -> Problem | None:
+            return self.resolve(ctx, result, tier, limit, period)
+
+        return await submit(ctx, self.counters, op, resolve, self.batched)
+
+    def resolve(
+        self, ctx: RequestContext, result: Any, tier: str, limit: int, period: float
+    ) -> Problem | None:
+        """The outcome of this request's rate-limit op (or of its failure)."""
+        if isinstance(result, BaseException):
+            if not isinstance(result, DependencyError):
+                raise result
             if self.settings.rate_limit_fail_mode == "open":
                 return None
             return unavailable("rate limit")
+        decision: RateDecision = result
         headers = rate_headers(decision, period)
         if decision.allowed:
             ctx.extra_response_headers.extend(headers)
@@ -121,7 +135,6 @@ class RateLimitStep:
             extra={"limit": limit, "period_s": int(period), "tier": tier, "retry_after": retry},
             headers=[("retry-after", str(retry)), *headers],
         )
-
 
 def build(settings: Settings, deps: Dependencies) -> RateLimitStep | None:
     if not settings.guard_on("rate_limit"):

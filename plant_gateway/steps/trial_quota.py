@@ -10,10 +10,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway.backends.base import DependencyError
+from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
 from plant_gateway.backends.counters import Clock, next_utc_midnight
 from plant_gateway.context import RequestContext
 from plant_gateway.problems import Problem
+from plant_gateway.steps.admit import submit
 from plant_gateway.steps.rate_limit import flag_on, principal_of, unavailable
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class TrialQuotaStep:
         self.flags = flags
         self.limit = settings.trial_daily_tasks
         self.clock: Clock = getattr(counters, "clock", time.time)
+        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         identity = ctx.identity
@@ -54,12 +56,19 @@ class TrialQuotaStep:
         principal = principal_of(identity)
         if principal is None or not flag_on(self.flags, ENABLE_TRIAL_MODE, ctx):
             return None
-        try:
-            decision = await self.counters.daily_quota(f"trial:{principal}", self.limit)
-        except DependencyError:
+        now = self.clock()  # fixes the UTC day, so a refund gives back the same day's unit
+        op = CounterOp("daily_quota", (f"trial:{principal}", self.limit, now))
+        return await submit(ctx, self.counters, op, self.resolve, self.batched)
+
+    def resolve(self, result: Any) -> Problem | None:
+        """The outcome of this request's quota op (or of its failure)."""
+        if isinstance(result, BaseException):
+            if not isinstance(result, DependencyError):
+                raise result
             if self.settings.rate_limit_fail_mode == "open":
                 return None
             return unavailable("trial quota")
+        decision: RateDecision = result
         if decision.allowed:
             return None
         retry = max(1, math.ceil(decision.reset_s))

@@ -1,0 +1,162 @@
+"""Admission: the counter operations of the guards of one request, run in ONE round trip.
+
+Auth (revocation, ``token_version``), rate limit, trial quota and budget do not await the
+counters store themselves: each *enqueues* its ``CounterOp`` on the request's ``CounterBatch``
+(``ctx.scratch[BATCH]``) with a *resolver* that turns the op's result into ``Problem | None``.
+The ``admit`` step, last before ``tenant``, runs the batch with ``Counters.execute`` (Redis: one
+pipeline) and resolves the results in step order, so the first refusal in the order of spec §1
+wins (auth → rate limit → quota → budget), as if the steps had run one by one. When a step in
+between refuses (policy 403, a 503), the app calls ``settle``: the pending ops run and an
+earlier refusal (a revoked token → 401) takes precedence over the later one.
+
+Side effects of refused requests: ops of one batch run unconditionally (their keys live in
+different hash slots, so no script can see another's verdict); a quota unit or a budget charge
+taken by an op *after* the refusing one is refunded in one more round trip (only on that rare
+path). Rate-limit units consumed before a later refusal stay consumed, as they did before.
+
+Steps built outside a pipeline with an ``admit`` step (unit tests, tools) are not ``batched``:
+they run their op at once, one round trip each, with the same resolver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from plant_gateway.backends.base import (
+    BudgetCharge,
+    BudgetDecision,
+    CounterOp,
+    DependencyError,
+    RateDecision,
+)
+from plant_gateway.context import RequestContext
+from plant_gateway.problems import Problem
+
+if TYPE_CHECKING:
+    from plant_gateway.backends.base import Counters
+    from plant_gateway.deps import Dependencies
+    from plant_gateway.settings import Settings
+    from plant_gateway.steps import Step
+
+log = logging.getLogger(__name__)
+
+BATCH = "counter_batch"
+BATCHED_GUARDS = ("auth", "rate_limit", "budget")  # trial_quota rides on rate_limit's switch
+# A resolver gets the op's result, the DependencyError of a failed store, or (a store bug)
+# another exception, and answers with the request's refusal or None.
+Resolver = Callable[[Any], Problem | None]
+
+
+class CounterBatch:
+    """The pending ops of one request, in step order, with their resolvers."""
+
+    __slots__ = ("counters", "pending")
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.pending: list[tuple[CounterOp, Resolver]] = []
+
+    def add(self, op: CounterOp, resolve: Resolver) -> None:
+        self.pending.append((op, resolve))
+
+    async def flush(self) -> Problem | None:
+        """Run every pending op in one round trip; the first refusal in order, or None."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return None
+        results = await execute(self.counters, [op for op, _ in pending])
+        for i, ((_, resolve), result) in enumerate(zip(pending, results, strict=True)):
+            problem = resolve(result)
+            if problem is not None:
+                later = zip((op for op, _ in pending[i + 1 :]), results[i + 1 :], strict=True)
+                await refund(self.counters, [refund_op(op, res) for op, res in later])
+                return problem
+        return None
+
+
+async def execute(counters: Counters, ops: list[CounterOp]) -> list[Any]:
+    """``counters.execute(ops)``; a store that breaks unexpectedly fails every op (deny)."""
+    try:
+        return await counters.execute(ops)
+    except DependencyError as exc:
+        return [exc for _ in ops]
+    except Exception as exc:  # noqa: BLE001 - handed to the resolvers, which never admit on it
+        log.exception("counters batch failed")
+        return [exc for _ in ops]
+
+
+async def submit(
+    ctx: RequestContext, counters: Counters, op: CounterOp, resolve: Resolver, batched: bool
+) -> Problem | None:
+    """Enqueue ``op`` on the request's batch, or (not ``batched``) run it now and resolve it."""
+    if batched:
+        batch = ctx.scratch.get(BATCH)
+        if batch is None:
+            batch = ctx.scratch[BATCH] = CounterBatch(counters)
+        batch.add(op, resolve)
+        return None
+    try:
+        result = await getattr(counters, op.kind)(*op.args)
+    except Exception as exc:  # noqa: BLE001 - the resolver decides (DependencyError or a bug)
+        if not isinstance(exc, DependencyError):
+            log.exception("counters call failed", extra={"op": op.kind})
+        result = exc
+    return resolve(result)
+
+
+async def settle(ctx: RequestContext, problem: Problem) -> Problem:
+    """A step refused while ops are pending: run them; an earlier-order refusal wins."""
+    batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
+    if batch is None:
+        return problem
+    earlier = await batch.flush()
+    return earlier or problem
+
+
+def refund_op(op: CounterOp, result: Any) -> CounterOp | None:
+    """The op that gives back what ``op`` took, when the request was refused after all."""
+    if op.kind == "budget_charge" and isinstance(result, BudgetDecision) and result.allowed:
+        charge = result.extra.get("charge")
+        if isinstance(charge, BudgetCharge):
+            return CounterOp("budget_adjust", (charge, -charge.cost_usd))
+    if op.kind == "daily_quota" and isinstance(result, RateDecision) and result.allowed:
+        key, _limit, now = op.args
+        if now is not None:
+            return CounterOp("release_quota", (key, now))
+    return None
+
+
+async def refund(counters: Counters, ops: list[CounterOp | None]) -> None:
+    todo = [op for op in ops if op is not None]
+    if not todo:
+        return
+    for result in await execute(counters, todo):
+        if isinstance(result, Exception):
+            log.warning("refund of a refused request failed: %s", result)
+
+
+class AdmitStep:
+    """Runs the request's counter batch: the guards' one round trip before forwarding."""
+
+    name = "admit"
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def bind(self, steps: list[Step]) -> None:
+        """Called by ``build_pipeline``: the guard steps of this pipeline enqueue from now on."""
+        for step in steps:
+            if hasattr(step, "batched") and getattr(step, "counters", None) is self.counters:
+                step.batched = True  # type: ignore[attr-defined]
+
+    async def run(self, ctx: RequestContext) -> Problem | None:
+        batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
+        return None if batch is None else await batch.flush()
+
+
+def build(settings: Settings, deps: Dependencies) -> AdmitStep | None:
+    if not any(settings.guard_on(name) for name in BATCHED_GUARDS):
+        return None
+    return AdmitStep(deps.counters)
