@@ -1,7 +1,9 @@
-"""Added latency of the shared-state guards (rate limit, trial quota, budget) per request.
+"""Added latency of the shared-state guards (revocation, rate limit, trial quota, budget).
 
-Same run: in-process counters vs Redis on loopback, the steps one after another and all Redis
-work in one pipeline, plus the hot ``{budget}`` slot. ``python -m bench.counters_bench``.
+Same run: the real steps (auth with a cached token, rate_limit, trial_quota, budget, admit) on
+in-process counters vs Redis on loopback — batched as in the pipeline (one round trip) and
+unbatched (one per guard) — a raw one-pipeline lower bound, and the hot ``{budget}`` slot.
+``python -m bench.counters_bench``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import jwt
 import redis
 
 from plant_gateway.backends.base import BudgetRequest
@@ -23,7 +26,7 @@ from plant_gateway.backends.counters_redis import SCRIPTS, RedisCounters, budget
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.deps import Dependencies
 from plant_gateway.settings import RateTier, Settings
-from plant_gateway.steps import budget, rate_limit, trial_quota
+from plant_gateway.steps import admit, auth, budget, rate_limit, trial_quota
 
 TRIAL = Identity(user_id="bench-user", roles=["user"], trial_mode=True, agent_id="agent-1")
 
@@ -32,6 +35,7 @@ def settings_for(url: str | None) -> Settings:
     huge = RateTier(limit=10**9, period_s=3600, burst=10**6)
     return Settings(
         plant_backend_url="http://127.0.0.1:9",
+        jwt_secret="bench-secret-0123456789abcdef0123456789abcdef",
         redis_url=url,
         redis_key_prefix=f"bench{uuid.uuid4().hex[:8]}:",
         rate_tiers={"trial": huge, "paid": huge, "anonymous": huge},
@@ -63,15 +67,34 @@ async def measure(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
     return out
 
 
-def guard_chain(counters: Any, s: Settings) -> Callable[[], Awaitable[None]]:
+def bearer(s: Settings) -> str:
+    """An HS256 trial token for the bench user (verified once, then served from the cache)."""
+    assert s.jwt_secret is not None
+    now = int(time.time())
+    claims = {"user_id": "bench-user", "sub": "bench-user", "email": "b@example.com",
+              "roles": ["user"], "iat": now, "exp": now + 3600, "iss": s.jwt_issuers[0],
+              "jti": "jti-bench", "trial_mode": True, "agent_id": "agent-1",
+              "trial_expires_at": "2099-01-01T00:00:00+00:00"}
+    return "Bearer " + jwt.encode(claims, s.jwt_secret.get_secret_value(), algorithm="HS256")
+
+
+def guard_chain(counters: Any, s: Settings, batched: bool) -> Callable[[], Awaitable[None]]:
+    """The real steps auth, rate_limit, trial_quota, budget (+ admit, which runs the batch).
+
+    ``batched``: as ``build_pipeline`` binds them (one round trip); else each step awaits its
+    own op (one round trip per guard, the pre-batching path).
+    """
     deps = Dependencies(settings=s, counters=counters, flags=None)  # type: ignore[arg-type]
-    steps = [m.build(s, deps) for m in (rate_limit, trial_quota, budget)]
+    steps: list[Any] = [m.build(s, deps) for m in (auth, rate_limit, trial_quota, budget, admit)]
+    if batched:
+        steps[-1].bind(steps)
+    header = bearer(s)
 
     async def run() -> None:
         ctx = context()
-        await counters.auth_state("jti-bench", "bench-user")
+        ctx.headers["authorization"] = header
         for step in steps:
-            assert step is not None and await step.run(ctx) is None
+            assert await step.run(ctx) is None
 
     return run
 
@@ -122,11 +145,14 @@ async def main(url: str, n: int) -> None:
     rows: list[tuple[str, list[float]]] = []
     s_mem = settings_for(None)
     memory = MemoryCounters(s_mem)
-    rows.append(("in-process, 4 guards", await measure(guard_chain(memory, s_mem), n)))
+    rows.append(("in-process, 4 guards, batched steps", await measure(
+        guard_chain(memory, s_mem, True), n)))
     s_red = settings_for(url)
     red = RedisCounters(s_red, url)
     await red.start()
-    chain = await measure(guard_chain(red, s_red), n)
+    chain = await measure(guard_chain(red, s_red, True), n)
+    rows.append(("redis loopback, batched steps (1 RTT)", chain))
+    chain = await measure(guard_chain(red, s_red, False), n)
     rows.append(("redis loopback, steps in turn (4 RTT)", chain))
     rows.append(("redis loopback, one pipeline (1 RTT)", await measure(pipelined(red, s_red), n)))
     ping = await measure(red.client.ping, n)

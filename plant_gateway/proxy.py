@@ -18,7 +18,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from plant_gateway import metrics
+from plant_gateway import masking, metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
 from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
@@ -395,6 +395,9 @@ class Proxy:
         ctx.response_headers = list(resp.headers.items())
         _cost(ctx, resp, self.settings.cost_response_header)
         headers = downstream_response_headers(ctx.response_headers, ctx) + extra
+        fields = masking.fields_to_mask(ctx)
+        if fields and ctx.method != "HEAD" and masking.is_json(resp.content_type):
+            return await self._relay_masked(upstream, ctx, resp, send, headers, fields)
         start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         length = resp.content_length
         if ctx.method != "HEAD" and length is not None and 0 < length <= SMALL_BODY:
@@ -425,6 +428,37 @@ class Proxy:
             raise ResponseStarted(type(exc).__name__) from exc
         finally:
             resp.release()
+        return None
+
+    async def _relay_masked(
+        self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
+        send: Send, headers: list[tuple[bytes, bytes]], fields: frozenset[str],
+    ) -> Problem | None:
+        """Policy obligation ``mask_fields``: read the JSON body whole (up to
+        POLICY_MASK_MAX_BYTES), mask it, then send it; never stream it unmasked (502 instead)."""
+        limit = self.settings.policy_mask_max_bytes
+        try:
+            if resp.status == 206:
+                raise masking.Unmaskable("a partial JSON body (206) cannot be masked")
+            if resp.content_length is not None and resp.content_length > limit:
+                raise masking.Unmaskable(f"the JSON body exceeds {limit} bytes")
+            raw = await masking.read_capped(resp.content.iter_any(), limit)
+            encoding = resp.headers.get("content-encoding")
+            body = masking.mask_body(masking.decode(raw, encoding, limit), fields)
+        except masking.Unmaskable as exc:
+            ctx.error_type = "mask-refused"
+            return masking.refused(str(exc))
+        except TimeoutError:
+            _count(upstream, "timeout")
+            upstream.breaker.failure()
+            return Problem(504, "gateway-timeout", "the backend did not answer in time")
+        except aiohttp.ClientError as exc:
+            return self._bad_gateway(upstream, exc)
+        finally:
+            resp.release()
+        out = masking.masked_headers(headers, len(body))
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
         return None
 
     async def websocket(

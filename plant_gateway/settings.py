@@ -228,6 +228,10 @@ class Settings(BaseSettings):
         validation_alias=env_alias("POLICY_DIR"),
     )
     policy_cache_size: int = Field(10_000, ge=0, validation_alias=env_alias("POLICY_CACHE_SIZE"))
+    # JSON responses to mask (obligation mask_fields) are buffered up to this; larger -> 502
+    policy_mask_max_bytes: int = Field(
+        1024 * 1024, gt=0, validation_alias=env_alias("POLICY_MASK_MAX_BYTES")
+    )
     approval_ui_url: str = Field(
         "https://approvals.waooaw.com/approve", validation_alias=env_alias("APPROVAL_UI_URL")
     )

@@ -7,13 +7,12 @@ import rego.v1
 import data.plant.gateway.common
 import data.plant.gateway.governor
 
-cfg := data.plant.config
 
-agent_id := common.jwt_claim("agent_id") if common.jwt_claim("agent_id") else := null
+agent_id := common.agent_id
 
 critical_agent if {
 	agent_id != null
-	agent_id in cfg.critical_agents
+	agent_id in data.plant.config.critical_agents
 }
 
 default critical_agent := false
@@ -22,8 +21,13 @@ default is_governor := false
 
 is_governor if governor.is_governor
 
-hook(allowed) := {
-	"charge": allowed,
+# Charge only an allowed request (data.plant.gateway.allow).
+default charge := false
+
+charge if data.plant.gateway.allow == true
+
+hook := {
+	"charge": charge,
 	"agent_id": agent_id,
 	"critical_agent": critical_agent,
 	"governor": is_governor,

@@ -4,7 +4,6 @@ package plant.gateway.common
 
 import rego.v1
 
-cfg := data.plant.config
 
 jwt := input.jwt if is_object(input.jwt) else := {}
 
@@ -24,24 +23,29 @@ well_formed if {
 	input.action != ""
 }
 
+# The negation of well_formed, as plain rules (the cheaper form for rego-cpp).
+malformed if resource == ""
+
+malformed if action == ""
+
 # Hierarchy names of the caller's roles (unknown names are dropped).
 mapped_roles contains name if {
 	some role in roles
 	is_string(role)
-	name := cfg.role_mapping[role]
+	name := data.plant.config.role_mapping[role]
 }
 
-levels contains cfg.role_hierarchy[name] if some name in mapped_roles
+levels contains data.plant.config.role_hierarchy[name] if some name in mapped_roles
 
 # The caller's best (lowest) level; undefined when no role is known.
 best_level := min(levels) if count(levels) > 0
 
 now_ns := input.now_ns if is_number(input.now_ns) else := time.now_ns()
 
-jwt_claim(name) := value if {
-	value := jwt[name]
-	value != null
-}
+# Optional string claims, null when missing (rules, not a function: rego-cpp calls are slow).
+agent_id := jwt.agent_id if jwt.agent_id != null else := null
+
+governor_agent_id := jwt.governor_agent_id if jwt.governor_agent_id != null else := null
 
 malformed_outcome := {
 	"allow": false,

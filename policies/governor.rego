@@ -6,17 +6,17 @@ import rego.v1
 
 import data.plant.gateway.common
 
-cfg := data.plant.config
 
-sensitive if input.action in cfg.sensitive_actions
+sensitive if input.action in data.plant.config.sensitive_actions
 
 # The Governor is an admin that carries a governor_agent_id claim.
 is_governor if {
-	cfg.governor_role in common.roles
-	common.jwt_claim("governor_agent_id") != ""
+	data.plant.config.governor_role in common.roles
+	common.governor_agent_id != null
+	common.governor_agent_id != ""
 }
 
-approval := cfg.approvals[input.approval.id]
+approval := data.plant.config.approvals[input.approval.id]
 
 # A valid approval names this user and this action and has not expired.
 valid_approval if {
@@ -40,7 +40,7 @@ approval_used if {
 	valid_approval
 }
 
-agent_id := common.jwt_claim("agent_id") if common.jwt_claim("agent_id") else := null
+agent_id := common.agent_id
 
 approval_outcome := {
 	"allow": false,

@@ -12,55 +12,42 @@ import data.plant.gateway.sandbox
 import data.plant.gateway.trial
 
 # A flag missing from the input counts as on: a check is skipped only when explicitly off.
-flag(name) := input.flags[name] if is_boolean(input.flags[name]) else := true
+# (Plain rules, not a function: each function call costs rego-cpp tens of µs.)
+default rbac_on := true
 
-flags := {
-	"rbac": flag("rbac"),
-	"trial_mode": flag("trial_mode"),
-	"governor_approval": flag("governor_approval"),
-	"sandbox_routing": flag("sandbox_routing"),
-}
+rbac_on := false if input.flags.rbac == false
 
-# Every failed check is numbered; the lowest number wins (the order of spec §1.5).
-# The request is allowed only when no check failed: an undefined denial denies (no decision).
-failed contains 1 if not common.well_formed
+default trial_on := true
 
-failed contains 2 if {
-	flags.trial_mode
+trial_on := false if input.flags.trial_mode == false
+
+default governor_on := true
+
+governor_on := false if input.flags.governor_approval == false
+
+default sandbox_on := true
+
+sandbox_on := false if input.flags.sandbox_routing == false
+
+# The first failed check wins (the order of spec §1.5); allowed only when none failed.
+outcome := common.malformed_outcome if {
+	common.malformed
+} else := trial.expired_outcome if {
+	trial_on
 	trial.expired
-}
-
-failed contains 3 if {
-	flags.rbac
+} else := rbac.governor_only_outcome if {
+	rbac_on
 	rbac.governor_only_denied
-}
-
-failed contains 4 if {
-	flags.rbac
+} else := rbac.denied_outcome if {
+	rbac_on
 	not rbac.allowed
-}
-
-failed contains 5 if {
-	flags.trial_mode
+} else := trial.blocked_outcome if {
+	trial_on
 	trial.blocked
-}
-
-failed contains 6 if {
-	flags.governor_approval
+} else := governor.approval_outcome if {
+	governor_on
 	governor.approval_required
-}
-
-denial(1) := common.malformed_outcome
-
-denial(2) := trial.expired_outcome
-
-denial(3) := rbac.governor_only_outcome
-
-denial(4) := rbac.denied_outcome
-
-denial(5) := trial.blocked_outcome
-
-denial(6) := governor.approval_outcome
+} else := allowed_outcome
 
 allowed_outcome := {
 	"allow": true,
@@ -71,13 +58,13 @@ allowed_outcome := {
 	"redirect": null,
 }
 
-outcome := denial(min(failed)) if count(failed) > 0 else := allowed_outcome if count(failed) == 0
+allow := outcome.allow
 
-target_backend := sandbox.target_backend if flags.sandbox_routing else := "production"
+target_backend := sandbox.target_backend if sandbox_on else := "production"
 
 count_trial_task if {
-	flags.trial_mode
-	outcome.allow
+	trial_on
+	allow
 	trial.counts_task
 }
 
@@ -85,37 +72,64 @@ default count_trial_task := false
 
 obligations := {
 	"count_trial_task": count_trial_task,
-	"budget": budget.hook(outcome.allow),
+	"budget": budget.hook,
 	"mask_fields": rbac.mask_fields,
 }
 
+# Sorted names of the policies evaluated; a constant when no flag is off (the usual case).
+every_policy := [
+	"plant.gateway",
+	"plant.gateway.budget",
+	"plant.gateway.governor",
+	"plant.gateway.rbac",
+	"plant.gateway.sandbox",
+	"plant.gateway.trial",
+]
+
+policies := every_policy if {
+	rbac_on
+	trial_on
+	governor_on
+	sandbox_on
+} else := sort([p | some p in evaluated])
+
 evaluated contains "plant.gateway"
 
-evaluated contains "plant.gateway.rbac" if flags.rbac
+evaluated contains "plant.gateway.rbac" if rbac_on
 
-evaluated contains "plant.gateway.trial" if flags.trial_mode
+evaluated contains "plant.gateway.trial" if trial_on
 
-evaluated contains "plant.gateway.governor" if flags.governor_approval
+evaluated contains "plant.gateway.governor" if governor_on
 
-evaluated contains "plant.gateway.sandbox" if flags.sandbox_routing
+evaluated contains "plant.gateway.sandbox" if sandbox_on
 
 evaluated contains "plant.gateway.budget"
 
-policies := sort([p | some p in evaluated])
-
 # A cached decision stays valid until the earliest time-bound fact it used expires.
-expiries contains trial.expires_ns if {
-	flags.trial_mode
+trial_expiry := trial.expires_ns if {
+	trial_on
 	trial.is_trial
-	not trial.expired
+	trial.expires_ns > common.now_ns
 }
 
-expiries contains governor.approval_expires_ns if {
-	flags.governor_approval
+approval_expiry := governor.approval_expires_ns if {
+	governor_on
 	governor.approval_used
 }
 
-valid_until_ns := min(expiries) if count(expiries) > 0 else := null
+# Without an approval in the input only the trial can bound it (the usual, cheaper case).
+valid_until_ns := trial_expiry if {
+	not input.approval
+} else := null if {
+	not input.approval
+} else := min({trial_expiry, approval_expiry}) if {
+	trial_expiry
+	approval_expiry
+} else := trial_expiry if {
+	trial_expiry
+} else := approval_expiry if {
+	approval_expiry
+} else := null
 
 decision := object.union(outcome, {
 	"resource": common.resource,

@@ -75,3 +75,22 @@ test_governor_redirect_decision if {
 	d.kind == "governor-approval-required"
 	d.redirect.action == "delete_agent"
 }
+
+test_missing_action_denied if {
+	d := gateway.decision with input.jwt as paid(["admin"]) with input.resource as "agents"
+	d.allow == false
+	d.reason == "the request names no resource or action"
+}
+
+test_flags_on_list_every_policy if {
+	d := gateway.decision with input.jwt as paid(["user"]) with input.flags as {"rbac": true, "trial_mode": true}
+		with input.resource as "agents" with input.action as "read"
+	d.policies == ["plant.gateway", "plant.gateway.budget", "plant.gateway.governor", "plant.gateway.rbac", "plant.gateway.sandbox", "plant.gateway.trial"]
+}
+
+test_sandbox_flag_off_routes_to_production if {
+	d := gateway.decision with input.jwt as trial(now + hour) with input.flags as {"sandbox_routing": false}
+		with input.resource as "agents" with input.action as "read" with input.now_ns as at(0)
+	d.target_backend == "production"
+	d.policies == ["plant.gateway", "plant.gateway.budget", "plant.gateway.governor", "plant.gateway.rbac", "plant.gateway.trial"]
+}

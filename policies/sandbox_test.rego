@@ -22,7 +22,8 @@ test_missing_trial_claim_goes_to_production if {
 }
 
 test_budget_hook_charges_allowed if {
-	h := budget.hook(true) with input.jwt as jwt({"agent_id": "agent-1"})
+	h := budget.hook with input.jwt as jwt({"agent_id": "agent-1"}) with input.resource as "agents"
+		with input.action as "read"
 	h.charge == true
 	h.agent_id == "agent-1"
 	h.critical_agent == false
@@ -30,18 +31,19 @@ test_budget_hook_charges_allowed if {
 }
 
 test_budget_hook_does_not_charge_denied if {
-	h := budget.hook(false) with input.jwt as jwt({})
+	h := budget.hook with input.jwt as jwt({"roles": ["nobody"]}) with input.resource as "agents"
+		with input.action as "read"
 	h.charge == false
 	h.agent_id == null
 }
 
 test_critical_agent_from_data if {
-	h := budget.hook(true) with input.jwt as jwt({"agent_id": "agent-1"})
+	h := budget.hook with input.jwt as jwt({"agent_id": "agent-1"})
 		with data.plant.config.critical_agents as ["agent-1"]
 	h.critical_agent == true
 }
 
 test_governor_flagged_in_budget_hook if {
-	h := budget.hook(true) with input.jwt as jwt({"roles": ["admin"], "governor_agent_id": "gov-1"})
+	h := budget.hook with input.jwt as jwt({"roles": ["admin"], "governor_agent_id": "gov-1"})
 	h.governor == true
 }

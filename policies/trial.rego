@@ -6,19 +6,20 @@ import rego.v1
 
 import data.plant.gateway.common
 
-cfg := data.plant.config
 
 is_trial if input.jwt.trial_mode == true
 
 # The gateway normalises the ISO 8601 claim to nanoseconds; a missing or bad value is expired.
 expires_ns := input.jwt.trial_expires_ns if is_number(input.jwt.trial_expires_ns)
 
+default expiry_ns := 0
+
+expiry_ns := expires_ns
+
 expired if {
 	is_trial
-	not unexpired
+	expiry_ns <= common.now_ns
 }
-
-unexpired if expires_ns > common.now_ns
 
 expired_outcome := {
 	"allow": false,
@@ -31,7 +32,7 @@ expired_outcome := {
 
 blocked if {
 	is_trial
-	input.resource in cfg.trial_blocked_resources
+	input.resource in data.plant.config.trial_blocked_resources
 }
 
 blocked_outcome := {
@@ -45,6 +46,6 @@ blocked_outcome := {
 
 counts_task if {
 	is_trial
-	input.resource in cfg.trial_task_resources
-	input.action in cfg.trial_task_actions
+	input.resource in data.plant.config.trial_task_resources
+	input.action in data.plant.config.trial_task_actions
 }

@@ -135,6 +135,14 @@ def iso(ts: datetime | str) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _hashed_ts(ts: Any) -> Any:
+    """The timestamp as ``iso`` writes it. A UTC datetime with microseconds is handed to orjson
+    as is: it prints exactly that text (``...:SS.ffffff+00:00``) without a Python call."""
+    if type(ts) is datetime and ts.tzinfo is UTC and ts.microsecond:
+        return ts
+    return iso(ts)
+
+
 def canonical(row: dict[str, Any]) -> bytes:
     """The bytes the row hash covers: every column but row_hash, in table order.
 
@@ -144,7 +152,7 @@ def canonical(row: dict[str, Any]) -> bytes:
         values = list(_GET_HASHED(row))
     except KeyError:
         values = [row.get(name) for name in HASHED]
-    values[_TS_AT] = iso(values[_TS_AT])
+    values[_TS_AT] = _hashed_ts(values[_TS_AT])
     for i in _JSONB_AT:
         if values[i] is not None:
             values[i] = orjson.Fragment(values[i])

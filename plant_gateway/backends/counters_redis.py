@@ -23,6 +23,8 @@ checks and charges platform, agent and customer atomically, so that slot is the 
 backend names them (prefixes ``REVOKED_PREFIX`` / ``TOKEN_VERSION_PREFIX``), so they carry no
 tag and are read with plain GETs, pipelined in one round trip. Scripts are loaded at start-up
 and run by SHA; a ``NOSCRIPT`` reply (a restarted or failed-over Redis) reloads them once.
+Every guard call is an op planned as commands plus a reply parser; ``execute(ops)`` sends the
+ops of one request (revocation, token_version, rate limit, quota, budget) in ONE pipeline.
 Every Redis error or timeout raises ``DependencyError``; redis-py reconnects on the next call,
 so the gateway recovers by itself when Redis is back.
 """

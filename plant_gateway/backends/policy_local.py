@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from regopy import Input, Interpreter, RegoError
+from regopy.rego_shared import (
+    rego_bundle_query_entrypoint,
+    rego_free_output,
+    rego_output_ok,
+    rego_output_string,
+)
 
 from plant_gateway.backends.base import DependencyError, DependencyStatus
 from plant_gateway.settings import Settings, SettingsError
@@ -146,21 +152,45 @@ class CompiledBundle:
     revision: str
     modules: int
 
+    projection: InputProjection | None = None
+
     def evaluate(self, policy_input: str | dict[str, Any]) -> Any:
-        """One evaluation; a dict goes in through regopy's Input (about 2x faster than JSON)."""
+        """One evaluation; a dict goes in through regopy's Input (about 2x faster than JSON).
+
+        The output is read once through regopy's C functions (its ``Output`` reads it twice).
+        """
+        interpreter = self.interpreter
         try:
             if isinstance(policy_input, str):
-                self.interpreter.set_input_term(policy_input)
+                interpreter.set_input_term(policy_input)
             else:
-                self.interpreter.set_input(Input(policy_input))
-            output = self.interpreter.query_bundle_entrypoint(self.bundle, self.entrypoint)
-        except (RegoError, ValueError, TypeError) as exc:  # ValueError: unparsable output
+                interpreter.set_input(Input(policy_input))
+            handle = rego_bundle_query_entrypoint(
+                interpreter._impl, self.bundle._impl, self.entrypoint
+            )
+        except (RegoError, ValueError, TypeError) as exc:
             raise DependencyError(f"policy evaluation failed: {exc}") from None
-        if not output.ok():
-            raise DependencyError(f"policy evaluation failed: {str(output)[:300]}")
-        if not output.results or not output.results[0].expressions:
+        try:
+            text = rego_output_string(handle) if rego_output_ok(handle) else None
+        except RegoError as exc:
+            raise DependencyError(f"policy evaluation failed: {exc}") from None
+        finally:
+            rego_free_output(handle)
+        if text is None:
+            raise DependencyError("policy evaluation failed (rego-cpp reported an error)")
+        return self._first_expression(text)
+
+    def _first_expression(self, text: str) -> Any:
+        try:
+            output = json.loads(text) if text != "undefined" else {}
+        except ValueError as exc:
+            raise DependencyError(f"policy evaluation failed: {exc}") from None
+        if isinstance(output, list):
+            output = output[0] if output else {}
+        expressions = output.get("expressions") if isinstance(output, dict) else None
+        if not expressions:
             raise DependencyError(f"policy decision {self.entrypoint!r} is undefined")
-        return output.results[0].expressions[0]
+        return expressions[0]
 
 
 def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
@@ -173,7 +203,8 @@ def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
     if not bundle.ok():
         raise PolicyBundleError(f"POLICY_DIR: bundle for entry point {entrypoint!r} did not build")
     compiled = CompiledBundle(
-        interpreter, bundle, entrypoint, sources.revision, len(sources.modules)
+        interpreter, bundle, entrypoint, sources.revision, len(sources.modules),
+        InputProjection.for_modules(sources.modules),
     )
     try:
         probe = compiled.evaluate("{}")
@@ -187,6 +218,68 @@ def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
 
 
 # --- decision cache ---------------------------------------------------------------------------
+
+
+INPUT_REF_RE = re.compile(r"\binput\.(\w+)")
+INPUT_SUB_RE = re.compile(r"\binput\.(\w+)\.(\w+)")
+INPUT_WHOLE_RE = re.compile(r"\binput\.(\w+)\b(?!\s*\.\s*\w)")
+BARE_INPUT_RE = re.compile(r"\binput\b(?!\s*\.\s*\w)")
+JWT_CLAIM_RE = re.compile(r"\b(?:input\.)?jwt\.(\w+)")
+JWT_DYNAMIC_RE = re.compile(r"\b(?:input\.)?jwt\s*\[")
+JWT_ALIAS_RE = re.compile(r"\b(\w+)\s*:?=\s*input\.jwt\b(?!\s*\.)")
+
+
+@dataclass(frozen=True, slots=True)
+class InputProjection:
+    """The part of the input document the bundle's modules can read (found in their source).
+
+    rego-cpp's cost grows with the size of the input, so the in-process engine passes only the
+    fields some module names: ``input.<field>``, and of an object field only the keys named as
+    ``input.<field>.<key>`` (of ``jwt``, also ``jwt.<claim>`` through the ``jwt`` alias); null
+    members and flags that are on (a missing flag counts as on) are left out. A field read whole
+    (``input.client`` not followed by a key), ``input[x]``, ``jwt[x]`` or another alias of
+    ``input.jwt`` keeps that field (or the whole input) as it is.
+    """
+
+    fields: frozenset[str]
+    keys: dict[str, frozenset[str]]
+
+    @classmethod
+    def for_modules(cls, modules: dict[str, str]) -> InputProjection | None:
+        code = "\n".join(_strip_comments(source) for source in modules.values())
+        if BARE_INPUT_RE.search(code):
+            return None
+        fields = frozenset(INPUT_REF_RE.findall(code))
+        whole = set(INPUT_WHOLE_RE.findall(code))
+        keys: dict[str, set[str]] = {}
+        for name, key in INPUT_SUB_RE.findall(code):
+            keys.setdefault(name, set()).add(key)
+        # jwt: read as the ``jwt`` alias of common.rego (``jwt := input.jwt if is_object(...)``)
+        keys.setdefault("jwt", set()).update(JWT_CLAIM_RE.findall(code))
+        whole.discard("jwt")
+        if set(JWT_ALIAS_RE.findall(code)) - {"jwt"} or JWT_DYNAMIC_RE.search(code):
+            whole.add("jwt")
+        return cls(fields, {k: frozenset(v) for k, v in keys.items() if k not in whole})
+
+    def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in doc.items():
+            if name not in self.fields:
+                continue
+            keys = self.keys.get(name)
+            if keys is not None and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k in keys and v is not None}
+                if name == "flags":
+                    value = {k: v for k, v in value.items() if v is not True}
+                if not value:
+                    continue
+            out[name] = value
+        return out
+
+
+def _strip_comments(source: str) -> str:
+    return "\n".join(line.split("#", 1)[0] if '"' not in line else line
+                     for line in source.splitlines())
 
 
 def input_digest(policy_input: dict[str, Any]) -> bytes:
@@ -261,6 +354,9 @@ class LocalPolicyEngine:
 
     def decide_sync(self, policy_input: dict[str, Any]) -> dict[str, Any]:
         """Evaluate (or recall) the decision for one input. Raises DependencyError."""
+        compiled = self._compiled
+        if compiled.projection is not None:
+            policy_input = compiled.projection.apply(policy_input)
         key = input_digest(policy_input)
         now_ns = policy_input.get("now_ns")
         if not isinstance(now_ns, int):
@@ -268,7 +364,6 @@ class LocalPolicyEngine:
         cached = self.cache.get(key, now_ns)
         if cached is not None:
             return cached
-        compiled = self._compiled
         result = compiled.evaluate(policy_input)
         if not isinstance(result, dict) or "allow" not in result:
             raise DependencyError("policy decision is not an object with 'allow'")

@@ -66,6 +66,7 @@ PAIR_WORDS = (("account", "number"), ("account", "no"), ("account", "num"), ("ro
 JWT_RE = re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 DIGITS_RE = re.compile(r"(?:\d[ -]?){13,19}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_FULL = UUID_RE.fullmatch
 TEXT_CAP = 2000
 HEADER_CACHE_MAX = 2048
 
@@ -181,11 +182,24 @@ def strict_uuid(raw: str | None) -> str | None:
 
 
 def _text(value: Any, cap: int = TEXT_CAP) -> str | None:
-    return None if value is None else str(value).replace("\x00", "\ufffd")[:cap]
+    if value is None:
+        return None
+    if type(value) is str and len(value) <= cap and "\x00" not in value:
+        return value  # the common case: no copy
+    return str(value).replace("\x00", "\ufffd")[:cap]
 
 
 def _ms(value: float | None) -> float | None:
-    return None if value is None else round(max(0.0, float(value)), 3)
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 3) if value > 0.0 else 0.0
+
+
+def _uuid_or_new(raw: str | None) -> str:
+    if type(raw) is str and len(raw) == 36 and _UUID_FULL(raw):
+        return raw
+    return as_uuid(raw) or str(uuid.uuid4())
 
 
 class AuditRecorder:
@@ -201,12 +215,15 @@ class AuditRecorder:
         self.instance_id = f"{settings.instance_id}/{os.getpid()}-{secrets.token_hex(3)}"
         self.seq = 0
         self.prev_hash = GENESIS
+        self.gateway_type = settings.gateway_type
         key = settings.cp_registration_key
         self.secret_values = (key.get_secret_value(),) if key is not None else ()
         # row ids: a random UUIDv4-shaped prefix per recorder + a counter (unique, cheap)
         self._id_prefix = str(uuid.uuid4())[:24]
         self._ids = 0
         self._header_cache: dict[tuple[tuple[str, str], ...], str | None] = {}
+        self._seen_names: set[str] = set()  # header names classified so far
+        self._hidden_names: set[str] = set()  # ... and those among them that are redacted
 
     def record(self, ctx: RequestContext) -> None:
         try:
@@ -237,8 +254,7 @@ class AuditRecorder:
     def headers_json(self, headers: Any) -> str | None:
         """Redacted headers as jsonb text, memoised for repeated header sets (no secrets kept:
         the key is the redacted form for hidden headers)."""
-        items = headers.items() if isinstance(headers, dict) else headers
-        key = tuple((n, MASK if _hidden_header(str(n).lower()) else v) for n, v in items)
+        key = self._header_key(headers)
         cached = self._header_cache.get(key, _MISS)
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
@@ -247,6 +263,34 @@ class AuditRecorder:
             self._header_cache.clear()
         self._header_cache[key] = text
         return text
+
+    def _header_key(self, headers: Any) -> tuple[tuple[str, str], ...]:
+        """The headers with hidden values replaced by the mask (set operations, no per-header
+        Python work for a dict whose names were all seen before)."""
+        if isinstance(headers, dict):
+            names = headers.keys()
+            if not self._seen_names.issuperset(names):
+                self._classify(names)
+            hidden = self._hidden_names.intersection(names)
+            if not hidden:
+                return tuple(headers.items())
+            masked = dict(headers)
+            for name in hidden:
+                masked[name] = MASK
+            return tuple(masked.items())
+        self._classify([n for n, _ in headers])
+        hidden_names = self._hidden_names
+        return tuple((n, MASK if n in hidden_names else v) for n, v in headers)
+
+    def _classify(self, names: Any) -> None:
+        if len(self._seen_names) > HEADER_CACHE_MAX:
+            self._seen_names.clear()
+            self._hidden_names.clear()
+        for name in names:
+            if name not in self._seen_names:
+                if _hidden_header(str(name).lower()):
+                    self._hidden_names.add(name)
+                self._seen_names.add(name)
 
     def _detail_on(self, ctx: RequestContext) -> bool:
         if self.flags is None:
@@ -269,10 +313,10 @@ class AuditRecorder:
         secrets_ = self.secret_values
         row: dict[str, Any] = {
             "id": self.next_id(),
-            "correlation_id": as_uuid(ctx.correlation_id) or str(uuid.uuid4()),
-            "causation_id": as_uuid(ctx.causation_id),
+            "correlation_id": _uuid_or_new(ctx.correlation_id),
+            "causation_id": as_uuid(ctx.causation_id) if ctx.causation_id else None,
             "timestamp": ctx.timestamp,
-            "gateway_type": self.settings.gateway_type,
+            "gateway_type": self.gateway_type,
             "request_id": as_uuid(ctx.request_id),
             "http_method": _text(ctx.method, 16),
             "endpoint": _text(ctx.path),

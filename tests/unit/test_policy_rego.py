@@ -84,9 +84,10 @@ def test_policy_test_command_refuses_test_syntax_error(bundle_copy: Path) -> Non
 
 
 def test_syntax_error_refused_at_startup_with_clear_message(bundle_copy: Path) -> None:
-    (bundle_copy / "rbac.rego").write_text(
-        (bundle_copy / "rbac.rego").read_text().replace("allowed if common", "allowed if {{ common")
-    )
+    source = (bundle_copy / "rbac.rego").read_text()
+    assert "allowed if input" in source
+    broken = source.replace("allowed if input", "allowed if {{ input")
+    (bundle_copy / "rbac.rego").write_text(broken)
     with pytest.raises(PolicyBundleError) as err:
         LocalPolicyEngine(settings_for(bundle_copy), watch=False)
     message = str(err.value)

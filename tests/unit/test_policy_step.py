@@ -301,3 +301,60 @@ async def test_file_change_reloads(tmp_path: Path) -> None:
         assert engine.decide_sync(doc)["allow"] is True
     finally:
         await engine.close()
+
+
+# --- engine: input projection --------------------------------------------------------------
+
+
+PROJECTION_CASES = [
+    {"jwt": {"user_id": "u-1", "roles": ["user"], "email": "a@b", "trial_mode": True,
+             "trial_expires_ns": 4_070_908_800 * 10**9, "agent_id": None},
+     "resource": "agents", "action": "execute", "method": "POST", "path": "/x",
+     "client": {"service_key": False, "service_account": None},
+     "flags": {"rbac": True, "trial_mode": True, "governor_approval": True,
+               "sandbox_routing": True}},
+    {"jwt": {"user_id": "u-2", "roles": ["readonly"], "sub": "s"}, "resource": "agents",
+     "action": "create", "flags": {"rbac": False, "trial_mode": True}},
+    {"jwt": {"user_id": "u-3", "roles": ["customer_admin"], "agent_id": "ag-1"},
+     "resource": "agents", "action": "delete_agent", "approval": {"id": "nope"}},
+    {"jwt": {"roles": ["admin"], "governor_agent_id": "gov-1"}, "resource": "platform_config",
+     "action": "manage", "gateway_type": "CP"},
+    {"jwt": {}, "client": {"service_key": True}, "resource": "customers", "action": "create"},
+    {"resource": "", "action": ""},
+]
+
+
+def test_projection_keeps_what_the_bundle_reads(engine: LocalPolicyEngine) -> None:
+    projection = engine._compiled.projection
+    assert projection is not None
+    slim = projection.apply({**PROJECTION_CASES[0], "now_ns": 5})
+    assert slim == {"jwt": {"user_id": "u-1", "roles": ["user"], "trial_mode": True,
+                            "trial_expires_ns": 4_070_908_800 * 10**9},
+                    "resource": "agents", "action": "execute",
+                    "client": {"service_key": False}, "now_ns": 5}
+    assert projection.apply(PROJECTION_CASES[1])["flags"] == {"rbac": False}
+
+
+@pytest.mark.parametrize("doc", PROJECTION_CASES)
+def test_projection_does_not_change_the_decision(engine: LocalPolicyEngine,
+                                                 doc: dict[str, Any]) -> None:
+    doc = {**doc, "now_ns": time.time_ns()}
+    assert engine._compiled.evaluate(doc) == engine.decide_sync(doc)
+
+
+def test_dynamic_input_read_turns_projection_off(tmp_path: Path) -> None:
+    bundle = tmp_path / "policies"
+    shutil.copytree(POLICIES, bundle, ignore=shutil.ignore_patterns("*_test.rego"))
+    (bundle / "extra.rego").write_text(
+        "package plant.gateway.extra\n\nimport rego.v1\n\nclaims := input.jwt\n\n"
+        'whole := input.client\n\nemail := claims.email\n'
+    )
+    projection = LocalPolicyEngine(make_settings(bundle), watch=False)._compiled.projection
+    assert projection is not None
+    slim = projection.apply(PROJECTION_CASES[0])
+    assert slim["jwt"]["email"] == "a@b"  # another alias of input.jwt: jwt kept whole
+    assert slim["client"] == {"service_key": False, "service_account": None}
+    (bundle / "extra.rego").write_text(
+        "package plant.gateway.extra\n\nimport rego.v1\n\ndoc := input\n"
+    )
+    assert LocalPolicyEngine(make_settings(bundle), watch=False)._compiled.projection is None
