@@ -6,5 +6,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 if [ -z "${PLANT_SKIP_INSTALL:-}" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${PLANT_EXTRAS:-dev}]"
 fi
