@@ -1,6 +1,6 @@
 # Tests of the entry point: order of checks, flags, obligations, cache validity, malformed input.
 # Few on purpose: rego-cpp compiles each `with` over the whole decision (seconds); the table-driven
-# cases live in tests/unit/test_policy_decisions.py, evaluated through the compiled bundle.
+# cases live in tests/e2e/test_policy_e2e.py, evaluated through the compiled bundle over HTTP.
 package plant.gateway.main_test
 
 import rego.v1

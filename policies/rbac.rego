@@ -54,7 +54,7 @@ governor_only_outcome := {
 	"redirect": null,
 }
 
-# Fields the upstream should mask for this caller, by mapped role (data, empty by default).
+# Fields the gateway masks in JSON answers for this caller, by mapped role (data, empty by default).
 default mask_fields := []
 
 mask_fields := sort([f | some name in common.mapped_roles; some f in object.get(data.plant.config.mask_fields, name, [])]) if {

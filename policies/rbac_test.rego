@@ -146,3 +146,9 @@ test_service_role_claim_grants_nothing if {
 	not rbac.allowed with input.jwt as jwt(["service"]) with input.client as {"service_key": false}
 		with input.resource as "customers" with input.action as "create"
 }
+
+test_mask_fields_only_for_configured_roles if {
+	f := rbac.mask_fields with input.jwt as jwt(["admin"]) with input.resource as "customers"
+		with data.plant.config.mask_fields as {"viewer": ["phone", "email"]}
+	f == []
+}
