@@ -29,7 +29,7 @@ _HEAD_MESSAGES = frozenset({"http.response.start", "websocket.accept", "websocke
 
 
 class NoAudit:
-    """Stand-in recorder while auditing is off (or its module is not there)."""
+    """The recorder when the audit guard is switched off in settings."""
 
     def record(self, ctx: RequestContext) -> None:
         return None
@@ -39,13 +39,8 @@ def build_audit_recorder(settings: Settings, deps: Dependencies) -> Any:
     """The audit step's recorder (non-blocking ``record(ctx)``), or a no-op when audit is off."""
     if not settings.guard_on("audit"):
         return NoAudit()
-    try:
-        from plant_gateway.steps import audit
-    except ModuleNotFoundError as exc:
-        if exc.name != "plant_gateway.steps.audit":
-            raise
-        log.warning("audit guard is on but plant_gateway.steps.audit is missing")
-        return NoAudit()
+    from plant_gateway.steps import audit
+
     return audit.build(settings, deps) or NoAudit()
 
 

@@ -28,33 +28,20 @@ class Dependencies:
         return [d for d in items if d is not None] + list(self.extra)
 
 
-def _optional_backend(module_name: str, settings: Settings) -> Any:
-    """``plant_gateway.backends.<name>.create(settings)``; None while the module is unwritten."""
-    import importlib
-
-    full = f"plant_gateway.backends.{module_name}"
-    try:
-        module = importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name == full:
-            return None
-        raise
-    return module.create(settings)
-
-
 async def create_dependencies(settings: Settings) -> Dependencies:
     """Choose every backend from settings (in-process unless a service URL is configured).
 
     Guards switched off in settings get no backend; nothing is started here (see ``start_all``).
     """
-    counters = _optional_backend("counters", settings)
-    flags = _optional_backend("flags", settings)
-    policy = _optional_backend("policy", settings) if settings.guard_on("policy") else None
-    keys = _optional_backend("keys", settings) if settings.guard_on("auth") else None
-    audit = _optional_backend("audit_postgres", settings) if settings.guard_on("audit") else None
+    from plant_gateway.backends import audit_postgres, counters, flags, keys, policy
+
     return Dependencies(
-        settings=settings, counters=counters, flags=flags, policy=policy, keys=keys,
-        audit_sink=audit,
+        settings=settings,
+        counters=counters.create(settings),
+        flags=flags.create(settings),
+        policy=policy.create(settings) if settings.guard_on("policy") else None,
+        keys=keys.create(settings) if settings.guard_on("auth") else None,
+        audit_sink=audit_postgres.create(settings) if settings.guard_on("audit") else None,
     )
 
 
