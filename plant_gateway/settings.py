@@ -242,6 +242,9 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, validation_alias=env_alias("REDIS_PORT"))
     redis_password: SecretStr | None = Field(None, validation_alias=env_alias("REDIS_PASSWORD"))
     redis_key_prefix: str = Field("", validation_alias=env_alias("REDIS_KEY_PREFIX"))
+    # true: the Redis URL/host is a startup node of a Redis Cluster (redis-py RedisCluster); the
+    # keys are hash-tagged so the same Lua scripts and the one-pipeline batch run unchanged
+    redis_cluster: bool = Field(False, validation_alias=env_alias("REDIS_CLUSTER"))
     redis_timeout_s: float = Field(
         0.5, gt=0, validation_alias=env_alias("REDIS_TIMEOUT_S"),
         description="timeout of one Redis round trip; past it the fail mode applies",
@@ -283,9 +286,9 @@ class Settings(BaseSettings):
         None, validation_alias=env_alias("CLOUD_SQL_CONNECTION_NAME")
     )
     audit_retention_days: int = Field(90, gt=0, validation_alias=env_alias("AUDIT_RETENTION_DAYS"))
-    audit_batch_size: int = Field(500, gt=0, validation_alias=env_alias("AUDIT_BATCH_SIZE"))
+    audit_batch_size: int = Field(2000, gt=0, validation_alias=env_alias("AUDIT_BATCH_SIZE"))
     audit_flush_interval_s: float = Field(
-        0.2, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
+        0.5, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
     )
     audit_queue_max: int = Field(100_000, gt=0, validation_alias=env_alias("AUDIT_QUEUE_MAX"))
     audit_body_cap_bytes: int = Field(8192, ge=0, validation_alias=env_alias("AUDIT_BODY_CAP_BYTES"))

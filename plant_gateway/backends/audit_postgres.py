@@ -40,16 +40,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("plant_gateway.audit")
 
 STAGE = "audit_stage"
+# text[] columns are staged as text (array literals, see ``to_record``) and cast on INSERT
 STAGE_DDL = (
     f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ("
-    + ", ".join(f'"{name}" {kind}' for name, kind in COLUMNS)
+    + ", ".join(f'"{name}" {"text" if kind == "text[]" else kind}' for name, kind in COLUMNS)
     + ") ON COMMIT DELETE ROWS"
 )
 COLS_SQL = ", ".join(f'"{name}"' for name in NAMES)
+SELECT_SQL = ", ".join(
+    f'"{name}"::text[]' if kind == "text[]" else f'"{name}"' for name, kind in COLUMNS
+)
 # The plain INSERT is the normal path; ON CONFLICT DO NOTHING (a speculative insertion per row,
 # ~10 % more server CPU) is used only to retry a batch that hit a duplicate (a spool replay of
 # rows whose first commit was not acknowledged).
-INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {COLS_SQL} FROM {STAGE}"
+INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {SELECT_SQL} FROM {STAGE}"
 DEDUP_INSERT_SQL = INSERT_SQL + " ON CONFLICT DO NOTHING"
 NAMES_LIST = list(NAMES)
 MAINTENANCE_LOCK = 7_402_118_735
@@ -356,7 +360,7 @@ class PostgresAuditSink:
         return await self._copy(records, rows)
 
     async def _copy(
-        self, records: list[tuple[Any, ...]], rows: list[dict[str, Any]], dedup: bool = False
+        self, records: list[list[Any]], rows: list[dict[str, Any]], dedup: bool = False
     ) -> int:
         started = time.perf_counter()
         try:
@@ -378,7 +382,7 @@ class PostgresAuditSink:
         return len(records)
 
     async def _bisect(
-        self, records: list[tuple[Any, ...]], rows: list[dict[str, Any]], exc: Exception
+        self, records: list[list[Any]], rows: list[dict[str, Any]], exc: Exception
     ) -> int:
         """A batch was refused for its data: split it until the bad rows are isolated."""
         if len(records) == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway.backends.base import (
@@ -20,6 +21,7 @@ from plant_gateway.backends.base import (
     RateDecision,
 )
 from plant_gateway.backends.counters import (
+    GRACE_S,
     Clock,
     Gcra,
     alert_level,
@@ -27,6 +29,7 @@ from plant_gateway.backends.counters import (
     day_ttl,
     month_ttl,
     next_utc_midnight,
+    next_utc_month,
     to_micro,
     utc_day,
     utc_month,
@@ -34,6 +37,38 @@ from plant_gateway.backends.counters import (
 
 if TYPE_CHECKING:
     from plant_gateway.settings import Settings
+
+
+class UtcWindows:
+    """The UTC day/month key strings and next boundaries, recomputed only when a boundary passes.
+
+    Valid for ``start <= now < end`` (one UTC day), so an injected clock may jump either way.
+    """
+
+    __slots__ = ("day", "month", "midnight", "month_end", "start", "end")
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.day = self.month = ""
+        self.midnight = self.month_end = 0.0
+
+    def at(self, now: float) -> UtcWindows:
+        if not self.start <= now < self.end:
+            day_start = datetime.fromtimestamp(now, UTC).replace(
+                hour=0, minute=0, second=0, microsecond=0
+            )
+            self.day, self.month = utc_day(now), utc_month(now)
+            self.midnight = next_utc_midnight(now).timestamp()
+            self.month_end = next_utc_month(now).timestamp()
+            self.start, self.end = day_start.timestamp(), self.midnight
+        return self
+
+    def day_ttl(self, now: float) -> int:
+        """``counters.day_ttl(now)`` without date arithmetic."""
+        return int(self.midnight - now) + GRACE_S
+
+    def month_ttl(self, now: float) -> int:
+        return int(self.month_end - now) + GRACE_S
 
 
 class MemoryCounters:
@@ -46,6 +81,8 @@ class MemoryCounters:
         self.clock: Clock = clock or time.time
         self._data: dict[str, tuple[int, float | None]] = {}
         self._ops = 0
+        self._windows = UtcWindows()
+        self._gcra: dict[tuple[int, float, int], Gcra] = {}
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -58,25 +95,28 @@ class MemoryCounters:
         return DependencyStatus(self.name, ok=True, detail="in-process (single instance)")
 
     # --- storage ------------------------------------------------------------------------
-    def _get(self, key: str) -> int | None:
+    def _get(self, key: str, now: float | None = None) -> int | None:
         item = self._data.get(key)
         if item is None:
             return None
         value, expires = item
-        if expires is not None and expires <= self.clock():
+        if expires is not None and expires <= (self.clock() if now is None else now):
             del self._data[key]
             return None
         return value
 
-    def _set(self, key: str, value: int, ttl_s: float | None) -> None:
-        self._data[key] = (value, None if ttl_s is None else self.clock() + ttl_s)
+    def _set(self, key: str, value: int, ttl_s: float | None, now: float | None = None) -> None:
+        if ttl_s is None:
+            self._data[key] = (value, None)
+        else:
+            self._data[key] = (value, (self.clock() if now is None else now) + ttl_s)
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep()
 
-    def _incr(self, key: str, by: int, ttl_s: float) -> int:
-        value = (self._get(key) or 0) + by
-        self._set(key, value, ttl_s)
+    def _incr(self, key: str, by: int, ttl_s: float, now: float | None = None) -> int:
+        value = (self._get(key, now) or 0) + by
+        self._set(key, value, ttl_s, now)
         return value
 
     def _sweep(self) -> None:
@@ -101,28 +141,38 @@ class MemoryCounters:
         return value
 
     async def auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
-        revoked = await self.is_revoked(jti) if jti else False
-        version = await self.token_version(user_id) if user_id else None
+        # is_revoked / token_version inlined: no coroutine per lookup on every request
+        now = self.clock()
+        revoked = False
+        if jti:
+            revoked = self._get(self.settings.revoked_prefix + jti, now) is not None
+        version = self._get(self.settings.token_version_prefix + user_id, now) if user_id else None
         return revoked, version
 
     # --- rate limit and quota -------------------------------------------------------------
     async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
-        gcra = Gcra(limit, period_s, burst)
-        now_us = int(self.clock() * 1_000_000)
+        gcra = self._gcra.get((limit, period_s, burst))
+        if gcra is None:
+            if len(self._gcra) >= 1024:
+                self._gcra.clear()
+            gcra = self._gcra[(limit, period_s, burst)] = Gcra(limit, period_s, burst)
+        now = self.clock()
+        now_us = int(now * 1_000_000)
         full_key = f"rl:{key}"
-        allowed, tat, remaining, reset_s, retry = gcra.step(self._get(full_key), now_us)
+        allowed, tat, remaining, reset_s, retry = gcra.step(self._get(full_key, now), now_us)
         if allowed:
-            self._set(full_key, tat, reset_s + 1)
+            self._set(full_key, tat, reset_s + 1, now)
         return RateDecision(allowed, limit, remaining, reset_s, retry)
 
     async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
         now = self.clock() if now is None else now
-        full_key = f"q:{key}:{utc_day(now)}"
+        windows = self._windows.at(now)
+        full_key = f"q:{key}:{windows.day}"
         used = self._get(full_key) or 0
-        reset_s = next_utc_midnight(now).timestamp() - now
+        reset_s = windows.midnight - now
         if used >= limit:
             return RateDecision(False, limit, 0, reset_s, reset_s)
-        used = self._incr(full_key, 1, day_ttl(now))
+        used = self._incr(full_key, 1, windows.day_ttl(now))
         return RateDecision(True, limit, limit - used, reset_s)
 
     # --- budget ---------------------------------------------------------------------------
@@ -136,14 +186,18 @@ class MemoryCounters:
 
     async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
         now = self.clock()
-        day, month = utc_day(now), utc_month(now)
+        windows = self._windows.at(now)
+        day, month = windows.day, windows.month
         keys = self._budget_keys(day, month, request.agent_id, request.customer_id)
-        spent = [self._get(k) or 0 if k else 0 for k in keys]
+        spent = [self._get(k, now) or 0 if k else 0 for k in keys]
         allowed, reason = budget_verdict(request, *spent)
         if allowed:
             cost = to_micro(request.cost_usd)
-            ttls = (month_ttl(now), day_ttl(now), month_ttl(now))
-            spent = [self._incr(k, cost, t) if k else 0 for k, t in zip(keys, ttls, strict=True)]
+            month_s = windows.month_ttl(now)
+            ttls = (month_s, windows.day_ttl(now), month_s)
+            spent = [
+                self._incr(k, cost, t, now) if k else 0 for k, t in zip(keys, ttls, strict=True)
+            ]
         charge = BudgetCharge(day, month, request.agent_id, request.customer_id, request.cost_usd)
         return make_budget_decision(request, allowed, reason, spent, charge if allowed else None)
 

@@ -19,12 +19,24 @@ key                                     value                                   
 
 The budget keys share one tag (``{budget}``) because the platform budget is global: one script
 checks and charges platform, agent and customer atomically, so that slot is the hot one
-(``bench/counters_bench.py`` measures it). The two backend-written keys are read exactly as the
-backend names them (prefixes ``REVOKED_PREFIX`` / ``TOKEN_VERSION_PREFIX``), so they carry no
-tag and are read with plain GETs, pipelined in one round trip. Scripts are loaded at start-up
-and run by SHA; a ``NOSCRIPT`` reply (a restarted or failed-over Redis) reloads them once.
+(``bench/counters_bench.py``, ``bench/counters_cluster_bench.py`` measure it). The two
+backend-written keys are read exactly as the backend names them (prefixes ``REVOKED_PREFIX``
+/ ``TOKEN_VERSION_PREFIX``), so they carry no tag and are read with plain GETs, pipelined in
+one round trip. Scripts are loaded at start-up and run by SHA; a ``NOSCRIPT`` reply (a
+restarted or failed-over Redis) reloads them once.
 Every guard call is an op planned as commands plus a reply parser; ``execute(ops)`` sends the
 ops of one request (revocation, token_version, rate limit, quota, budget) in ONE pipeline.
+
+``REDIS_CLUSTER=true`` makes the client ``redis.asyncio.cluster.RedisCluster`` (the URL names
+any startup node). Nothing else changes: the cluster pipeline groups the batch's commands by
+node and sends one pipeline per node concurrently (one round trip per node involved, in
+parallel); every EVALSHA carries its keys, all in one slot (``script_slots`` computes them;
+``tests/unit/test_counter_slots.py`` asserts one slot for every op); ``SCRIPT LOAD`` goes
+to every primary and a ``NOSCRIPT`` from any node (a failed-over or new primary) reloads the
+scripts everywhere and re-sends only the failed commands. A primary that is down makes at least
+the ops whose keys it owns (often the whole batch) ``DependencyError``s, so each guard's fail
+mode applies; ``check`` pings every primary, so
+``/ready`` reports it; the same client recovers when the node (or its replica) is back.
 Every Redis error or timeout raises ``DependencyError``; redis-py reconnects on the next call,
 so the gateway recovers by itself when Redis is back.
 """
@@ -39,9 +51,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from plant_gateway.backends.base import (
     BudgetCharge,
@@ -63,6 +77,7 @@ from plant_gateway.backends.counters import (
     utc_month,
 )
 from plant_gateway.backends.counters_memory import make_budget_decision
+from plant_gateway.settings import SettingsError
 
 if TYPE_CHECKING:
     from plant_gateway.settings import Settings
@@ -148,6 +163,11 @@ SCRIPTS = {
 }
 
 
+# what a Redis call may raise: RedisClusterException (e.g. no reachable startup node, a key-less
+# command) is not a RedisError
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
 class RedisCounters:
     """Counters on one Redis (or a Cluster-compatible layout); see the module docstring."""
 
@@ -157,14 +177,8 @@ class RedisCounters:
         self.settings = settings
         self.clock: Clock = clock or time.time
         self.prefix = settings.redis_key_prefix
-        timeout = settings.redis_timeout_s
-        self.client: aioredis.Redis = aioredis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-            max_connections=512,
-            decode_responses=True,
+        self.client: aioredis.Redis | RedisCluster = _client(
+            url, settings.redis_timeout_s, cluster=settings.redis_cluster
         )
 
     # --- Dependency ---------------------------------------------------------------------
@@ -177,10 +191,14 @@ class RedisCounters:
         await self.client.aclose()
 
     async def check(self) -> DependencyStatus:
+        """PING; on a cluster every primary (one node down already denies its slots' guards)."""
         started = time.perf_counter()
         try:
-            await self.client.ping()
-        except (RedisError, OSError) as exc:
+            if isinstance(self.client, RedisCluster):
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self.client.ping()
+        except REDIS_ERRORS as exc:
             return DependencyStatus(self.name, ok=False, detail=type(exc).__name__)
         latency = (time.perf_counter() - started) * 1000
         return DependencyStatus(self.name, ok=True, latency_ms=latency)
@@ -189,14 +207,14 @@ class RedisCounters:
         try:
             for script in SCRIPTS.values():
                 await self.client.script_load(script.source)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise DependencyError(f"redis: {type(exc).__name__}") from None
 
     # --- plumbing -----------------------------------------------------------------------
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise DependencyError(f"redis: {type(exc).__name__}") from None
 
     # --- revocation and session invalidation -----------------------------------------------
@@ -248,7 +266,7 @@ class RedisCounters:
             replies = await self._send(commands) if commands else []
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 replies = await self._resend_missing_scripts(commands, replies)
-        except (RedisError, OSError, DependencyError) as exc:
+        except (*REDIS_ERRORS, DependencyError) as exc:
             name = type(exc.__cause__ or exc).__name__
             return [DependencyError(f"redis: {name}") for _ in ops]
         results: list[Any] = []
@@ -374,6 +392,31 @@ class RedisCounters:
 
 Command = tuple[Any, ...]
 Plan = tuple[list[Command], Callable[[list[Any]], Any]]
+
+
+def _client(url: str, timeout: float, cluster: bool) -> aioredis.Redis | RedisCluster:
+    """A standalone client, or a cluster one (``max_connections`` is then per node)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1),
+        "max_connections": 512,
+        "decode_responses": True,
+    }
+    if not cluster:
+        return aioredis.from_url(url, **options)
+    try:
+        return RedisCluster.from_url(url, **options)
+    except RedisClusterException as exc:  # a unix socket, a database other than 0
+        raise SettingsError(f"REDIS_CLUSTER: {exc}") from None
+
+
+def script_slots(command: Command) -> set[int]:
+    """The cluster slots of an EVALSHA command's keys; a script must touch exactly one."""
+    if command[0] != "EVALSHA":
+        return set()
+    keys = command[3 : 3 + int(command[2])]
+    return {key_slot(str(key).encode()) for key in keys}
 
 
 def _evalsha(name: str, keys: list[str], args: list[Any]) -> Command:

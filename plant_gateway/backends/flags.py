@@ -102,6 +102,7 @@ class DefaultFlags:
     """No flags file, no LaunchDarkly: every guard on, thresholds from settings."""
 
     name = "flags"
+    static = True  # values never depend on the request: callers may evaluate them once
 
     def __init__(self, settings: Settings) -> None:
         self._defaults: dict[str, Any] = {f: True for f in BOOLEAN_FLAGS}

@@ -222,6 +222,7 @@ class AuditRecorder:
         self._id_prefix = str(uuid.uuid4())[:24]
         self._ids = 0
         self._header_cache: dict[tuple[tuple[str, str], ...], str | None] = {}
+        self._query_cache: dict[str, str] = {}
         self._seen_names: set[str] = set()  # header names classified so far
         self._hidden_names: set[str] = set()  # ... and those among them that are redacted
 
@@ -255,7 +256,10 @@ class AuditRecorder:
         """Redacted headers as jsonb text, memoised for repeated header sets (no secrets kept:
         the key is the redacted form for hidden headers)."""
         key = self._header_key(headers)
-        cached = self._header_cache.get(key, _MISS)
+        try:
+            cached = self._header_cache.get(key, _MISS)
+        except TypeError:  # unhashable items (lists, not tuples): no memo
+            return dump_json(redact_headers(key, self.secret_values))
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
         text = dump_json(redact_headers(key, self.secret_values))
@@ -278,8 +282,12 @@ class AuditRecorder:
             for name in hidden:
                 masked[name] = MASK
             return tuple(masked.items())
-        self._classify([n for n, _ in headers])
+        listed = [n for n, _ in headers]
+        if not self._seen_names.issuperset(listed):
+            self._classify(listed)
         hidden_names = self._hidden_names
+        if hidden_names.isdisjoint(listed):
+            return tuple(headers)
         return tuple((n, MASK if n in hidden_names else v) for n, v in headers)
 
     def _classify(self, names: Any) -> None:
@@ -359,7 +367,7 @@ class AuditRecorder:
     def _add_detail(self, ctx: RequestContext, row: dict[str, Any]) -> None:
         cap = self.settings.audit_body_cap_bytes
         if ctx.query_string:
-            row["query_params"] = dump_json(self._query(ctx.query_string))
+            row["query_params"] = self.query_json(ctx.query_string)
         row["request_headers"] = self.headers_json(ctx.headers)
         body = ctx.request_body_sample or ctx.body
         source = ctx.scratch.get("body_source")
@@ -377,6 +385,19 @@ class AuditRecorder:
             row["response_body"] = dump_json(
                 body_json(ctx.response_body_sample, cap, self.secret_values)
             )
+
+    def query_json(self, query_string: str) -> str | None:
+        """Redacted query parameters as jsonb text, memoised only when nothing was masked
+        (so no secret is ever kept in the memo)."""
+        cached = self._query_cache.get(query_string)
+        if cached is not None:
+            return cached
+        text = dump_json(self._query(query_string))
+        if text is not None and MASK not in text and len(query_string) <= TEXT_CAP:
+            if len(self._query_cache) >= HEADER_CACHE_MAX:
+                self._query_cache.clear()
+            self._query_cache[query_string] = text
+        return text
 
     def _query(self, query_string: str) -> dict[str, Any] | None:
         if not query_string:

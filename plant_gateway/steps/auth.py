@@ -12,8 +12,9 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -52,6 +53,30 @@ def token_digest(token: str) -> str:
 def revocation_id(identity: Identity) -> str | None:
     """What ``revoke`` must be called with for this token: its ``jti``, else its digest."""
     return identity.jti or identity.token_digest
+
+
+_IDENTITY_FIELDS = attrgetter(*(f.name for f in fields(Identity)))
+CACHED_IDENTITY = "auth.cached_identity"
+
+
+def copy_identity(identity: Identity) -> Identity:
+    """A request's own copy of a cached Identity (its roles list too), field by field."""
+    copy = Identity(*_IDENTITY_FIELDS(identity))
+    copy.roles = list(copy.roles)
+    return copy
+
+
+def cached_identity(ctx: RequestContext) -> Identity | None:
+    """The claims cache's Identity that ``ctx.identity`` is an untouched copy of, else None.
+
+    It lives as long as its token's cache entry (one object per verified token), is never
+    handed to a request and never mutated: later steps may key per-token work on it (``is``).
+    """
+    found = ctx.scratch.get(CACHED_IDENTITY)
+    if found is None or found[0] is not ctx.identity:
+        return None
+    cached: Identity = found[1]
+    return cached
 
 
 def dependency_unavailable(detail: str) -> Problem:
@@ -98,13 +123,19 @@ class ClaimsCache:
         return len(self._entries)
 
 
-def parse_bearer(header: str) -> str | None:
-    """The token of ``Bearer <token>`` if it has the shape of a compact JWS, else None."""
+def bearer_token(header: str) -> str | None:
+    """The token of ``Bearer <token>`` (scheme and length checked, not yet its shape)."""
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
         return None
-    return token if TOKEN_SHAPE.fullmatch(token) else None
+    return token
+
+
+def parse_bearer(header: str) -> str | None:
+    """The token of ``Bearer <token>`` if it has the shape of a compact JWS, else None."""
+    token = bearer_token(header)
+    return token if token is not None and TOKEN_SHAPE.fullmatch(token) else None
 
 
 def _text(claims: dict[str, Any], name: str, *, required: bool = False) -> str | None:
@@ -230,26 +261,34 @@ class AuthStep:
         header = ctx.headers.get("authorization")
         if header is None:
             return unauthorized("unauthorized", "an Authorization: Bearer token is required")
-        token = parse_bearer(header)
+        token = bearer_token(header)
         if token is None:
             return unauthorized("invalid-token-format", "expected Authorization: Bearer <JWT>")
         digest = token_digest(token)
-        verified = await self._verified(token, digest)
+        verified = self._cached(digest)
+        if verified is None:
+            # a cached digest is a token that already passed the shape check: only new ones
+            if TOKEN_SHAPE.fullmatch(token) is None:
+                return unauthorized("invalid-token-format", "expected Authorization: Bearer <JWT>")
+            verified = await self._verified(token, digest)
         if isinstance(verified, Problem):
             return verified
         problem = await self._check_state(ctx, verified)
         if problem is not None:
             return problem
-        identity = replace(verified.identity, roles=list(verified.identity.roles))
-        problem = await self._enrich(ctx, identity, token)
-        if problem is not None:
-            return problem
+        identity = await self._enrich(ctx, verified.identity, token)
+        if isinstance(identity, Problem):
+            return identity
+        if identity is verified.identity:  # not enriched: a copy of the cached one
+            identity = copy_identity(identity)
+            ctx.scratch[CACHED_IDENTITY] = (identity, verified.identity)
         ctx.identity = identity
         ctx.authorization = header
         return None
 
     # --- signature and claims (cached per token) ---------------------------------------------
-    async def _verified(self, token: str, digest: str) -> _Verified | Problem:
+    def _cached(self, digest: str) -> _Verified | Problem | None:
+        """The cache's answer for a token (verified, or expired), None when it must be checked."""
         entry = self.cache.get(digest)
         if entry is not None and entry.generation == self.keys.generation:
             if entry.exp + self._leeway <= time.time():
@@ -257,6 +296,12 @@ class AuthStep:
                 return unauthorized("token-expired", "the token has expired")
             self.cache_hits += 1
             return entry
+        return None
+
+    async def _verified(self, token: str, digest: str) -> _Verified | Problem:
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
         result = await self._verify(token, digest)
         if isinstance(result, _Verified):
             self.cache.put(digest, result)
@@ -324,23 +369,27 @@ class AuthStep:
             for rule in self._tenant_rules
         )
 
-    async def _enrich(self, ctx: RequestContext, identity: Identity, token: str) -> Problem | None:
+    async def _enrich(
+        self, ctx: RequestContext, identity: Identity, token: str
+    ) -> Identity | Problem:
+        """``identity``, or a copy of it with the customer filled in by the enricher."""
         enricher = self.enricher
         if enricher is None or identity.customer_id or identity.token_digest is None:
-            return None
+            return identity
         digest = identity.token_digest
         known = enricher.cached(digest)
         if known is None and not self.needs_customer(ctx):
-            return None
+            return identity
         try:
             found = known or await enricher.lookup(token, digest, identity.token_exp or 0)
         except EnrichmentRejected:
             return unauthorized("invalid-token", "the backend does not recognise this token")
         except DependencyError:
             return dependency_unavailable("the customer lookup is unavailable")
-        identity.customer_id = found.customer_id
-        identity.email = found.email or identity.email
-        return None
+        return replace(
+            identity, roles=list(identity.roles), customer_id=found.customer_id,
+            email=found.email or identity.email,
+        )
 
 
 def state_problem(result: Any, token_version: int) -> Problem | None:

@@ -66,12 +66,19 @@ class BudgetStep:
         )
         self.critical_agents = frozenset(settings.critical_agents)
         self.batched = False  # set by the pipeline's admit step: enqueue, don't await
+        self._last_flag: tuple[Any, tuple[float, float, float]] | None = None
 
     def thresholds(self, ctx: RequestContext) -> tuple[float, float, float]:
         if self.flags is None:
             return self.default_thresholds
         value = self.flags.value(THRESHOLDS_FLAG, ctx, list(self.default_thresholds))
-        return valid_thresholds(value) or self.default_thresholds
+        last = self._last_flag  # the flag rarely changes: parse a value once
+        if last is not None and type(value) is list and last[0] == value:
+            return last[1]
+        parsed = valid_thresholds(value) or self.default_thresholds
+        if type(value) is list:
+            self._last_flag = (list(value), parsed)
+        return parsed
 
     def request_for(self, ctx: RequestContext) -> BudgetRequest | None:
         identity = ctx.identity

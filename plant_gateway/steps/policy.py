@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
+from plant_gateway.steps.auth import cached_identity
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import PolicyEngine
@@ -32,6 +33,8 @@ METHOD_ACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE"
 VERB_ACTIONS = {"execute": "execute", "run": "execute", "approve": "approve", "deploy": "deploy"}
 EXPORT_WORDS = frozenset({"export", "exports", "data_export", "data_exports"})
 API_PREFIX = re.compile(r"^api/v\d+$")
+_API_VERSION = re.compile(r"v\d+$")  # API_PREFIX's second segment, matched at its start
+_NOT_IDS = frozenset(VERB_ACTIONS) | EXPORT_WORDS
 ID_LIKE = re.compile(r"\d|^[0-9a-f]{16,}$|^[0-9a-f]{8}-[0-9a-f]{4}-", re.IGNORECASE)
 JWT_FIELDS = (
     "user_id", "subject", "email", "roles", "customer_id", "governor_agent_id", "agent_id",
@@ -53,15 +56,17 @@ def split_path(path: str) -> tuple[str, str | None, str | None, str]:
     a long hex string), or a lone non-verb segment; the verb is the last non-id segment.
     """
     segments = [s for s in path.split("?", 1)[0].split("/") if s]
-    if len(segments) >= 2 and API_PREFIX.match(f"{segments[0]}/{segments[1]}"):
+    # == API_PREFIX.match(f"{segments[0]}/{segments[1]}") without building the string
+    if len(segments) >= 2 and segments[0] == "api" and _API_VERSION.match(segments[1]):
         prefix, segments = segments[:2], segments[2:]
     else:
         prefix = []
     if not segments:
         return "", None, None, "/" + "/".join(prefix)
     resource, rest = _norm(segments[0]), segments[1:]
-    ids = {i for i, s in enumerate(rest) if ID_LIKE.search(s)}
-    if not ids and len(rest) == 1 and _norm(rest[0]) not in VERB_ACTIONS.keys() | EXPORT_WORDS:
+    search = ID_LIKE.search
+    ids = {i for i, s in enumerate(rest) if search(s)}
+    if not ids and len(rest) == 1 and _norm(rest[0]) not in _NOT_IDS:
         ids = {0}
     resource_id = rest[min(ids)] if ids else None
     verb = _norm(rest[-1]) if rest and (len(rest) - 1) not in ids else None
@@ -118,6 +123,8 @@ def jwt_input(identity: Identity | None) -> dict[str, Any]:
 
 def flags_input(flags: Any, ctx: RequestContext) -> dict[str, bool]:
     """Per-request guard flags; without a flags backend, or when it fails, every check is on."""
+    if flags is None:
+        return dict.fromkeys(FLAG_NAMES, True)
     out: dict[str, bool] = {}
     for key, flag in FLAG_NAMES.items():
         try:
@@ -127,13 +134,55 @@ def flags_input(flags: Any, ctx: RequestContext) -> dict[str, bool]:
     return out
 
 
-def build_input(ctx: RequestContext, settings: Settings, flags: Any) -> dict[str, Any]:
-    """The input document; fills ``ctx.resource/action/resource_id`` on the way."""
+class JwtInputCache:
+    """``jwt_input`` per cached Identity (``auth.cached_identity``): one object per verified
+    token, never mutated, so the document is built once per token (checked with ``is``)."""
+
+    __slots__ = ("entries", "size")
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self.entries: dict[str, tuple[Identity, dict[str, Any]]] = {}
+
+    def get(self, identity: Identity | None) -> dict[str, Any]:
+        if identity is None or identity.token_digest is None:
+            return jwt_input(identity)
+        key = identity.token_digest
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        doc = jwt_input(identity)
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[key] = (identity, doc)
+        return doc
+
+
+def _jwt_doc(ctx: RequestContext, jwt_docs: JwtInputCache | None) -> dict[str, Any]:
+    cached = cached_identity(ctx) if jwt_docs is not None else None
+    if cached is None or jwt_docs is None:
+        return jwt_input(ctx.identity)
+    return jwt_docs.get(cached)
+
+
+def build_input(
+    ctx: RequestContext,
+    settings: Settings,
+    flags: Any,
+    jwt_docs: JwtInputCache | None = None,
+    static_flags: dict[str, bool] | None = None,
+) -> dict[str, Any]:
+    """The input document; fills ``ctx.resource/action/resource_id`` on the way.
+
+    With ``jwt_docs`` the ``jwt`` part is shared by the requests of one token: read-only.
+    ``static_flags``: the flags of a backend whose values never depend on the request.
+    """
     resource, resource_id, verb, template = split_path(ctx.upstream_path or ctx.path)
     action = derive_action(ctx.method, resource, verb)
     ctx.resource, ctx.action, ctx.resource_id = resource, action, resource_id
+    identity = ctx.identity
     doc: dict[str, Any] = {
-        "jwt": jwt_input(ctx.identity),
+        "jwt": _jwt_doc(ctx, jwt_docs),
         "resource": resource,
         "action": action,
         "method": ctx.method.upper(),
@@ -141,9 +190,9 @@ def build_input(ctx: RequestContext, settings: Settings, flags: Any) -> dict[str
         "gateway_type": settings.gateway_type,
         "client": {
             "service_key": bool(ctx.service_key_route),
-            "service_account": ctx.identity.service_account if ctx.identity else None,
+            "service_account": identity.service_account if identity else None,
         },
-        "flags": flags_input(flags, ctx),
+        "flags": flags_input(flags, ctx) if static_flags is None else dict(static_flags),
         "now_ns": time.time_ns(),
     }
     approval = ctx.header(APPROVAL_HEADER)
@@ -211,11 +260,19 @@ class PolicyStep:
         self.settings = settings
         self.engine = engine
         self.flags = flags
+        self.jwt_docs = JwtInputCache()
+        self.static_flags: dict[str, bool] | None = None
+        if getattr(flags, "static", False) is True:
+            self.static_flags = {
+                key: bool(flags.enabled(flag, None)) for key, flag in FLAG_NAMES.items()
+            }
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         if ctx.is_public:
             return None
-        policy_input = build_input(ctx, self.settings, self.flags)
+        policy_input = build_input(
+            ctx, self.settings, self.flags, self.jwt_docs, self.static_flags
+        )
         if self.engine is None:
             return unavailable("no policy engine is configured")
         started = time.perf_counter()

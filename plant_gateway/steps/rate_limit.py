@@ -19,6 +19,7 @@ from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
 from plant_gateway.steps.admit import submit
+from plant_gateway.steps.auth import cached_identity
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -85,11 +86,26 @@ class RateLimitStep:
         bf_limit = settings.brute_force_limit_per_min
         self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
         self.batched = False  # set by the pipeline's admit step: enqueue, don't await
+        self._limits: dict[str, tuple[Identity, tuple[str, str, int, float, int]]] = {}
 
     def limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
         """(counter key, tier label, limit, period, burst) of this request."""
         if ctx.brute_force_route:
             return (f"bf:{ctx.client_ip}", "brute_force", *self.brute_force)
+        identity = cached_identity(ctx)  # one object per verified token: limit worked out once
+        digest = identity.token_digest if identity is not None else None
+        if identity is None or digest is None:
+            return self._limit_for(ctx)
+        entry = self._limits.get(digest)
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        limit = self._limit_for(ctx)
+        if len(self._limits) >= 10_000:
+            self._limits.clear()
+        self._limits[digest] = (identity, limit)
+        return limit
+
+    def _limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
         principal = principal_of(ctx.identity) if ctx.identity else None
         if principal is None or ctx.identity is None:
             tier_name, key = "anonymous", f"ip:{ctx.client_ip}"

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode
 from plant_gateway.context import RequestContext
 from plant_gateway.problems import Problem, unauthorized
 from plant_gateway.steps.ingress import read_body
-from plant_gateway.steps.routes import match_route
+from plant_gateway.steps.routes import RouteSet
 
 if TYPE_CHECKING:
     from plant_gateway.deps import Dependencies
@@ -54,12 +54,15 @@ class TenantStep:
 
     def __init__(self, rules: list[TenantRule]) -> None:
         self.rules = rules
+        # per rule: its methods as a set and its path precompiled (same match as match_route)
+        self._compiled = [(frozenset(r.methods), RouteSet([r.path]), r) for r in rules]
+        self._any = RouteSet([r.path for r in rules])  # most requests match no rule at all
 
     def _rules_for(self, ctx: RequestContext) -> list[TenantRule]:
-        return [
-            r for r in self.rules
-            if ctx.method in r.methods and match_route(r.path, ctx.upstream_path)
-        ]
+        method, path = ctx.method, ctx.upstream_path
+        if not self._any(path):
+            return []
+        return [r for methods, route, r in self._compiled if method in methods and route(path)]
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         rules = self._rules_for(ctx)

@@ -180,3 +180,46 @@ async def test_jsonb_values_that_postgres_reformats_still_verify(
         await conn.close()
     assert checked >= len(tricky)
     assert [f for f in findings if f.instance_id == recorder.instance_id] == []
+
+
+async def test_a_batch_repeating_stored_rows_is_written_without_duplicates(
+    audit_db: str, tmp_path: Path
+) -> None:
+    """A spool replay after a lost commit acknowledgement resends stored rows: the plain INSERT
+    fails on the duplicate and the batch is retried with ON CONFLICT DO NOTHING, not dropped."""
+    sink, recorder = await started_sink(audit_db, tmp_path)
+    first = [context(status=200) for _ in range(5)]
+    for ctx in first:
+        recorder.record(ctx)
+    stored = list(sink.queue.rows)
+    await sink.close()
+    sink, recorder = await started_sink(audit_db, tmp_path)
+    fresh = context(status=201)
+    recorder.record(fresh)
+    for row in stored:  # the same rows again, in one batch with a new one
+        sink.submit(dict(row))
+    await sink.close()
+    ids = [c.correlation_id for c in first] + [fresh.correlation_id]
+    assert await count_ids(audit_db, ids) == (6, 6)
+    assert sink.stats["dead"] == 0 and sink.stats["dropped"] == 0
+
+
+async def test_roles_needing_quotes_are_stored_exactly_and_verify(
+    audit_db: str, tmp_path: Path
+) -> None:
+    """text[] values travel as array literals: quotes, backslashes, commas, braces, blanks."""
+    sink, recorder = await started_sink(audit_db, tmp_path)
+    roles = ['a"b', "c\\d", "x,y", "{z}", " pad ", "NULL", "", "é"]
+    ctx = context(status=200, user_id="5f0c1f5e-2d7e-4a44-9b7b-0a8c3e3f1e11", roles=roles)
+    ctx.policies_evaluated = ["rbac", 'tenant "scope"']
+    recorder.record(ctx)
+    await sink.close()
+    rows = await fetch(audit_db, "SELECT roles, opa_policies_evaluated FROM gateway_audit_logs "
+                                 "WHERE correlation_id = $1::uuid", ctx.correlation_id)
+    assert [list(r) for r in rows] == [[roles, ["rbac", 'tenant "scope"']]]
+    conn = await reader(audit_db, admin=True)
+    try:
+        _, findings = await verify(conn)
+    finally:
+        await conn.close()
+    assert [f for f in findings if f.instance_id == recorder.instance_id] == []

@@ -95,12 +95,13 @@ async def spent(counters: Counters, agent: str = "agent-b") -> tuple[float, int]
     return decision.agent_spent or 0.0, 1000 - quota.remaining - 1
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def counters(
     request: pytest.FixtureRequest, redis_prefix: str
 ) -> AsyncIterator[Counters]:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    s = settings_for(url, redis_prefix)
+    fixture = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(request.param)
+    url = request.getfixturevalue(fixture) if fixture else None
+    s = settings_for(url, redis_prefix, redis_cluster=request.param == "cluster")
     made: Any = RedisCounters(s, url) if url else MemoryCounters(s)
     await made.start()
     yield made

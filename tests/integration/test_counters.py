@@ -1,4 +1,5 @@
-"""Behavioural suite of the counters backends: the same tests against in-process and real Redis.
+"""Behavioural suite of the counters backends: the same tests against in-process, real Redis
+and a real local Redis Cluster (3 primaries, ``REDIS_CLUSTER=true``).
 
 Exact limits under concurrency, UTC day/month rollover with an injected clock, budgets charged
 exactly once, revocation shared by instances.
@@ -29,10 +30,11 @@ class FakeClock:
         self.now = when.timestamp()
 
 
-def make_settings(redis_url: str | None, prefix: str) -> Settings:
+def make_settings(redis_url: str | None, prefix: str, cluster: bool = False) -> Settings:
     return Settings(
         plant_backend_url="http://127.0.0.1:9",
         redis_url=redis_url,
+        redis_cluster=cluster,
         redis_key_prefix=prefix,
         revoked_prefix=f"{prefix}revoked_access:",
         token_version_prefix=f"{prefix}token_version:",
@@ -47,7 +49,7 @@ def clock() -> FakeClock:
     return FakeClock(datetime(2025, 3, 14, 12, 0, tzinfo=UTC))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def instances(
     request: pytest.FixtureRequest, redis_prefix: str, clock: FakeClock
 ) -> AsyncIterator[Factory]:
@@ -60,10 +62,12 @@ async def instances(
         def factory() -> MemoryCounters | RedisCounters:
             return shared
     else:
-        url = request.getfixturevalue("redis_url")
+        cluster = request.param == "cluster"
+        url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+        settings = make_settings(url, redis_prefix, cluster=cluster)
 
         def factory() -> MemoryCounters | RedisCounters:
-            counters = RedisCounters(make_settings(url, redis_prefix), url, clock=clock)
+            counters = RedisCounters(settings, url, clock=clock)
             created.append(counters)
             return counters
 
