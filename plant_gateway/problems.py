@@ -69,6 +69,7 @@ class Problem:
 
 def unauthorized(kind: str, detail: str) -> Problem:
     """A 401 with the ``WWW-Authenticate`` challenge every 401 must carry."""
-    error = "invalid_request" if kind in ("unauthorized", "invalid-token-format") else "invalid_token"
+    request_errors = ("unauthorized", "invalid-token-format")
+    error = "invalid_request" if kind in request_errors else "invalid_token"
     challenge = f'Bearer realm="plant-gateway", error="{error}"'
     return Problem(401, kind, detail, headers=[("www-authenticate", challenge)])

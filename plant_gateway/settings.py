@@ -144,9 +144,13 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(30.0, gt=0, validation_alias=env_alias("BREAKER_RESET_S"))
 
     # --- ingress -------------------------------------------------------------------------
-    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES"))
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES")
+    )
     trusted_proxy_hops: int = Field(0, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS"))
-    cors_origins: CommaList = Field(default_factory=list, validation_alias=env_alias("CORS_ORIGINS"))
+    cors_origins: CommaList = Field(
+        default_factory=list, validation_alias=env_alias("CORS_ORIGINS")
+    )
     cors_allow_credentials: bool = Field(True, validation_alias=env_alias("CORS_ALLOW_CREDENTIALS"))
 
     # --- routes --------------------------------------------------------------------------
@@ -259,7 +263,9 @@ class Settings(BaseSettings):
     budget_fail_mode: FailMode = Field("closed", validation_alias=env_alias("BUDGET_FAIL_MODE"))
 
     # --- budget --------------------------------------------------------------------------
-    agent_daily_budget_usd: float = Field(1.0, gt=0, validation_alias=env_alias("AGENT_DAILY_BUDGET_USD"))
+    agent_daily_budget_usd: float = Field(
+        1.0, gt=0, validation_alias=env_alias("AGENT_DAILY_BUDGET_USD")
+    )
     platform_monthly_budget_usd: float = Field(
         100.0, gt=0, validation_alias=env_alias("PLATFORM_MONTHLY_BUDGET_USD")
     )
@@ -291,7 +297,9 @@ class Settings(BaseSettings):
         0.5, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
     )
     audit_queue_max: int = Field(100_000, gt=0, validation_alias=env_alias("AUDIT_QUEUE_MAX"))
-    audit_body_cap_bytes: int = Field(8192, ge=0, validation_alias=env_alias("AUDIT_BODY_CAP_BYTES"))
+    audit_body_cap_bytes: int = Field(
+        8192, ge=0, validation_alias=env_alias("AUDIT_BODY_CAP_BYTES")
+    )
     audit_capture_response_body: bool = Field(
         False, validation_alias=env_alias("AUDIT_CAPTURE_RESPONSE_BODY")
     )

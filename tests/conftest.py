@@ -1,4 +1,4 @@
-"""Shared test fixtures: real Redis and PostgreSQL (local or started for the run), real processes."""
+"""Shared test fixtures: real Redis and PostgreSQL (local or started for the run), processes."""
 
 pytest_plugins = [
     "tests.fixtures.redis",
