@@ -405,12 +405,8 @@ class Proxy:
             # (one write on the wire), and a broken body is still a clean 502/504, not an abort
             try:
                 body = await resp.read()
-            except TimeoutError:
-                _count(upstream, "timeout")
-                upstream.breaker.failure()
-                return Problem(504, "gateway-timeout", "the backend did not answer in time")
-            except aiohttp.ClientError as exc:
-                return self._bad_gateway(upstream, exc)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return self._read_failed(upstream, exc)
             finally:
                 resp.release()
             await send(start)
@@ -430,6 +426,14 @@ class Proxy:
             resp.release()
         return None
 
+    def _read_failed(self, upstream: Upstream, exc: Exception) -> Problem:
+        """Reading a whole (small or masked) body failed before anything was sent."""
+        if isinstance(exc, TimeoutError):
+            _count(upstream, "timeout")
+            upstream.breaker.failure()
+            return Problem(504, "gateway-timeout", "the backend did not answer in time")
+        return self._bad_gateway(upstream, exc)
+
     async def _relay_masked(
         self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
         send: Send, headers: list[tuple[bytes, bytes]], fields: frozenset[str],
@@ -448,12 +452,8 @@ class Proxy:
         except masking.Unmaskable as exc:
             ctx.error_type = "mask-refused"
             return masking.refused(str(exc))
-        except TimeoutError:
-            _count(upstream, "timeout")
-            upstream.breaker.failure()
-            return Problem(504, "gateway-timeout", "the backend did not answer in time")
-        except aiohttp.ClientError as exc:
-            return self._bad_gateway(upstream, exc)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self._read_failed(upstream, exc)
         finally:
             resp.release()
         out = masking.masked_headers(headers, len(body))
