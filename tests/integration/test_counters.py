@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,9 @@ class FakeClock:
         self.now = when.timestamp()
 
 
-def make_settings(redis_url: str | None, prefix: str, cluster: bool = False) -> Settings:
+def make_settings(
+    redis_url: str | None, prefix: str, cluster: bool = False, **extra: Any
+) -> Settings:
     return Settings(
         plant_backend_url="http://127.0.0.1:9",
         redis_url=redis_url,
@@ -38,6 +41,7 @@ def make_settings(redis_url: str | None, prefix: str, cluster: bool = False) -> 
         redis_key_prefix=prefix,
         revoked_prefix=f"{prefix}revoked_access:",
         token_version_prefix=f"{prefix}token_version:",
+        **extra,
     )
 
 

@@ -22,18 +22,11 @@ from plant_gateway.backends.base import BudgetRequest, CounterOp, DependencyErro
 from plant_gateway.backends.counters_redis import RedisCounters, script_slots
 from plant_gateway.settings import Settings
 from tests.fixtures.redis import RedisClusterProcesses, free_port
+from tests.integration.test_counters import make_settings
 
 
 def cluster_settings(url: str, prefix: str) -> Settings:
-    return Settings(
-        plant_backend_url="http://127.0.0.1:9",
-        redis_url=url,
-        redis_cluster=True,
-        redis_key_prefix=prefix,
-        revoked_prefix=f"{prefix}revoked_access:",
-        token_version_prefix=f"{prefix}token_version:",
-        redis_timeout_s=0.3,
-    )
+    return make_settings(url, prefix, cluster=True, redis_timeout_s=0.3)
 
 
 @pytest.fixture
