@@ -220,6 +220,7 @@ def compile_bundle(sources: BundleSources, entrypoint: str) -> CompiledBundle:
 # --- decision cache ---------------------------------------------------------------------------
 
 
+SHARED_PROJECTIONS = 10_000
 INPUT_REF_RE = re.compile(r"\binput\.(\w+)")
 INPUT_SUB_RE = re.compile(r"\binput\.(\w+)\.(\w+)")
 INPUT_WHOLE_RE = re.compile(r"\binput\.(\w+)\b(?!\s*\.\s*\w)")
@@ -243,6 +244,12 @@ class InputProjection:
 
     fields: frozenset[str]
     keys: dict[str, frozenset[str]]
+    # projections of shared, never-mutated sub-documents (the ``jwt`` document of one token,
+    # see steps/policy.py JwtInputCache), keyed by id() and checked with ``is``: holding the
+    # source keeps its id from being reused
+    shared: dict[int, tuple[Any, dict[str, Any]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def for_modules(cls, modules: dict[str, str]) -> InputProjection | None:
@@ -268,7 +275,10 @@ class InputProjection:
                 continue
             keys = self.keys.get(name)
             if keys is not None and isinstance(value, dict):
-                value = {k: v for k, v in value.items() if k in keys and v is not None}
+                if name == "jwt":
+                    value = self._shared_projection(value, keys)
+                else:
+                    value = {k: v for k, v in value.items() if k in keys and v is not None}
                 if name == "flags":
                     value = {k: v for k, v in value.items() if v is not True}
                 if not value:
@@ -276,17 +286,31 @@ class InputProjection:
             out[name] = value
         return out
 
+    def _shared_projection(self, value: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+        entry = self.shared.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry[1]
+        projected = {k: v for k, v in value.items() if k in keys and v is not None}
+        if len(self.shared) >= SHARED_PROJECTIONS:
+            self.shared.clear()
+        self.shared[id(value)] = (value, projected)
+        return projected
+
 
 def _strip_comments(source: str) -> str:
     return "\n".join(line.split("#", 1)[0] if '"' not in line else line
                      for line in source.splitlines())
 
 
-def input_digest(policy_input: dict[str, Any]) -> bytes:
-    """Canonical digest of an input, ignoring the clock (``now_ns``)."""
-    stable = {k: v for k, v in policy_input.items() if k != "now_ns"}
-    canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(canonical.encode(), digest_size=16).digest()
+def input_digest(policy_input: dict[str, Any]) -> str:
+    """The decision-cache key of an input, ignoring the clock (``now_ns``).
+
+    ``repr`` of the JSON-like document is exact (``True`` and ``1``, ``"1"`` and ``1`` differ)
+    and about 3× cheaper than canonical JSON plus a hash; the string itself is the key, so
+    two different inputs can never share a decision. Key order only matters for hits: the
+    gateway always builds its input in the same order.
+    """
+    return repr([(k, v) for k, v in policy_input.items() if k != "now_ns"])
 
 
 @dataclass(slots=True)
@@ -294,13 +318,13 @@ class DecisionCache:
     """A bounded LRU of decisions; an entry expires at the decision's ``valid_until_ns``."""
 
     size: int
-    entries: OrderedDict[bytes, tuple[dict[str, Any], int | None]] = field(
+    entries: OrderedDict[str, tuple[dict[str, Any], int | None]] = field(
         default_factory=OrderedDict
     )
     hits: int = 0
     misses: int = 0
 
-    def get(self, key: bytes, now_ns: int) -> dict[str, Any] | None:
+    def get(self, key: str, now_ns: int) -> dict[str, Any] | None:
         entry = self.entries.get(key)
         if entry is None or (entry[1] is not None and now_ns >= entry[1]):
             self.misses += 1
@@ -309,7 +333,7 @@ class DecisionCache:
         self.hits += 1
         return entry[0]
 
-    def put(self, key: bytes, decision: dict[str, Any]) -> None:
+    def put(self, key: str, decision: dict[str, Any]) -> None:
         if self.size <= 0:
             return
         until = decision.get("valid_until_ns")

@@ -49,7 +49,24 @@ def _norm(segment: str) -> str:
     return segment.lower().replace("-", "_")
 
 
+_SPLIT_CACHE: dict[str, tuple[str, str | None, str | None, str]] = {}
+_SPLIT_CACHE_SIZE = 4096
+_SPLIT_CACHE_KEY_MAX = 256
+
+
 def split_path(path: str) -> tuple[str, str | None, str | None, str]:
+    """``_split_path`` memoised for short paths (bounded: cleared when full)."""
+    found = _SPLIT_CACHE.get(path)
+    if found is None:
+        found = _split_path(path)
+        if len(path) <= _SPLIT_CACHE_KEY_MAX:
+            if len(_SPLIT_CACHE) >= _SPLIT_CACHE_SIZE:
+                _SPLIT_CACHE.clear()
+            _SPLIT_CACHE[path] = found
+    return found
+
+
+def _split_path(path: str) -> tuple[str, str | None, str | None, str]:
     """``(resource, resource_id, verb, template)`` for ``/api/v1/<resource>/<id>/<verb>``.
 
     An id is the first segment after the resource that looks like one (has a digit, a UUID or
