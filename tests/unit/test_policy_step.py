@@ -134,6 +134,19 @@ def test_input_is_stable_across_requests_and_tokens() -> None:
     assert input_digest(a) != input_digest(c)
 
 
+def test_decision_key_tells_apart_values_that_compare_equal() -> None:
+    """A cached decision is only reused for the very same input: True is not 1, "1" is not 1."""
+    base = {"resource": "agents", "jwt": {"roles": ["user"], "trial_mode": True}}
+    variants = [
+        {"resource": "agents", "jwt": {"roles": ["user"], "trial_mode": 1}},
+        {"resource": "agents", "jwt": {"roles": ["user"], "trial_mode": "True"}},
+        {"resource": "agents", "jwt": {"roles": "user", "trial_mode": True}},
+    ]
+    keys = {input_digest(base), *(input_digest(v) for v in variants)}
+    assert len(keys) == 4
+    assert input_digest({**base, "now_ns": 1}) == input_digest({**base, "now_ns": 2})
+
+
 def test_input_carries_flags_and_approval() -> None:
     ctx = make_ctx("DELETE", "/api/v1/agents/7", ident(["user"]),
                    **{"x-governor-approval-id": "ap-1"})
