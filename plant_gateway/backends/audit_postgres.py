@@ -23,13 +23,12 @@ import asyncpg
 
 from plant_gateway.backends import audit_metrics as m
 from plant_gateway.backends.audit_schema import (
-    COLUMNS,
+    INSERT_COLUMNS_SQL,
     NAMES,
     TABLE,
     WRITER_ROLE,
     from_wire,
-    to_record,
-    to_wire,
+    upgrade_line,
 )
 from plant_gateway.backends.base import DependencyStatus
 
@@ -39,23 +38,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("plant_gateway.audit")
 
-STAGE = "audit_stage"
-# text[] columns are staged as text (array literals, see ``to_record``) and cast on INSERT
+STAGE = "audit_lines"
+# A line is "<canonical JSON array>\t<row hash>\n": COPY takes it as CSV with tab delimiters
+# and a quote character JSON never contains unescaped (orjson writes U+0001 as \u0001), so no
+# byte of it is reinterpreted; the INSERT splits the array into the columns.
 STAGE_DDL = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ("
-    + ", ".join(f'"{name}" {"text" if kind == "text[]" else kind}' for name, kind in COLUMNS)
-    + ") ON COMMIT DELETE ROWS"
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (doc jsonb, row_hash text) ON COMMIT DELETE ROWS"
 )
+COPY_OPTIONS: dict[str, Any] = {"format": "csv", "delimiter": "\t", "quote": "\x01"}
 COLS_SQL = ", ".join(f'"{name}"' for name in NAMES)
-SELECT_SQL = ", ".join(
-    f'"{name}"::text[]' if kind == "text[]" else f'"{name}"' for name, kind in COLUMNS
-)
 # The plain INSERT is the normal path; ON CONFLICT DO NOTHING (a speculative insertion per row,
 # ~10 % more server CPU) is used only to retry a batch that hit a duplicate (a spool replay of
 # rows whose first commit was not acknowledged).
-INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {SELECT_SQL} FROM {STAGE}"
+INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {INSERT_COLUMNS_SQL} FROM {STAGE}"
 DEDUP_INSERT_SQL = INSERT_SQL + " ON CONFLICT DO NOTHING"
-NAMES_LIST = list(NAMES)
 MAINTENANCE_LOCK = 7_402_118_735
 MAINTENANCE_EVERY_S = 3600.0
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
@@ -78,12 +74,12 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 class RowQueue:
-    """A bounded FIFO of rows with the ``asyncio.Queue`` methods the sink uses, on a deque
-    (a quarter of the per-row cost; the writer is the only consumer and never waits on it)."""
+    """A bounded FIFO of lines (see ``audit_schema``) with the ``asyncio.Queue`` methods the
+    sink uses, on a deque (the writer is the only consumer and never waits on it)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self.rows: deque[dict[str, Any]] = deque()
+        self.rows: deque[bytes] = deque()
 
     def qsize(self) -> int:
         return len(self.rows)
@@ -94,18 +90,18 @@ class RowQueue:
     def full(self) -> bool:
         return len(self.rows) >= self.maxsize
 
-    def put_nowait(self, row: dict[str, Any]) -> None:
+    def put_nowait(self, row: bytes) -> None:
         if len(self.rows) >= self.maxsize:
             raise asyncio.QueueFull
         self.rows.append(row)
 
-    def get_nowait(self) -> dict[str, Any]:
+    def get_nowait(self) -> bytes:
         try:
             return self.rows.popleft()
         except IndexError:
             raise asyncio.QueueEmpty from None
 
-    def take(self, limit: int) -> list[dict[str, Any]]:
+    def take(self, limit: int) -> list[bytes]:
         """Up to ``limit`` rows, oldest first."""
         rows = self.rows
         if len(rows) <= limit:
@@ -140,9 +136,8 @@ class Spool:
             fh.seek(self.offset)
             return sum(1 for _ in fh)
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        data = b"".join(to_wire(r) + b"\n" for r in rows)
-        self._fh.write(data)
+    def append(self, rows: list[bytes]) -> None:
+        self._fh.write(b"".join(rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self.pending += len(rows)
@@ -273,8 +268,9 @@ class PostgresAuditSink:
         )
 
     # --- the request path ---------------------------------------------------------------------
-    def submit(self, row: dict[str, Any]) -> None:
-        """Queue a finished row; never blocks, never raises. A full queue spills to disk."""
+    def submit(self, row: bytes) -> None:
+        """Queue a finished row (a line, see ``audit_schema``); never blocks, never raises.
+        A full queue spills to disk."""
         rows = self.queue.rows
         if not self._closing and len(rows) < self.queue.maxsize:
             rows.append(row)
@@ -296,7 +292,7 @@ class PostgresAuditSink:
         if self.spool is not None and self.spool.pending:
             await self._drain_spool(self.spool, max_batches=1000)
 
-    async def _collect(self) -> list[dict[str, Any]]:
+    async def _collect(self) -> list[bytes]:
         """The next batch: ``batch_size`` rows as soon as they are queued, else what the
         interval gathered. One wait per batch (never one per row: that cost the request path
         a timer and a task per request)."""
@@ -308,7 +304,7 @@ class PostgresAuditSink:
         m.QUEUE_DEPTH.set(self.queue.qsize())
         return batch
 
-    async def _handle(self, batch: list[dict[str, Any]]) -> None:
+    async def _handle(self, batch: list[bytes]) -> None:
         if self.spool is not None and self.spool.pending:
             self._spool_rows(batch)  # keep order: older spooled rows go first
             return
@@ -320,7 +316,7 @@ class PostgresAuditSink:
             self._spool_rows(batch)
             raise
 
-    def _drain_queue(self) -> list[dict[str, Any]]:
+    def _drain_queue(self) -> list[bytes]:
         rows = self.queue.take(len(self.queue.rows))
         m.QUEUE_DEPTH.set(0)
         return rows
@@ -352,46 +348,39 @@ class PostgresAuditSink:
             await self._conn.execute(STAGE_DDL)
         return self._conn
 
-    async def _write(self, rows: list[dict[str, Any]]) -> int:
-        """Write rows; quarantine bad ones; raise Outage if the database cannot take them."""
-        records = [to_record(row) for row in rows]
-        if not records:
+    async def _write(self, rows: list[bytes], dedup: bool = False) -> int:
+        """Write lines; quarantine bad ones; raise Outage if the database cannot take them."""
+        if not rows:
             return 0
-        return await self._copy(records, rows)
-
-    async def _copy(
-        self, records: list[list[Any]], rows: list[dict[str, Any]], dedup: bool = False
-    ) -> int:
         started = time.perf_counter()
         try:
             conn = await self._writer()
             async with conn.transaction():
-                await conn.copy_records_to_table(STAGE, records=records, columns=NAMES_LIST)
+                # a memoryview: asyncpg would take plain bytes for a file path
+                data = memoryview(b"".join(rows))
+                await conn.copy_to_table(STAGE, source=data, **COPY_OPTIONS)
                 await conn.execute(DEDUP_INSERT_SQL if dedup else INSERT_SQL)
         except Exception as exc:
             if not dedup and isinstance(exc, asyncpg.UniqueViolationError):
-                return await self._copy(records, rows, dedup=True)
+                return await self._write(rows, dedup=True)
             if _is_outage(exc):
                 await self._mark_outage(exc)
                 raise Outage(str(exc)) from exc
-            return await self._bisect(records, rows, exc)
+            return await self._bisect(rows, exc)
         m.WRITE_LATENCY.observe(time.perf_counter() - started)
         self._retry_s = RETRY_MIN_S
-        m.ROWS_WRITTEN.inc(len(records))
-        self.stats["written"] += len(records)
-        return len(records)
+        m.ROWS_WRITTEN.inc(len(rows))
+        self.stats["written"] += len(rows)
+        return len(rows)
 
-    async def _bisect(
-        self, records: list[list[Any]], rows: list[dict[str, Any]], exc: Exception
-    ) -> int:
+    async def _bisect(self, rows: list[bytes], exc: Exception) -> int:
         """A batch was refused for its data: split it until the bad rows are isolated."""
-        if len(records) == 1:
-            row = next((r for r in rows if str(r.get("id")) == str(records[0][0])), records[0])
-            self._dead_letter(row, f"{type(exc).__name__}: {exc}")
+        if len(rows) == 1:
+            self._dead_letter(_readable(rows[0]), f"{type(exc).__name__}: {exc}")
             return 0
-        half = len(records) // 2
-        written = await self._copy(records[:half], rows, dedup=True)
-        return written + await self._copy(records[half:], rows, dedup=True)
+        half = len(rows) // 2
+        written = await self._write(rows[:half], dedup=True)
+        return written + await self._write(rows[half:], dedup=True)
 
     async def _mark_outage(self, exc: BaseException) -> None:
         self._last_error = type(exc).__name__
@@ -404,7 +393,7 @@ class PostgresAuditSink:
         self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
 
     # --- spool and dead letters ------------------------------------------------------------------
-    def _spool_rows(self, rows: list[dict[str, Any]]) -> None:
+    def _spool_rows(self, rows: list[bytes]) -> None:
         if not rows:
             return
         try:
@@ -425,11 +414,11 @@ class PostgresAuditSink:
             lines, new_offset = spool.read(self.batch_size)
             if not lines:
                 return
-            rows: list[dict[str, Any]] = []
+            rows: list[bytes] = []
             for line in lines:
                 try:
-                    rows.append(from_wire(line))
-                except ValueError:
+                    rows.append(upgrade_line(line))
+                except (ValueError, TypeError, KeyError):
                     self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
             try:
                 written = await self._write(rows)
@@ -497,6 +486,14 @@ class PostgresAuditSink:
                 )
         finally:
             await conn.close()
+
+
+def _readable(line: bytes) -> Any:
+    """A line as a dict row for the dead-letter file (the raw text if it does not parse)."""
+    try:
+        return from_wire(line)
+    except (ValueError, TypeError, KeyError):
+        return {"raw": line.decode(errors="replace")}
 
 
 def create(settings: Settings) -> PostgresAuditSink:

@@ -1,9 +1,16 @@
-"""The audit row: column list, row form, database record and hash chain.
+"""The audit row: column list, row forms, database record and hash chain.
 
-A row is a dict in database-ready form: uuids as lowercase strings, ``timestamp`` a datetime,
-every jsonb value already serialised once (canonical JSON text, sorted keys, see ``dump_json``).
-The writer passes it to COPY as is, the hash covers the very same text, and ``audit verify``
-re-derives that text from the stored jsonb (``from_db``), so both sides hash the same bytes.
+A row travels as one *line*: its canonical bytes (a JSON array of every column but row_hash,
+in table order, see ``canonical``), a tab, the row hash, a newline. The recorder builds that
+array once, hashes it and queues the line; the writer COPYs lines as they are (CSV with a quote
+character JSON never contains) into a staging table and PostgreSQL splits the array into the
+columns (``INSERT_COLUMNS_SQL``); the spool stores the same lines. So the gateway process
+serialises each row exactly once, and the bytes hashed are the bytes written.
+
+The dict form (``row``) is for tools, tests and ``audit verify``: uuids as lowercase strings,
+``timestamp`` a datetime, every jsonb value as its canonical text (sorted keys, see
+``dump_json``); ``canonical(row)`` gives the same bytes as the line, and ``from_db`` re-derives
+them from the stored columns.
 """
 
 from __future__ import annotations
@@ -65,12 +72,9 @@ HASHED = NAMES[:-1]
 JSONB = frozenset(name for name, kind in COLUMNS if kind == "jsonb")
 UUIDS = frozenset(name for name, kind in COLUMNS if kind == "uuid")
 FLOATS = frozenset(name for name, kind in COLUMNS if kind == "double precision")
-ARRAYS = frozenset(name for name, kind in COLUMNS if kind == "text[]")
-_ARRAY_AT = tuple(i for i, name in enumerate(NAMES) if name in ARRAYS)
 _JSONB_AT = tuple(i for i, name in enumerate(HASHED) if name in JSONB)
 _TS_AT = HASHED.index("timestamp")
 _GET_HASHED = itemgetter(*HASHED)
-_GET_ALL = itemgetter(*NAMES)
 # Output that a jsonb round trip would not reproduce byte for byte: exponent floats (PostgreSQL
 # prints numerics in plain notation), negative zero, NUL (jsonb refuses it). Matches inside
 # strings are false alarms that only cost the slow path.
@@ -165,53 +169,69 @@ def row_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(row)).hexdigest()
 
 
-def to_record(row: dict[str, Any]) -> list[Any]:
-    """Row -> record for COPY: text[] values as PostgreSQL array text (the staging table has
-    text columns there, the INSERT casts them: half the client encoding cost of binary arrays);
-    everything else as is, asyncpg validates the types."""
-    try:
-        record = list(_GET_ALL(row))
-    except KeyError:
-        record = [row.get(name) for name in NAMES]
-    for i in _ARRAY_AT:
-        if record[i] is not None:
-            record[i] = array_literal(record[i])
-    return record
+def _server_value(index: int, kind: str) -> str:
+    """SQL taking column ``index`` out of the staged array ``doc`` (jsonb). Text columns are
+    not cast (the INSERT's assignment cast refuses over-long varchar values, a cast would
+    truncate); text[] goes through jsonb_array_elements_text (JSON escapes are not array
+    literal escapes)."""
+    if kind == "jsonb":
+        return f"nullif(doc->{index}, 'null')"
+    if kind == "text[]":
+        return (f"CASE WHEN jsonb_typeof(doc->{index}) = 'array' THEN "
+                f"ARRAY(SELECT jsonb_array_elements_text(doc->{index})) END")
+    if kind in ("uuid", "timestamptz", "boolean", "integer", "bigint", "double precision"):
+        return f"(doc->>{index})::{kind}"
+    return f"doc->>{index}"
 
 
-def array_literal(value: Any) -> Any:
-    """A list of strings as a PostgreSQL array literal (every element quoted). Anything else
-    is returned unchanged, so asyncpg refuses it and the row is quarantined, as before."""
-    if type(value) is not list and type(value) is not tuple:
-        return value
-    try:
-        body = '","'.join(value)
-    except TypeError:  # NULL or non-text elements
-        return _slow_array_literal(value)
-    if '"' in body or "\\" in body:
-        return _slow_array_literal(value)
-    return '{"' + body + '"}' if value else "{}"
+# The staging table's SELECT list, in NAMES order (row_hash is the second staged column).
+INSERT_COLUMNS_SQL = ", ".join(
+    [_server_value(i, kind) for i, (_, kind) in enumerate(COLUMNS[:-1])] + ["row_hash"]
+)
+TAB, NEWLINE = b"\t", b"\n"
 
 
-def _slow_array_literal(value: list[Any] | tuple[Any, ...]) -> Any:
-    parts = []
-    for item in value:
-        if item is None:
-            parts.append("NULL")
-        elif type(item) is str:
-            parts.append('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"')
-        else:
-            return value
-    return "{" + ",".join(parts) + "}"
+def to_line(row: dict[str, Any]) -> bytes:
+    """A dict row (with its row_hash) as a line, the form the sink queues, COPYs and spools."""
+    return b"".join((canonical(row), TAB, str(row["row_hash"]).encode(), NEWLINE))
 
 
-def to_wire(row: dict[str, Any]) -> bytes:
-    """One spool line (JSON, the timestamp as ISO 8601)."""
-    return orjson.dumps(row)
+def split_line(line: bytes) -> tuple[bytes, str]:
+    """A line's canonical bytes and row hash."""
+    content, _, digest = line.rstrip(NEWLINE).rpartition(TAB)
+    return content, digest.decode()
+
+
+def from_line(line: bytes) -> dict[str, Any]:
+    """A line back to a dict row (jsonb values as canonical text, the timestamp a datetime)."""
+    content, digest = split_line(line)
+    row = from_content(content)
+    row["row_hash"] = digest
+    return row
+
+
+def from_content(content: bytes) -> dict[str, Any]:
+    """Canonical bytes back to a dict row without row_hash."""
+    values = load_json(content)
+    if type(values) is not list or len(values) != len(HASHED):
+        raise ValueError("not an audit line")
+    row = dict(zip(HASHED, values, strict=True))
+    for name in JSONB:
+        if row[name] is not None:
+            row[name] = dump_json(row[name])
+    row["timestamp"] = datetime.fromisoformat(row["timestamp"])
+    return row
+
+
+def upgrade_line(line: bytes) -> bytes:
+    """A spool line as a line: older spools hold one JSON object per row."""
+    return to_line(from_wire(line)) if line.startswith(b"{") else line
 
 
 def from_wire(line: bytes) -> dict[str, Any]:
-    """A spool line back to a row; older spools with jsonb as objects are serialised here."""
+    """A spool line (this version's lines, or an older spool's JSON objects) as a dict row."""
+    if not line.startswith(b"{"):
+        return from_line(line)
     row: dict[str, Any] = orjson.loads(line)
     ts = row.get("timestamp")
     if isinstance(ts, str):

@@ -181,6 +181,7 @@ class Flags(Dependency, Protocol):
 
 
 class AuditSink(Dependency, Protocol):
-    """Accepts finished rows without blocking; persists them in the background."""
+    """Accepts finished rows (lines, see ``audit_schema``) without blocking; persists them in
+    the background."""
 
-    def submit(self, row: dict[str, Any]) -> None: ...
+    def submit(self, row: bytes) -> None: ...
