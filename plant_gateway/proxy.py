@@ -1,7 +1,9 @@
-"""Forwarding (spec §1.7): one aiohttp pool per upstream, streaming both ways, header hygiene.
+"""Forwarding (spec §1.7): one connection pool per upstream, streaming both ways, header hygiene.
 
-Timeouts, idempotent retries on connection failure, a circuit breaker per upstream, and the
-502/503/504 problems. WebSockets are bridged between the ASGI socket and an aiohttp client.
+HTTP requests go through the lean client of ``upstream_client`` (the request head is built as
+bytes straight from the client's raw headers); WebSockets, the ID-token fetch and health checks
+use an aiohttp session. Timeouts, idempotent retries on connection failure, a circuit breaker per
+upstream, and the 502/503/504 problems.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from plant_gateway import masking, metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
 from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
+from plant_gateway.upstream_client import (
+    ConnectError,
+    Disconnected,
+    InvalidHeader,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    check_head,
+    pool_for_url,
+)
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
@@ -51,6 +63,13 @@ _RESPONSE_DROP = HOP_BY_HOP | RESPONSE_OWNED
 _RESPONSE_DROP_PREFIXES = ("proxy-", "access-control-", "x-debug-")
 _URL_CACHE_LIMIT = 1024  # upstream URLs built per (path, query): bounded count and key size
 _URL_CACHE_KEY_MAX = 512
+_DROP_B = frozenset(name.encode() for name in _DROP)
+_DROP_PREFIXES_B = tuple(prefix.encode() for prefix in _DROP_PREFIXES)
+_DROP_PREFIXES_WS_B = tuple(prefix.encode() for prefix in _DROP_PREFIXES_WS)
+_RESPONSE_DROP_B = frozenset(name.encode() for name in _RESPONSE_DROP)
+_RESPONSE_DROP_PREFIXES_B = tuple(prefix.encode() for prefix in _RESPONSE_DROP_PREFIXES)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # list no other header: nothing to drop
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
@@ -71,59 +90,101 @@ def is_hop_by_hop(name: str, listed: set[str]) -> bool:
     return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
 
 
-def upstream_request_headers(ctx: RequestContext, settings: Settings) -> list[tuple[str, str]]:
-    """The headers sent upstream: client headers minus hop-by-hop and owned ones, plus ours."""
-    raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in ctx.raw_headers]
-    drop: frozenset[str] | set[str] = _DROP
-    if any(k == "connection" for k, _ in raw):
-        drop = _DROP | connection_listed(raw)
-    prefixes = _DROP_PREFIXES_WS if ctx.is_websocket else _DROP_PREFIXES
-    out = [(k, v) for k, v in raw if k not in drop and not k.startswith(prefixes)]
+def _listed(value: bytes) -> set[bytes]:
+    """The header names a ``Connection`` header value lists (lowercase)."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def upstream_header_fields(ctx: RequestContext, settings: Settings) -> list[tuple[bytes, bytes]]:
+    """The headers sent upstream: client headers minus hop-by-hop and owned ones, plus ours.
+
+    Client headers stay the bytes the client sent (no decode/encode); ours are UTF-8.
+    """
+    raw = ctx.raw_headers
+    drop: frozenset[bytes] | set[bytes] = _DROP_B
+    for key, value in raw:
+        if key.lower() == b"connection":
+            drop = drop | _listed(value)
+    prefixes = _DROP_PREFIXES_WS_B if ctx.is_websocket else _DROP_PREFIXES_B
+    out = [
+        (name, value) for name, value in ((k.lower(), v) for k, v in raw)
+        if name not in drop and not name.startswith(prefixes)
+    ]
     if ctx.authorization:
-        out.append(("X-Original-Authorization", ctx.authorization))
+        out.append((b"X-Original-Authorization", ctx.authorization.encode("latin-1", "replace")))
     out += [
-        ("X-Gateway", "plant-gateway"),
-        ("X-Gateway-Type", settings.gateway_type),
-        ("X-Correlation-ID", ctx.correlation_id),
-        ("X-Request-ID", ctx.request_id),
-        ("X-Causation-ID", ctx.request_id),
-        ("X-Forwarded-For", ctx.client_ip),
-        ("X-Forwarded-Proto", ctx.scheme),
-        ("X-Forwarded-Host", ctx.host),
+        (b"X-Gateway", b"plant-gateway"),
+        (b"X-Gateway-Type", settings.gateway_type.encode()),
+        (b"X-Correlation-ID", ctx.correlation_id.encode()),
+        (b"X-Request-ID", ctx.request_id.encode()),
+        (b"X-Causation-ID", ctx.request_id.encode()),
+        (b"X-Forwarded-For", ctx.client_ip.encode()),
+        (b"X-Forwarded-Proto", ctx.scheme.encode()),
+        (b"X-Forwarded-Host", ctx.host.encode("latin-1", "replace")),
     ]
     if ctx.traceparent:
-        out.append(("traceparent", ctx.traceparent))
+        out.append((b"traceparent", ctx.traceparent.encode()))
     if ctx.tracestate:
-        out.append(("tracestate", ctx.tracestate))
+        out.append((b"tracestate", ctx.tracestate.encode("latin-1", "replace")))
     ident = ctx.identity
     if ident is not None:
         if ident.user_id:
-            out.append(("X-User-ID", ident.user_id))
+            out.append((b"X-User-ID", ident.user_id.encode()))
         if ident.customer_id:
-            out.append(("X-Customer-ID", ident.customer_id))
+            out.append((b"X-Customer-ID", ident.customer_id.encode()))
         if ident.roles:
-            out.append(("X-User-Roles", ",".join(ident.roles)))
+            out.append((b"X-User-Roles", ",".join(ident.roles).encode()))
     if ctx.body is not None:
-        out.append(("Content-Length", str(len(ctx.body))))
+        out.append((b"Content-Length", b"%d" % len(ctx.body)))
     elif ctx.content_length is not None:
-        out.append(("Content-Length", str(ctx.content_length)))
+        out.append((b"Content-Length", b"%d" % ctx.content_length))
+    return out
+
+
+def upstream_request_headers(ctx: RequestContext, settings: Settings) -> list[tuple[str, str]]:
+    """``upstream_header_fields`` as text (WebSocket handshakes through aiohttp)."""
+    return [
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_header_fields(ctx, settings)
+    ]
+
+
+def request_head(
+    method: str, target: bytes, host: bytes, fields: list[tuple[bytes, bytes]]
+) -> bytes:
+    """The HTTP/1.1 request head; InvalidHeader if any value would smuggle a CR, LF or NUL."""
+    head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%b\r\n" % (
+        method.encode(), target, host, b"".join([b"%b: %b\r\n" % field for field in fields])
+    )
+    check_head(head, len(fields) + 3)
+    return head
+
+
+def response_fields(
+    upstream: list[tuple[bytes, bytes]], ctx: RequestContext
+) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers (lowercase names) minus hop-by-hop, CORS (the gateway owns it)
+    and ids we set."""
+    listed: set[bytes] | None = None
+    out = []
+    for name, value in upstream:
+        if name in _RESPONSE_DROP_B or name.startswith(_RESPONSE_DROP_PREFIXES_B):
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                listed = _listed(value) if listed is None else listed | _listed(value)
+            continue
+        out.append((name, value))
+    if listed:
+        out = [(name, value) for name, value in out if name not in listed]
+    out.append((b"x-target-backend", ctx.target_backend.encode()))
     return out
 
 
 def downstream_response_headers(
     upstream: list[tuple[str, str]], ctx: RequestContext
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers minus hop-by-hop, CORS (the gateway owns it) and ids we set."""
-    lowered = [(k.lower(), v) for k, v in upstream]
-    drop: frozenset[str] | set[str] = _RESPONSE_DROP
-    if any(name == "connection" for name, _ in lowered):
-        drop = _RESPONSE_DROP | connection_listed(lowered)
-    out = [
-        (name.encode("latin-1"), value.encode("latin-1")) for name, value in lowered
-        if name not in drop and not name.startswith(_RESPONSE_DROP_PREFIXES)
-    ]
-    out.append((b"x-target-backend", ctx.target_backend.encode()))
-    return out
+    """``response_fields`` for text headers."""
+    return response_fields(
+        [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in upstream], ctx
+    )
 
 
 class CircuitBreaker:
@@ -217,7 +278,15 @@ class Upstream:
         self.breaker = CircuitBreaker(
             name, settings.breaker_failure_threshold, settings.breaker_reset_s
         )
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # websockets, checks, ID tokens
+        self.pool: UpstreamPool | None = None  # HTTP forwarding
+        port = self.base.port
+        host = self.base.raw_host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        self.host_header = (host if self.base.is_default_port() else f"{host}:{port}").encode()
+        self._base_path = self.base.raw_path.rstrip("/")
+        self._targets: dict[tuple[str, str], bytes] = {}
         self.id_tokens = (
             IdTokenSource(settings.plant_backend_audience or base_url)
             if settings.plant_backend_use_id_token else None
@@ -239,10 +308,30 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=self.timeout, cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self.pool = pool_for_url(
+            self.base, limit=self.settings.upstream_pool_size,
+            connect_timeout=self.settings.upstream_connect_timeout_s,
+            read_timeout=self.settings.upstream_read_timeout_s,
+        )
 
     async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         if self.session is not None:
             await self.session.close()
+
+    def target(self, path: str, query: str) -> bytes:
+        """The request target (percent-encoded path and query) as bytes, like ``url``."""
+        key = (path, query)
+        found = self._targets.get(key)
+        if found is None:
+            text = self._base_path + quote(path, safe=SAFE_PATH)
+            found = (f"{text}?{query}" if query else text or "/").encode("latin-1", "replace")
+            if len(path) + len(query) <= _URL_CACHE_KEY_MAX:
+                if len(self._targets) >= _URL_CACHE_LIMIT:
+                    self._targets.clear()
+                self._targets[key] = found
+        return found
 
     def url(self, path: str, query: str) -> URL:
         key = (path, query)
@@ -255,6 +344,9 @@ class Upstream:
                     self._urls.clear()
                 self._urls[key] = found
         return found
+
+    async def auth_field(self) -> list[tuple[bytes, bytes]]:
+        return [(k.encode(), v.encode()) for k, v in await self.auth_header()]
 
     async def auth_header(self) -> list[tuple[str, str]]:
         if self.id_tokens is None or self.session is None:
@@ -287,6 +379,7 @@ class Proxy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._cost_header = settings.cost_response_header.lower().encode("latin-1")
         production = Upstream("production", settings.plant_backend_url, settings)
         self.upstreams = {"production": production}
         if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
@@ -313,17 +406,29 @@ class Proxy:
         upstream = self.upstream(ctx.target_backend)
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
-        headers = upstream_request_headers(ctx, self.settings)
+        fields = upstream_header_fields(ctx, self.settings)
         if upstream.id_tokens is not None:
             try:
-                headers += await upstream.auth_header()
+                fields += await upstream.auth_field()
             except (aiohttp.ClientError, TimeoutError):
                 upstream.breaker.failure()
                 return Problem(
                     503, "upstream-unavailable", "could not obtain a backend identity token"
                 )
+        chunked = ctx.body is None and body.has_body and ctx.content_length is None
+        if chunked:
+            fields.append((b"Transfer-Encoding", b"chunked"))
+        elif ctx.body is None and not body.has_body and ctx.content_length is None \
+                and ctx.method in BODY_METHODS:
+            fields.append((b"Content-Length", b"0"))
+        target = upstream.target(ctx.upstream_path, ctx.query_string)
+        try:
+            head = request_head(ctx.method, target, upstream.host_header, fields)
+        except InvalidHeader:
+            ctx.error_type = "invalid-header"
+            return Problem(400, "bad-request", "a header value cannot be forwarded (CR/LF/NUL)")
         started = time.perf_counter()
-        resp, problem = await self._send(upstream, ctx, body, headers)
+        resp, problem = await self._send(upstream, ctx, body, head, chunked)
         if problem is not None:
             return problem
         assert resp is not None
@@ -332,26 +437,30 @@ class Proxy:
         return await self._relay(upstream, ctx, resp, send, extra)
 
     async def _send(
-        self, upstream: Upstream, ctx: RequestContext, body: BodySource,
-        headers: list[tuple[str, str]],
-    ) -> tuple[aiohttp.ClientResponse | None, Problem | None]:
-        assert upstream.session is not None
+        self, upstream: Upstream, ctx: RequestContext, body: BodySource, head: bytes,
+        chunked: bool,
+    ) -> tuple[UpstreamResponse | None, Problem | None]:
+        assert upstream.pool is not None
         replayable = ctx.body is not None or not body.has_body
         retries = self.settings.upstream_retries if ctx.method in IDEMPOTENT and replayable else 0
-        url = upstream.url(ctx.upstream_path, ctx.query_string)
+        head_only = ctx.method == "HEAD"
+        fresh = False
         for attempt in range(retries + 1):
             data: Any = ctx.body
             if data is None and body.has_body:
                 data = body.chunks()
             try:
-                resp = await upstream.session.request(
-                    ctx.method, url, headers=headers, data=data, allow_redirects=False,
+                resp = await upstream.pool.request(
+                    head, data, chunked=chunked, head_only=head_only, fresh=fresh
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            except (ConnectError, Disconnected) as exc:
                 if attempt < retries and body.received <= body.max_bytes:
                     # nothing reached the backend (or a stale pooled connection): safe to retry
                     _count(upstream, "retry")
-                    await asyncio.sleep(0.05 * (attempt + 1))
+                    stale = isinstance(exc, Disconnected) and exc.reused
+                    fresh = stale
+                    if not stale:
+                        await asyncio.sleep(0.05 * (attempt + 1))
                     continue
                 return None, self._failed(upstream, body, exc)
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
@@ -366,7 +475,7 @@ class Proxy:
             return too_large(body.max_bytes)
         if body.disconnected:
             return Problem(400, "bad-request", "the client went away while sending the body")
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectError):
             _count(upstream, "connect")
             upstream.breaker.failure()
             return _unavailable(upstream, "connection failed")
@@ -374,7 +483,7 @@ class Proxy:
             _count(upstream, "timeout")
             upstream.breaker.failure()
             return Problem(504, "gateway-timeout", "the backend did not answer in time")
-        if isinstance(exc, aiohttp.ClientError | ValueError):
+        if isinstance(exc, UpstreamError | ValueError):
             return self._bad_gateway(upstream, exc)
         raise exc
 
@@ -387,16 +496,19 @@ class Proxy:
         return Problem(502, "bad-gateway", "the backend gave an invalid response")
 
     async def _relay(
-        self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
+        self, upstream: Upstream, ctx: RequestContext, resp: UpstreamResponse,
         send: Send, extra: list[tuple[bytes, bytes]],
     ) -> Problem | None:
         """Stream the response back; a Problem only when nothing was sent yet."""
         ctx.status_code = resp.status
-        ctx.response_headers = list(resp.headers.items())
-        _cost(ctx, resp, self.settings.cost_response_header)
-        headers = downstream_response_headers(ctx.response_headers, ctx) + extra
+        upstream_headers = resp.headers
+        ctx.response_headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_headers
+        ]
+        _cost(ctx, resp, self._cost_header)
+        headers = response_fields(upstream_headers, ctx) + extra
         fields = masking.fields_to_mask(ctx)
-        if fields and ctx.method != "HEAD" and masking.is_json(resp.content_type):
+        if fields and ctx.method != "HEAD" and masking.is_json(_text(resp, b"content-type")):
             return await self._relay_masked(upstream, ctx, resp, send, headers, fields)
         start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         length = resp.content_length
@@ -405,7 +517,7 @@ class Proxy:
             # (one write on the wire), and a broken body is still a clean 502/504, not an abort
             try:
                 body = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, UpstreamError) as exc:
                 return self._read_failed(upstream, exc)
             finally:
                 resp.release()
@@ -415,10 +527,10 @@ class Proxy:
         try:
             await send(start)
             if ctx.method != "HEAD":
-                async for chunk in resp.content.iter_any():
+                while (chunk := await resp.read_chunk()) is not None:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             _count(upstream, "stream")
             ctx.error_type = "upstream-stream-error"
             raise ResponseStarted(type(exc).__name__) from exc
@@ -435,7 +547,7 @@ class Proxy:
         return self._bad_gateway(upstream, exc)
 
     async def _relay_masked(
-        self, upstream: Upstream, ctx: RequestContext, resp: aiohttp.ClientResponse,
+        self, upstream: Upstream, ctx: RequestContext, resp: UpstreamResponse,
         send: Send, headers: list[tuple[bytes, bytes]], fields: frozenset[str],
     ) -> Problem | None:
         """Policy obligation ``mask_fields``: read the JSON body whole (up to
@@ -446,13 +558,13 @@ class Proxy:
                 raise masking.Unmaskable("a partial JSON body (206) cannot be masked")
             if resp.content_length is not None and resp.content_length > limit:
                 raise masking.Unmaskable(f"the JSON body exceeds {limit} bytes")
-            raw = await masking.read_capped(resp.content.iter_any(), limit)
-            encoding = resp.headers.get("content-encoding")
+            raw = await masking.read_capped(resp.chunks(), limit)
+            encoding = _text(resp, b"content-encoding")
             body = masking.mask_body(masking.decode(raw, encoding, limit), fields)
         except masking.Unmaskable as exc:
             ctx.error_type = "mask-refused"
             return masking.refused(str(exc))
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             return self._read_failed(upstream, exc)
         finally:
             resp.release()
@@ -471,6 +583,8 @@ class Proxy:
         assert upstream.session is not None
         headers = upstream_request_headers(ctx, self.settings) + await upstream.auth_header()
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if any("\r" in v or "\n" in v or "\0" in v for _, v in headers):
+            return Problem(400, "bad-request", "a header value cannot be forwarded (CR/LF/NUL)")
         protocols = [
             p.strip() for p in ctx.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
         ]
@@ -540,8 +654,13 @@ def _count(upstream: Upstream, kind: str) -> None:
     metrics.UPSTREAM_ERRORS.labels(upstream.name, kind).inc()
 
 
-def _cost(ctx: RequestContext, resp: aiohttp.ClientResponse, header: str) -> None:
-    value = resp.headers.get(header)
+def _text(resp: UpstreamResponse, name: bytes) -> str | None:
+    value = resp.header(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _cost(ctx: RequestContext, resp: UpstreamResponse, header: bytes) -> None:
+    value = resp.header(header)
     if value is None:
         return
     try:
