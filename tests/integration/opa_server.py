@@ -11,17 +11,24 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
+from typing import TypedDict
 
 from aiohttp import web
 
-from plant_gateway.backends.policy_local import compile_bundle, load_sources
+from plant_gateway.backends.policy_local import CompiledBundle, compile_bundle, load_sources
+
+
+class ServerState(TypedDict):
+    mode: str
+    hits: int
+    decisions: int
 
 
 def make_app(policy_dir: Path) -> web.Application:
     app = web.Application()
-    state = {"mode": "ok", "hits": 0, "decisions": 0}
+    state: ServerState = {"mode": "ok", "hits": 0, "decisions": 0}
     sources = load_sources(policy_dir)
-    compiled: dict[str, object] = {}
+    compiled: dict[str, CompiledBundle] = {}
 
     async def data(request: web.Request) -> web.Response:
         state["decisions"] += 1
@@ -40,7 +47,7 @@ def make_app(policy_dir: Path) -> web.Application:
         path = request.match_info["path"].strip("/")
         if path not in compiled:
             compiled[path] = compile_bundle(sources, path)
-        result = compiled[path].evaluate(json.dumps(body.get("input", {})))  # type: ignore[attr-defined]
+        result = compiled[path].evaluate(json.dumps(body.get("input", {})))
         return web.json_response({"result": result, "decision_id": str(uuid.uuid4())})
 
     async def health(request: web.Request) -> web.Response:

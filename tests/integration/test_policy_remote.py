@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -74,7 +75,13 @@ def opa() -> Iterator[OpaServer]:
     server.stop()
 
 
-def engine_for(opa: OpaServer, **extra: object) -> RemotePolicyEngine:
+class EngineOverrides(TypedDict, total=False):
+    opa_decision_path: str
+    breaker_failure_threshold: int
+    breaker_reset_s: float
+
+
+def engine_for(opa: OpaServer, **extra: Unpack[EngineOverrides]) -> RemotePolicyEngine:
     settings = Settings(plant_backend_url="http://127.0.0.1:9", opa_service_url=opa.url,
                         opa_timeout_s=0.5, **extra)
     return RemotePolicyEngine(settings)

@@ -6,6 +6,7 @@ Identity copies, the policy ``jwt`` document, rate-limit tiers and the in-proces
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.counters import day_ttl, month_ttl, next_utc_midnight, utc_day
@@ -56,7 +57,9 @@ async def test_rate_limit_tier_per_token_matches_uncached() -> None:
     cfg = settings(guards=["auth", "rate_limit"])
     step = RateLimitStep(cfg, create_counters(cfg))
     for roles, trial in ((["user"], False), (["admin"], False), (["user"], True)):
-        extra = {"trial_mode": True, "trial_expires_at": "2099-01-01T00:00:00Z"} if trial else {}
+        extra: dict[str, Any] = {}
+        if trial:
+            extra = {"trial_mode": True, "trial_expires_at": "2099-01-01T00:00:00Z"}
         token = mint(roles=roles, user_id=f"00000000-0000-4000-8000-00000000000{len(roles)}",
                      governor_agent_id="gov-1" if "admin" in roles else None, **extra)
         for _ in range(2):

@@ -9,7 +9,10 @@ import json
 
 import pytest
 
+from plant_gateway.backends.counters import create as create_counters
+from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
+from plant_gateway.deps import Dependencies
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import (
     CircuitBreaker,
@@ -149,12 +152,14 @@ async def test_service_key_checked_in_constant_time_and_closed_when_unset() -> N
     ok = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"k" * 20)])
     assert await step.run(ok) is None and ok.service_key_route and ok.identity
     bad = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"nope")])
-    assert (await step.run(bad)).status == 401 and not bad.service_key_route
+    rejected = await step.run(bad)
+    assert rejected is not None and rejected.status == 401 and not bad.service_key_route
     absent = ctx_for(path=path)
     assert await step.run(absent) is None and not absent.service_key_route
     closed = routes.RoutesStep(Settings(plant_backend_url="http://b", guards=[]))
     empty_key = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"")])
-    assert (await closed.run(empty_key)).status == 403
+    refused = await closed.run(empty_key)
+    assert refused is not None and refused.status == 403
 
 
 # --- tenant ----------------------------------------------------------------------------------
@@ -165,8 +170,8 @@ def test_bind_helpers() -> None:
     path = tenant.bind_path("/api/v1/subscriptions/by-customer/b", 4, "a")
     assert path == "/api/v1/subscriptions/by-customer/a"
     assert tenant.bind_path("/api/v1/subscriptions/by-customer/", 4, "a") is None
-    assert json.loads(tenant.bind_body(b'{"customer_id":"b","n":1}', "customer_id", "a")) == {
-        "customer_id": "a", "n": 1}
+    body = tenant.bind_body(b'{"customer_id":"b","n":1}', "customer_id", "a")
+    assert body is not None and json.loads(body) == {"customer_id": "a", "n": 1}
     assert tenant.bind_body(b"[1]", "customer_id", "a") is None
     assert tenant.bind_body(b"{not json", "customer_id", "a") is None
 
@@ -186,7 +191,9 @@ async def test_tenant_step_needs_a_customer_and_rewrites_body_length() -> None:
 
 
 def test_tenant_build_off_when_guard_off() -> None:
-    assert tenant.build(Settings(plant_backend_url="http://b", guards=[]), None) is None
+    off = Settings(plant_backend_url="http://b", guards=[])
+    deps = Dependencies(settings=off, counters=create_counters(off), flags=DefaultFlags(off))
+    assert tenant.build(off, deps) is None
 
 
 # --- proxy header hygiene ----------------------------------------------------------------------

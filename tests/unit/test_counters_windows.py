@@ -14,8 +14,8 @@ from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.settings import Settings, SettingsError
 
 
-def ts(*parts: int) -> float:
-    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[misc]
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize(

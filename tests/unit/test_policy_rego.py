@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -24,7 +25,11 @@ from plant_gateway.settings import Settings
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
-def settings_for(policy_dir: Path, **extra: object) -> Settings:
+class SettingsOverrides(TypedDict, total=False):
+    opa_decision_path: str
+
+
+def settings_for(policy_dir: Path, **extra: Unpack[SettingsOverrides]) -> Settings:
     return Settings(plant_backend_url="http://127.0.0.1:9", policy_dir=policy_dir, **extra)
 
 

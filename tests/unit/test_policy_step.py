@@ -319,7 +319,7 @@ async def test_file_change_reloads(tmp_path: Path) -> None:
 # --- engine: input projection --------------------------------------------------------------
 
 
-PROJECTION_CASES = [
+PROJECTION_CASES: list[dict[str, Any]] = [
     {"jwt": {"user_id": "u-1", "roles": ["user"], "email": "a@b", "trial_mode": True,
              "trial_expires_ns": 4_070_908_800 * 10**9, "agent_id": None},
      "resource": "agents", "action": "execute", "method": "POST", "path": "/x",
