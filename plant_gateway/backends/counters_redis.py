@@ -27,6 +27,12 @@ restarted or failed-over Redis) reloads them once.
 Every guard call is an op planned as commands plus a reply parser; ``execute(ops)`` sends the
 ops of one request (revocation, token_version, rate limit, quota, budget) in ONE pipeline.
 
+On a standalone Redis (TCP or unix socket, no TLS) the batches go through ``RespChannel``
+(``counters_resp``): one connection that pipelines the batches of all concurrent requests,
+packed and parsed by hiredis, because redis-py's ``Pipeline`` costs the gateway 5-10x more CPU
+per request (numbers in that module). Everything else (script loading, PING, revoke, the CLI
+commands, Cluster) uses the redis-py client.
+
 ``REDIS_CLUSTER=true`` makes the client ``redis.asyncio.cluster.RedisCluster`` (the URL names
 any startup node). Nothing else changes: the cluster pipeline groups the batch's commands by
 node and sends one pipeline per node concurrently (one round trip per node involved, in
@@ -37,8 +43,8 @@ scripts everywhere and re-sends only the failed commands. A primary that is down
 the ops whose keys it owns (often the whole batch) ``DependencyError``s, so each guard's fail
 mode applies; ``check`` pings every primary, so
 ``/ready`` reports it; the same client recovers when the node (or its replica) is back.
-Every Redis error or timeout raises ``DependencyError``; redis-py reconnects on the next call,
-so the gateway recovers by itself when Redis is back.
+Every Redis error or timeout raises ``DependencyError``; redis-py and the RESP channel reconnect
+on the next call, so the gateway recovers by itself when Redis is back.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -69,14 +76,10 @@ from plant_gateway.backends.base import (
 from plant_gateway.backends.counters import (
     Clock,
     Gcra,
-    day_ttl,
-    month_ttl,
-    next_utc_midnight,
     to_micro,
-    utc_day,
-    utc_month,
 )
-from plant_gateway.backends.counters_memory import make_budget_decision
+from plant_gateway.backends.counters_memory import UtcWindows, make_budget_decision
+from plant_gateway.backends.counters_resp import RespAddress, RespChannel
 from plant_gateway.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -84,19 +87,25 @@ if TYPE_CHECKING:
 
 RATE_LUA = """
 local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local interval = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - window
 if allow_at > now then
-  return {0, string.format('%.0f', tat), 0}
+  return {0, string.format('%.0f', tat), 0, string.format('%.0f', now)}
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
            'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, string.format('%.0f', new_tat), math.floor((now - allow_at) / interval)}
+return {1, string.format('%.0f', new_tat), math.floor((now - allow_at) / interval),
+        string.format('%.0f', now)}
 """
+
 
 QUOTA_LUA = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -161,6 +170,7 @@ SCRIPTS = {
     "budget": LuaScript(BUDGET_LUA),
     "adjust": LuaScript(ADJUST_LUA),
 }
+SHAS = {name: script.sha for name, script in SCRIPTS.items()}  # hashed once, not per request
 
 
 # what a Redis call may raise: RedisClusterException (e.g. no reachable startup node, a key-less
@@ -176,18 +186,32 @@ class RedisCounters:
     def __init__(self, settings: Settings, url: str, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock: Clock = clock or time.time
+        # GCRA runs on Redis's clock (TIME in the script) unless a clock is injected (tests):
+        # gateways whose clocks or planning lag differ would otherwise refuse within the limit
+        self.server_clock = clock is None
         self.prefix = settings.redis_key_prefix
         self.client: aioredis.Redis | RedisCluster = _client(
             url, settings.redis_timeout_s, cluster=settings.redis_cluster
         )
+        self.channel: RespChannel | None = resp_channel(self.client, settings.redis_timeout_s)
+        self.planners: dict[str, Callable[..., Plan]] = {
+            name.removeprefix("_plan_"): getattr(self, name)
+            for name in dir(self)
+            if name.startswith("_plan_")
+        }
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
         """Load the scripts; an unreachable Redis is not fatal (the guards deny until it is up)."""
         with contextlib.suppress(DependencyError):
             await self._load_scripts()
+        if self.channel is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.channel.connect()
 
     async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
         await self.client.aclose()
 
     async def check(self) -> DependencyStatus:
@@ -283,6 +307,8 @@ class RedisCounters:
         return result
 
     async def _send(self, commands: list[Command]) -> list[Any]:
+        if self.channel is not None:
+            return await self.channel.send(commands)
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
@@ -299,10 +325,10 @@ class RedisCounters:
         return replies
 
     def _plan(self, op: CounterOp) -> Plan:
-        planner = getattr(self, f"_plan_{op.kind}", None)
+        planner = self.planners.get(op.kind)
         if planner is None:
             raise ValueError(f"unknown counters op {op.kind!r}")
-        return planner(*op.args)  # type: ignore[no-any-return]
+        return planner(*op.args)
 
     def _plan_auth_state(self, jti: str | None, user_id: str | None) -> Plan:
         commands: list[Command] = []
@@ -322,21 +348,21 @@ class RedisCounters:
 
     def _plan_rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> Plan:
         gcra = Gcra(limit, period_s, burst)
-        now_us = int(self.clock() * 1_000_000)
+        now_us = "" if self.server_clock else int(self.clock() * 1_000_000)
         args = [now_us, gcra.interval, gcra.window]
 
         def parse(replies: list[Any]) -> RateDecision:
-            allowed, tat, remaining = replies[0]
-            return rate_decision(gcra, bool(allowed), int(tat), int(remaining), now_us)
+            allowed, tat, remaining, server_now_us = replies[0]
+            return rate_decision(gcra, bool(allowed), int(tat), int(remaining), int(server_now_us))
 
         return [_evalsha("rate", [self.rate_key(key)], args)], parse
 
     def quota_key(self, key: str, now: float) -> str:
-        return f"{self.prefix}q:{{{key}}}:{utc_day(now)}"
+        return f"{self.prefix}q:{{{key}}}:{calendar(now).day}"
 
     def _plan_daily_quota(self, key: str, limit: int, now: float | None = None) -> Plan:
         at = self.clock() if now is None else now
-        reset_s = next_utc_midnight(at).timestamp() - at
+        reset_s = calendar(at).midnight - at
 
         def parse(replies: list[Any]) -> RateDecision:
             allowed, used = replies[0]
@@ -362,7 +388,8 @@ class RedisCounters:
 
     def _plan_budget_charge(self, request: BudgetRequest) -> Plan:
         now = self.clock()
-        day, month = utc_day(now), utc_month(now)
+        windows = calendar(now)
+        day, month = windows.day, windows.month
         keys = self.budget_keys(day, month, request.agent_id, request.customer_id)
         charge = BudgetCharge(day, month, request.agent_id, request.customer_id, request.cost_usd)
 
@@ -420,7 +447,44 @@ def script_slots(command: Command) -> set[int]:
 
 
 def _evalsha(name: str, keys: list[str], args: list[Any]) -> Command:
-    return ("EVALSHA", SCRIPTS[name].sha, len(keys), *keys, *args)
+    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+
+
+def resp_channel(client: aioredis.Redis | RedisCluster, timeout: float) -> RespChannel | None:
+    """The lean channel for the hot batch on a plain TCP / unix-socket standalone Redis."""
+    if isinstance(client, RedisCluster):
+        return None
+    pool = client.connection_pool
+    if pool.connection_class not in (Connection, UnixDomainSocketConnection):
+        return None  # TLS (rediss://) or a custom connection: keep redis-py's pipeline
+    kwargs = pool.connection_kwargs
+    address = RespAddress(
+        host=kwargs.get("host", "localhost"),
+        port=int(kwargs.get("port", 6379)),
+        path=kwargs.get("path"),
+        db=int(kwargs.get("db") or 0),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+    )
+    return RespChannel(address, timeout)
+
+
+# the day/month strings and boundaries, recomputed only when a UTC day passes (datetime
+# arithmetic was a good part of planning a batch); the event loop is the only user
+_WINDOWS = UtcWindows()
+
+
+def calendar(now: float) -> UtcWindows:
+    return _WINDOWS.at(now)
+
+
+def day_ttl(now: float) -> int:
+    """``counters.day_ttl``, from the cached calendar."""
+    return calendar(now).day_ttl(now)
+
+
+def month_ttl(now: float) -> int:
+    return calendar(now).month_ttl(now)
 
 
 def _none(replies: list[Any]) -> None:
