@@ -62,6 +62,15 @@ def ctx(i: int) -> RequestContext:
     return c
 
 
+def server_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of a PostgreSQL backend on this host (None when it runs elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run(dsn: str, rows: int, batch: int) -> None:
     with tempfile.TemporaryDirectory() as state:
         settings = Settings(plant_backend_url="http://127.0.0.1:9", state_dir=Path(state),
@@ -84,6 +93,9 @@ async def run(dsn: str, rows: int, batch: int) -> None:
             recorder.record(c)
         t_record = time.process_time() - t0
         # writer alone: the rows are built; submit them as requests would and time the drain
+        conn = await sink._writer()
+        backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        server0 = server_cpu_s(backend_pid)
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         for i, row in enumerate(captured):
@@ -92,6 +104,7 @@ async def run(dsn: str, rows: int, batch: int) -> None:
                 await asyncio.sleep(0)
         while not sink.queue.empty():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+        server1 = server_cpu_s(backend_pid)
         await sink.close()
         total = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
@@ -101,6 +114,9 @@ async def run(dsn: str, rows: int, batch: int) -> None:
               f"POST with a JSON body {t_record / rows * 1e6:.1f} us/row (build+redact+hash)")
         print(f"writer CPU in this process: {cpu / rows * 1e6:.1f} us/row "
               "(queue, encoding, COPY, asyncpg; PostgreSQL's CPU not included)")
+        if server0 is not None and server1 is not None:
+            print(f"PostgreSQL CPU (the writer's server process): "
+                  f"{(server1 - server0) / rows * 1e6:.1f} us/row")
         print(f"writer: {rows / total:,.0f} rows/s sustained into PostgreSQL "
               f"(COPY batches of {batch})")
 

@@ -16,6 +16,7 @@ from plant_gateway.logging import correlation_id_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import Proxy, ResponseStarted
+from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings
 from plant_gateway.steps import Step
 from plant_gateway.steps.admit import settle
@@ -61,8 +62,11 @@ class Tracker:
 
 
 class GatewayApp:
-    def __init__(self, settings: Settings, deps: Dependencies | None = None) -> None:
+    def __init__(
+        self, settings: Settings, deps: Dependencies | None = None, tune_runtime: bool = False
+    ) -> None:
         self.settings = settings
+        self.tune_runtime = tune_runtime  # process-wide GC tuning: only when serving
         self.deps = deps
         self.pipeline: list[Step] = []
         self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
@@ -101,6 +105,8 @@ class GatewayApp:
         missing = [g for g in self.settings.guards if g not in self.guards]
         if missing:
             log.warning("guards configured on but not active", extra={"guards": missing})
+        if self.tune_runtime:
+            tune_gc()  # in every served worker: the start-up heap is complete now
 
     async def shutdown(self) -> None:
         await self.proxy.close()
@@ -299,8 +305,10 @@ class GatewayApp:
         await send({"type": "websocket.close", "code": 1008, "reason": problem.kind})
 
 
-def create_app(settings: Settings, deps: Dependencies | None = None) -> GatewayApp:
-    return GatewayApp(settings, deps)
+def create_app(
+    settings: Settings, deps: Dependencies | None = None, tune_runtime: bool = False
+) -> GatewayApp:
+    return GatewayApp(settings, deps, tune_runtime)
 
 
 def factory() -> GatewayApp:
@@ -310,4 +318,4 @@ def factory() -> GatewayApp:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(settings)
+    return create_app(settings, tune_runtime=True)
