@@ -80,7 +80,7 @@ async def run(dsn: str, rows: int, batch: int) -> None:
         await sink.start()
         recorder = AuditRecorder(settings, sink)
         contexts = [ctx(i) for i in range(rows)]
-        captured: list[dict] = []
+        captured: list[bytes] = []
         recorder.sink = type("Capture", (), {"submit": staticmethod(captured.append)})()
         gets = [get_ctx(i) for i in range(min(rows, 20_000))]
         t0 = time.process_time()

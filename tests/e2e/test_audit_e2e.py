@@ -298,7 +298,9 @@ async def test_database_outage_mid_load_still_exactly_n_rows(
     controlled_pg: ControlledPostgres, backend: Proc, tmp_path: Path
 ) -> None:
     """PostgreSQL stopped and started under load: every row arrives once, none duplicated."""
-    env = {"DATABASE_URL": controlled_pg.admin_dsn, "PLANT_STATE_DIR": str(tmp_path)}
+    env: dict[str, str | None] = {
+        "DATABASE_URL": controlled_pg.admin_dsn, "PLANT_STATE_DIR": str(tmp_path)
+    }
     target = Target("controlled", env, tmp_path, lambda: controlled_pg.admin_dsn)
     gw = _gateway(target, backend)
     load = Load()
@@ -337,7 +339,9 @@ async def test_sigterm_during_outage_spools_then_restart_replays(
 ) -> None:
     """Database down, then SIGTERM under load: the answered rows are in table + spool, and a
     gateway restarted on the same state directory replays the spool: exactly one row each."""
-    env = {"DATABASE_URL": controlled_pg.admin_dsn, "PLANT_STATE_DIR": str(tmp_path)}
+    env: dict[str, str | None] = {
+        "DATABASE_URL": controlled_pg.admin_dsn, "PLANT_STATE_DIR": str(tmp_path)
+    }
     target = Target("controlled", env, tmp_path, lambda: controlled_pg.admin_dsn)
     gw = _gateway(target, backend)
     load = Load()

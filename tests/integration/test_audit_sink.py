@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -165,7 +166,7 @@ async def test_jsonb_values_that_postgres_reformats_still_verify(
 ) -> None:
     """The hash covers the jsonb text once; floats, huge ints, NUL and odd keys round-trip."""
     sink, recorder = await started_sink(audit_db, tmp_path)
-    tricky = [
+    tricky: list[dict[str, Any]] = [
         {"f": 1e16, "g": 1e-10, "h": 0.30000000000000004, "z": -0.0, "n": float("nan")},
         {"big": 10**30, "u64": 2**63 + 5, "neg": -(10**20), "e": 2.5e-7, "i": 5.0},
         {"nul": "a\x00b", "sur": "x\ud800y", "esc": "tab\tq\"\\", "uni": "é✓"},

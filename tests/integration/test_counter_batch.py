@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
 from plant_gateway.backends.base import BudgetRequest, Counters
@@ -159,6 +160,7 @@ class CountingConnection(Connection):
 async def test_full_chain_costs_one_redis_round_trip(redis_url: str, redis_prefix: str) -> None:
     s = settings_for(redis_url, redis_prefix)
     counters = RedisCounters(s, redis_url)
+    assert isinstance(counters.client, Redis)
     counters.client.connection_pool.connection_class = CountingConnection
     assert counters.channel is not None  # standalone Redis: the batch goes down the RESP channel
     await counters.start()
