@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,24 +99,25 @@ class Gcra:
     limit: int
     period_s: float
     burst: int
+    # derived once (step runs on every request); not part of identity or repr
+    interval: int = field(init=False, compare=False, repr=False)
+    window: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def interval(self) -> int:
-        return max(1, round(self.period_s * 1_000_000 / self.limit))
-
-    @property
-    def window(self) -> int:
-        """Delay variation tolerance plus one interval: ``(burst + 1) * interval``."""
-        return (self.burst + 1) * self.interval
+    def __post_init__(self) -> None:
+        interval = max(1, round(self.period_s * 1_000_000 / self.limit))
+        object.__setattr__(self, "interval", interval)
+        # delay variation tolerance plus one interval: (burst + 1) * interval
+        object.__setattr__(self, "window", (self.burst + 1) * interval)
 
     def step(self, tat: int | None, now_us: int) -> tuple[bool, int, int, float, float]:
         """(allowed, new_tat, remaining, reset_s, retry_after_s) for one request at ``now_us``."""
         tat = now_us if tat is None or tat < now_us else tat
-        new_tat = tat + self.interval
+        interval = self.interval
+        new_tat = tat + interval
         allow_at = new_tat - self.window
         if allow_at > now_us:
             return False, tat, 0, (tat - now_us) / 1e6, (allow_at - now_us) / 1e6
-        remaining = (now_us - allow_at) // self.interval
+        remaining = (now_us - allow_at) // interval
         return True, new_tat, int(remaining), (new_tat - now_us) / 1e6, 0.0
 
 
@@ -148,18 +149,24 @@ def budget_verdict(
     Governor overrides), or when the platform is at/over the high threshold and the caller is
     neither the Governor nor a designated critical agent.
     """
-    cost = to_micro(request.cost_usd)
+    # to_micro inlined: this runs on every charged request
+    cost = int(round(request.cost_usd * MICRO))
     _, high, critical = request.thresholds
-    limits = [
-        ("platform", platform, request.platform_limit),
-        ("agent", agent, request.agent_limit if request.agent_id else None),
-        ("customer", customer, request.customer_limit if request.customer_id else None),
-    ]
+    platform_cap = int(round(request.platform_limit * MICRO))
     if not request.override:
-        for name, spent, limit in limits:
-            if limit is not None and spent + cost > to_micro(limit) * critical:
-                return False, name
-    if not request.privileged and platform >= to_micro(request.platform_limit) * high:
+        if platform + cost > platform_cap * critical:
+            return False, "platform"
+        limit = request.agent_limit
+        if request.agent_id and limit is not None and agent + cost > to_micro(limit) * critical:
+            return False, "agent"
+        limit = request.customer_limit
+        if (
+            request.customer_id
+            and limit is not None
+            and customer + cost > to_micro(limit) * critical
+        ):
+            return False, "customer"
+    if not request.privileged and platform >= platform_cap * high:
         return False, "platform-high"
     return True, ""
 

@@ -7,7 +7,7 @@ read and its write, so on one event loop every check-and-update is atomic.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from plant_gateway.backends.base import (
 )
 from plant_gateway.backends.counters import (
     GRACE_S,
+    MICRO,
     Clock,
     Gcra,
     alert_level,
@@ -83,6 +84,14 @@ class MemoryCounters:
         self._ops = 0
         self._windows = UtcWindows()
         self._gcra: dict[tuple[int, float, int], Gcra] = {}
+        self._direct: dict[str, Callable[..., Any]] = {
+            "auth_state": self._auth_state,
+            "rate_limit": self._rate_limit,
+            "daily_quota": self._daily_quota,
+            "budget_charge": self._budget_charge,
+            "budget_adjust": self._budget_adjust,
+            "release_quota": self._release_quota,
+        }
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,17 +108,35 @@ class MemoryCounters:
         item = self._data.get(key)
         if item is None:
             return None
-        value, expires = item
+        expires = item[1]
         if expires is not None and expires <= (self.clock() if now is None else now):
             del self._data[key]
             return None
-        return value
+        return item[0]
 
     def _set(self, key: str, value: int, ttl_s: float | None, now: float | None = None) -> None:
         if ttl_s is None:
             self._data[key] = (value, None)
         else:
             self._data[key] = (value, (self.clock() if now is None else now) + ttl_s)
+        self._ops += 1
+        if self._ops % 10_000 == 0:
+            self._sweep()
+
+    def _live(self, key: str, now: float) -> int:
+        """``_get(key, now) or 0``: the hot paths' read of a counter that expires."""
+        item = self._data.get(key)
+        if item is None:
+            return 0
+        expires = item[1]
+        if expires is not None and expires <= now:
+            del self._data[key]
+            return 0
+        return item[0]
+
+    def _put(self, key: str, value: int, expires_at: float) -> None:
+        """``_set`` with the expiry instant worked out by the caller."""
+        self._data[key] = (value, expires_at)
         self._ops += 1
         if self._ops % 10_000 == 0:
             self._sweep()
@@ -141,30 +168,46 @@ class MemoryCounters:
         return value
 
     async def auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
+        return self._auth_state(jti, user_id)
+
+    def _auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
         # is_revoked / token_version inlined: no coroutine per lookup on every request
+        # a miss (the usual answer) needs no _get call: only a hit can have expired
         now = self.clock()
+        data, settings = self._data, self.settings
         revoked = False
         if jti:
-            revoked = self._get(self.settings.revoked_prefix + jti, now) is not None
-        version = self._get(self.settings.token_version_prefix + user_id, now) if user_id else None
+            key = settings.revoked_prefix + jti
+            revoked = key in data and self._get(key, now) is not None
+        version = None
+        if user_id:
+            key = settings.token_version_prefix + user_id
+            version = self._get(key, now) if key in data else None
         return revoked, version
 
     # --- rate limit and quota -------------------------------------------------------------
     async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
+        return self._rate_limit(key, limit, period_s, burst)
+
+    def _rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
         gcra = self._gcra.get((limit, period_s, burst))
         if gcra is None:
             if len(self._gcra) >= 1024:
                 self._gcra.clear()
             gcra = self._gcra[(limit, period_s, burst)] = Gcra(limit, period_s, burst)
         now = self.clock()
-        now_us = int(now * 1_000_000)
-        full_key = f"rl:{key}"
-        allowed, tat, remaining, reset_s, retry = gcra.step(self._get(full_key, now), now_us)
+        full_key = "rl:" + key
+        allowed, tat, remaining, reset_s, retry = gcra.step(
+            self._live(full_key, now), int(now * 1_000_000)
+        )
         if allowed:
-            self._set(full_key, tat, reset_s + 1, now)
+            self._put(full_key, tat, now + (reset_s + 1))
         return RateDecision(allowed, limit, remaining, reset_s, retry)
 
     async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
+        return self._daily_quota(key, limit, now)
+
+    def _daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
         now = self.clock() if now is None else now
         windows = self._windows.at(now)
         full_key = f"q:{key}:{windows.day}"
@@ -185,23 +228,42 @@ class MemoryCounters:
         return keys
 
     async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
+        return self._budget_charge(request)
+
+    def _budget_charge(self, request: BudgetRequest) -> BudgetDecision:
         now = self.clock()
         windows = self._windows.at(now)
         day, month = windows.day, windows.month
-        keys = self._budget_keys(day, month, request.agent_id, request.customer_id)
-        spent = [self._get(k, now) or 0 if k else 0 for k in keys]
-        allowed, reason = budget_verdict(request, *spent)
+        agent, customer = request.agent_id, request.customer_id
+        platform_key = f"b:platform:{month}"
+        agent_key = f"b:agent:{agent}:{day}" if agent else ""
+        customer_key = f"b:customer:{customer}:{month}" if customer else ""
+        live = self._live
+        platform = live(platform_key, now)
+        agent_spent = live(agent_key, now) if agent_key else 0
+        customer_spent = live(customer_key, now) if customer_key else 0
+        allowed, reason = budget_verdict(request, platform, agent_spent, customer_spent)
+        charge = None
         if allowed:
-            cost = to_micro(request.cost_usd)
-            month_s = windows.month_ttl(now)
-            ttls = (month_s, windows.day_ttl(now), month_s)
-            spent = [
-                self._incr(k, cost, t, now) if k else 0 for k, t in zip(keys, ttls, strict=True)
-            ]
-        charge = BudgetCharge(day, month, request.agent_id, request.customer_id, request.cost_usd)
-        return make_budget_decision(request, allowed, reason, spent, charge if allowed else None)
+            cost = int(round(request.cost_usd * MICRO))  # to_micro, inlined
+            month_end = now + (int(windows.month_end - now) + GRACE_S)  # windows.month_ttl
+            platform += cost
+            self._put(platform_key, platform, month_end)
+            if agent_key:
+                agent_spent += cost
+                self._put(agent_key, agent_spent, now + windows.day_ttl(now))
+            if customer_key:
+                customer_spent += cost
+                self._put(customer_key, customer_spent, month_end)
+            charge = BudgetCharge(day, month, agent, customer, request.cost_usd)
+        return make_budget_decision(
+            request, allowed, reason, [platform, agent_spent, customer_spent], charge
+        )
 
     async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
+        self._budget_adjust(charge, delta_usd)
+
+    def _budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
         now = self.clock()
         keys = self._budget_keys(charge.day, charge.month, charge.agent_id, charge.customer_id)
         delta = to_micro(delta_usd)
@@ -211,6 +273,9 @@ class MemoryCounters:
                 self._incr(key, delta, ttl)
 
     async def release_quota(self, key: str, now: float) -> None:
+        self._release_quota(key, now)
+
+    def _release_quota(self, key: str, now: float) -> None:
         full_key = f"q:{key}:{utc_day(now)}"
         used = self._get(full_key)
         if used:
@@ -220,9 +285,26 @@ class MemoryCounters:
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
         """In process there is no round trip: run the ops one after another."""
         results: list[Any] = []
+        direct = self._direct
+        for op in ops:
+            run = direct.get(op.kind)
+            try:
+                if run is not None:
+                    results.append(run(*op.args))
+                else:
+                    results.append(await getattr(self, op.kind)(*op.args))
+            except DependencyError as exc:
+                results.append(exc)
+        return results
+
+    def execute_now(self, ops: Sequence[CounterOp]) -> list[Any]:
+        """``execute`` without a coroutine, for the batch ops (a ``CounterOp`` kind); the
+        admit step calls it on every request when the store is in process."""
+        results: list[Any] = []
+        direct = self._direct
         for op in ops:
             try:
-                results.append(await getattr(self, op.kind)(*op.args))
+                results.append(direct[op.kind](*op.args))
             except DependencyError as exc:
                 results.append(exc)
         return results
@@ -236,25 +318,31 @@ def make_budget_decision(
     charge: BudgetCharge | None,
 ) -> BudgetDecision:
     """Build the decision both backends return from micro-dollars spent (after any charge)."""
-    platform, agent, customer = (s / 1_000_000 for s in spent_micro)
-    has_agent = request.agent_id is not None and request.agent_limit is not None
-    has_customer = request.customer_id is not None and request.customer_limit is not None
-    utils = [platform / request.platform_limit]
-    if has_agent:
-        utils.append(agent / request.agent_limit)  # type: ignore[operator]
-    if has_customer:
-        utils.append(customer / request.customer_limit)  # type: ignore[operator]
-    level = "critical" if reason and reason != "platform-high" else alert_level(
-        max(utils), request.thresholds
-    )
+    platform_micro, agent_micro, customer_micro = spent_micro
+    platform = platform_micro / 1_000_000
+    agent = agent_micro / 1_000_000
+    customer = customer_micro / 1_000_000
+    agent_limit, customer_limit = request.agent_limit, request.customer_limit
+    has_agent = request.agent_id is not None and agent_limit is not None
+    has_customer = request.customer_id is not None and customer_limit is not None
+    if reason and reason != "platform-high":
+        level = "critical"
+    else:
+        utilization = platform / request.platform_limit
+        if has_agent:
+            utilization = max(utilization, agent / agent_limit)  # type: ignore[operator]
+        if has_customer:
+            utilization = max(utilization, customer / customer_limit)  # type: ignore[operator]
+        level = alert_level(utilization, request.thresholds)
     return BudgetDecision(
-        allowed=allowed,
-        alert_level=level,
-        platform_spent=platform,
-        platform_limit=request.platform_limit,
-        agent_spent=agent if has_agent else None,
-        agent_limit=request.agent_limit if has_agent else None,
-        customer_spent=customer if has_customer else None,
-        customer_limit=request.customer_limit if has_customer else None,
-        extra={"reason": reason, "charge": charge},
+        allowed,
+        level,
+        platform,
+        request.platform_limit,
+        agent if has_agent else None,
+        agent_limit if has_agent else None,
+        customer if has_customer else None,
+        customer_limit if has_customer else None,
+        0.0,
+        {"reason": reason, "charge": charge},
     )

@@ -66,25 +66,56 @@ class CounterBatch:
         pending, self.pending = self.pending, []
         if not pending:
             return None
-        results = await execute(self.counters, [op for op, _ in pending])
-        for i, ((_, resolve), result) in enumerate(zip(pending, results, strict=True)):
-            problem = resolve(result)
-            if problem is not None:
-                later = zip((op for op, _ in pending[i + 1 :]), results[i + 1 :], strict=True)
-                await refund(self.counters, [refund_op(op, res) for op, res in later])
-                return problem
-        return None
+        ops = [op for op, _ in pending]
+        try:
+            results = await self.counters.execute(ops)
+        except Exception as exc:  # noqa: BLE001 - handed to the resolvers, see execute()
+            results = failed(ops, exc)
+        problem, refunds = resolve_in_order(pending, results)
+        if refunds:
+            await refund(self.counters, refunds)
+        return problem
+
+    def flush_now(self) -> tuple[Problem | None, list[CounterOp | None]] | None:
+        """``flush`` without a coroutine when the store is in process (``execute_now``):
+        (refusal, refunds still to run); None when the store needs a round trip."""
+        run_now = getattr(self.counters, "execute_now", None)
+        if run_now is None:
+            return None
+        pending, self.pending = self.pending, []
+        ops = [op for op, _ in pending]
+        try:
+            results = run_now(ops)
+        except Exception as exc:  # noqa: BLE001 - handed to the resolvers, see execute()
+            results = failed(ops, exc)
+        return resolve_in_order(pending, results)
+
+
+def resolve_in_order(
+    pending: list[tuple[CounterOp, Resolver]], results: list[Any]
+) -> tuple[Problem | None, list[CounterOp | None]]:
+    """The first refusal of ``pending`` in order, and the refunds of the ops after it."""
+    for i, ((_, resolve), result) in enumerate(zip(pending, results, strict=True)):
+        problem = resolve(result)
+        if problem is not None:
+            later = zip((op for op, _ in pending[i + 1 :]), results[i + 1 :], strict=True)
+            return problem, [refund_op(op, res) for op, res in later]
+    return None, []
 
 
 async def execute(counters: Counters, ops: list[CounterOp]) -> list[Any]:
     """``counters.execute(ops)``; a store that breaks unexpectedly fails every op (deny)."""
     try:
         return await counters.execute(ops)
-    except DependencyError as exc:
-        return [exc for _ in ops]
     except Exception as exc:  # noqa: BLE001 - handed to the resolvers, which never admit on it
-        log.exception("counters batch failed")
-        return [exc for _ in ops]
+        return failed(ops, exc)
+
+
+def failed(ops: list[CounterOp], exc: Exception) -> list[Any]:
+    """The results of a batch whose store broke: the error for every op (the resolvers deny)."""
+    if not isinstance(exc, DependencyError):
+        log.exception("counters batch failed", exc_info=exc)
+    return [exc for _ in ops]
 
 
 async def submit(
@@ -153,7 +184,15 @@ class AdmitStep:
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
-        return None if batch is None else await batch.flush()
+        if batch is None:
+            return None
+        outcome = batch.flush_now()
+        if outcome is None:
+            return await batch.flush()
+        problem, refunds = outcome
+        if refunds:
+            await refund(self.counters, refunds)
+        return problem
 
 
 def build(settings: Settings, deps: Dependencies) -> AdmitStep | None:

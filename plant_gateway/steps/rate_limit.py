@@ -67,12 +67,33 @@ def principal_of(identity: Identity) -> str | None:
 
 def rate_headers(decision: RateDecision, period_s: float) -> list[tuple[str, str]]:
     reset = decision.retry_after_s if decision.remaining == 0 else decision.reset_s
+    fixed = _FIXED_RATE_HEADERS.get((decision.limit, period_s)) or _fixed_rate_headers(
+        decision.limit, period_s
+    )
     return [
-        ("ratelimit-limit", str(decision.limit)),
+        fixed[0],
         ("ratelimit-remaining", str(max(0, decision.remaining))),
         ("ratelimit-reset", str(max(0, math.ceil(reset)))),
-        ("ratelimit-policy", f"{decision.limit};w={int(period_s)}"),
+        fixed[1],
     ]
+
+
+_FIXED_RATE_HEADERS: dict[tuple[int, float], tuple[tuple[str, str], tuple[str, str]]] = {}
+
+
+def _fixed_rate_headers(
+    limit: int, period_s: float
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The limit and policy headers of a tier: formatted once per (limit, period)."""
+    fixed = _FIXED_RATE_HEADERS.get((limit, period_s))
+    if fixed is None:
+        if len(_FIXED_RATE_HEADERS) >= 1024:
+            _FIXED_RATE_HEADERS.clear()
+        fixed = _FIXED_RATE_HEADERS[(limit, period_s)] = (
+            ("ratelimit-limit", str(limit)),
+            ("ratelimit-policy", f"{limit};w={int(period_s)}"),
+        )
+    return fixed
 
 
 class RateLimitStep:
