@@ -1,13 +1,17 @@
 """Audit writer throughput: rows/s sustained from the recorder through the sink into PostgreSQL.
 
 Usage: .venv/bin/python bench/audit_bench.py [--rows 100000] [--dsn URL] [--batch 2000]
+                                             [--sink-from DIR]
 (default DSN: DATABASE_URL, else 127.0.0.1:5432, else an embedded server; a scratch database).
+``--sink-from DIR`` runs the writer of another version (DIR holding its audit_postgres.py and
+audit_schema.py, e.g. a backup) on the same lines, to compare writers in one session.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 import tempfile
@@ -62,6 +66,26 @@ def ctx(i: int) -> RequestContext:
     return c
 
 
+def load_sink(directory: Path) -> type[PostgresAuditSink]:
+    """The sink class of the audit_postgres.py in ``directory``, bound to the audit_schema.py
+    beside it (its ``from ...audit_schema import`` is pointed there while it loads)."""
+    schema_name = "plant_gateway.backends.audit_schema"
+    current = sys.modules[schema_name]
+    try:
+        for name in ("audit_schema", "audit_postgres"):
+            spec = importlib.util.spec_from_file_location(f"{schema_name}_{name}_alt",
+                                                          directory / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if name == "audit_schema":
+                sys.modules[schema_name] = module
+    finally:
+        sys.modules[schema_name] = current
+    sink: type[PostgresAuditSink] = module.PostgresAuditSink
+    return sink
+
+
 def server_cpu_s(pid: int | None) -> float | None:
     """CPU seconds of a PostgreSQL backend on this host (None when it runs elsewhere)."""
     try:
@@ -71,12 +95,12 @@ def server_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run(dsn: str, rows: int, batch: int) -> None:
+async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSink]) -> None:
     with tempfile.TemporaryDirectory() as state:
         settings = Settings(plant_backend_url="http://127.0.0.1:9", state_dir=Path(state),
                             audit_batch_size=batch, audit_queue_max=max(rows, 1000),
                             audit_flush_interval_s=0.05, guards=["audit"], database_url=None)
-        sink = PostgresAuditSink(settings, dsn)
+        sink = sink_class(settings, dsn)
         await sink.start()
         recorder = AuditRecorder(settings, sink)
         contexts = [ctx(i) for i in range(rows)]
@@ -126,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--sink-from", type=Path, default=None)
     args = parser.parse_args()
     server = None
     admin = args.dsn or (LOOPBACK_DSN if _answers("127.0.0.1", 5432) else None)
@@ -137,7 +162,8 @@ def main() -> None:
     dsn = create_database(admin, "pgw_bench")
     try:
         migrations.upgrade(dsn)
-        asyncio.run(run(dsn, args.rows, args.batch))
+        sink_class = PostgresAuditSink if args.sink_from is None else load_sink(args.sink_from)
+        asyncio.run(run(dsn, args.rows, args.batch, sink_class))
     finally:
         drop_database(dsn)
         if server is not None:

@@ -80,6 +80,17 @@ _GET_HASHED = itemgetter(*HASHED)
 # strings are false alarms that only cost the slow path.
 _RISKY = re.compile(rb"(?:^|[:\[,])-?\d+(?:\.\d+)?e|(?:^|[:\[,])-0\.0(?!\d)|\\u0000")
 _LONG_INT = re.compile(r"\d{16}")
+# every ``_RISKY`` match holds a digit then "e", "-0.0" or "\u0000": three C-level scans rule
+# the regex (ten times their cost) out for almost every value
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_SIXTEEN_ZEROS = b"0" * 16
+
+
+def _risky(out: bytes) -> bool:
+    if b"0e" not in out.translate(_DIGITS_AS_ZERO) and b"-0.0" not in out \
+            and b"\\u0000" not in out:
+        return False
+    return _RISKY.search(out) is not None
 
 
 def _norm(value: Any) -> Any:
@@ -117,7 +128,7 @@ def dump_json(value: Any) -> str | None:
         return None
     try:
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        if _RISKY.search(out) is None:
+        if not _risky(out):
             return out.decode()
     except (TypeError, orjson.JSONEncodeError):
         pass
@@ -130,8 +141,12 @@ def dump_json(value: Any) -> str | None:
 
 def load_json(text: str | bytes) -> Any:
     """Parse JSON keeping long integers exact (orjson turns them into floats)."""
-    probe = text if isinstance(text, str) else text.decode("utf-8", "replace")
-    if _LONG_INT.search(probe):
+    if isinstance(text, bytes) and text.isascii():  # digits are ASCII digits: no decoding
+        long_int = _SIXTEEN_ZEROS in text.translate(_DIGITS_AS_ZERO)
+    else:
+        probe = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        long_int = _LONG_INT.search(probe) is not None
+    if long_int:
         return json.loads(text)
     return orjson.loads(text)
 

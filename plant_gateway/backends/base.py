@@ -180,8 +180,11 @@ class Flags(Dependency, Protocol):
 # --- audit ---------------------------------------------------------------------------------
 
 
-class AuditSink(Dependency, Protocol):
-    """Accepts finished rows (lines, see ``audit_schema``) without blocking; persists them in
-    the background."""
+class RowSink(Protocol):
+    """Where the recorder hands finished rows (lines, see ``audit_schema``): never blocks."""
 
     def submit(self, row: bytes) -> None: ...
+
+
+class AuditSink(Dependency, RowSink, Protocol):
+    """A ``RowSink`` that persists the rows in the background."""

@@ -42,10 +42,11 @@ from plant_gateway.backends.audit_schema import (
     iso,
     load_json,
 )
+from plant_gateway.steps.auth import CACHED_IDENTITY
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.base import AuditSink
-    from plant_gateway.context import RequestContext
+    from plant_gateway.backends.base import RowSink
+    from plant_gateway.context import Identity, RequestContext
     from plant_gateway.deps import Dependencies
     from plant_gateway.settings import Settings
 
@@ -76,6 +77,8 @@ JWT_RE = re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 DIGITS_RE = re.compile(r"(?:\d[ -]?){13,19}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_FULL = UUID_RE.fullmatch
+_TWO_UUIDS = re.compile(UUID_RE.pattern * 2).fullmatch
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 TEXT_CAP = 2000
 HEADER_CACHE_MAX = 2048
 
@@ -120,7 +123,7 @@ def _mask_text(value: str, secrets_: tuple[str, ...]) -> str:
             return MASK
     if "eyJ" in value:
         value = JWT_RE.sub(MASK, value)
-    if DIGITS_RE.search(value) is not None:
+    if len(value) >= 13 and DIGITS_RE.search(value) is not None:  # a card: 13 digits or more
         value = DIGITS_RE.sub(_card, value)
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
@@ -225,7 +228,7 @@ class AuditRecorder:
 
     name = "audit"
 
-    def __init__(self, settings: Settings, sink: AuditSink, flags: Any = None) -> None:
+    def __init__(self, settings: Settings, sink: RowSink, flags: Any = None) -> None:
         self.settings = settings
         self.sink = sink
         self.flags = flags
@@ -242,9 +245,13 @@ class AuditRecorder:
         self._id_prefix = str(uuid.uuid4())[:24]
         self._ids = 0
         self._header_cache: dict[tuple[tuple[str, str], ...], Fragment | None] = {}
+        # header lists (as tuples of pairs) with no hidden header -> the same Fragment
+        self._open_header_cache: dict[tuple[Any, ...], Fragment | None] = {}
         self._query_cache: dict[str, Fragment] = {}
         # header name tuple -> itemgetter of its visible values (see ``_header_key``)
         self._plans: dict[tuple[Any, ...], Any] = {}
+        # id(shared Identity) -> (that Identity, its columns): see ``_identity_values``
+        self._identity_cache: dict[int, tuple[Identity, tuple[Any, ...]]] = {}
 
     def record(self, ctx: RequestContext) -> None:
         try:
@@ -281,7 +288,13 @@ class AuditRecorder:
     def headers_json(self, headers: Any) -> Fragment | None:
         """Redacted headers as jsonb text, memoised for repeated header sets (no secrets kept:
         the key is the redacted form for hidden headers)."""
+        pairs = None
         try:
+            if headers.__class__ is list:  # response headers: often none hidden
+                pairs = tuple(headers)
+                cached = self._open_header_cache.get(pairs, _MISS)
+                if cached is not _MISS:
+                    return cached  # type: ignore[return-value]
             key = self._header_key(headers)
             cached = self._header_cache.get(key, _MISS)
         except TypeError:  # unhashable names or items (lists, not tuples): no memo
@@ -292,6 +305,10 @@ class AuditRecorder:
         if len(self._header_cache) >= HEADER_CACHE_MAX:
             self._header_cache.clear()
         self._header_cache[key] = text
+        if pairs is not None and _all_visible(pairs):
+            if len(self._open_header_cache) >= HEADER_CACHE_MAX:
+                self._open_header_cache.clear()
+            self._open_header_cache[pairs] = text
         return text
 
     def _header_key(self, headers: Any) -> tuple[Any, ...]:
@@ -330,7 +347,11 @@ class AuditRecorder:
             return True
 
     def build_values(self, ctx: RequestContext) -> list[Any]:
-        """The row's columns from ``id`` to ``user_ref`` in table order (see ``COLUMNS``)."""
+        """The row's columns from ``id`` to ``user_ref`` in table order (see ``COLUMNS``).
+
+        The common case is inlined (no helper calls for plain values): this runs on every
+        request, and each Python call costs about as much as the check it would make.
+        """
         status = ctx.status_code
         error_type = ctx.error_type
         if status is None:
@@ -342,24 +363,36 @@ class AuditRecorder:
         ts: datetime | str = ctx.timestamp
         if type(ts) is not datetime or ts.tzinfo is not UTC or not ts.microsecond:
             ts = iso(ts)  # orjson prints exactly ``iso`` for the common case, not for these
-        self._ids += 1
-        decision = ctx.policy_decision
-        # ingress hands over canonical UUIDs: check them inline, convert only the odd ones
+        self._ids = ids = self._ids + 1
+        # ingress hands over canonical UUIDs: one regex checks both, convert only odd ones
         cid: str = ctx.correlation_id
         rid: str | None = ctx.request_id
-        if not (cid.__class__ is str and len(cid) == 36 and _UUID_FULL(cid)):
-            cid = _uuid_or_new(cid)
-        if not (rid.__class__ is str and len(rid) == 36 and _UUID_FULL(rid)):
-            rid = as_uuid(rid)
+        if not (cid.__class__ is str and rid.__class__ is str and len(cid) == 36
+                and _TWO_UUIDS(cid + rid)):  # type: ignore[operator]
+            if not (cid.__class__ is str and len(cid) == 36 and _UUID_FULL(cid)):
+                cid = _uuid_or_new(cid)
+            if not (rid.__class__ is str and len(rid) == 36 and _UUID_FULL(rid)):
+                rid = as_uuid(rid)
+        method = ctx.method
+        if method.__class__ is not str or method not in _METHODS:  # else: already short, plain
+            method = _text(method, 16)  # type: ignore[assignment]
+        path = ctx.path
+        if not (path.__class__ is str and len(path) <= TEXT_CAP and "\x00" not in path):
+            path = _text(path)  # type: ignore[assignment]
+        elapsed = ctx.elapsed_ms()
+        if elapsed.__class__ is float and 0.0 < elapsed < 1e12:
+            elapsed = int(elapsed * 1000.0 + 0.5) / 1000.0
+        else:
+            elapsed = _ms(elapsed) or 0.0
         values = [
-            f"{self._id_prefix}{self._ids & 0xFFFFFFFFFFFF:012x}",
+            f"{self._id_prefix}{ids & 0xFFFFFFFFFFFF:012x}",
             cid,
-            as_uuid(ctx.causation_id) if ctx.causation_id else None,
+            None if not ctx.causation_id else as_uuid(ctx.causation_id),
             ts,
             self.gateway_type,
             rid,
-            _text(ctx.method, 16),
-            _text(ctx.path),
+            method,
+            path,
             None,  # query_params
             None,  # request_headers
             None,  # request_body
@@ -368,36 +401,63 @@ class AuditRecorder:
             None,  # email
             None,  # roles
             None,  # trial_mode
-            _texts(ctx.policies_evaluated, TEXT_CAP) if ctx.policies_evaluated else None,
-            None if decision is None else _fragment(dump_json(redact(decision,
-                                                                     self.secret_values))),
-            None if ctx.policy_latency_ms is None else _ms(ctx.policy_latency_ms),
+            None,  # opa_policies_evaluated
+            None,  # opa_decisions
+            None,  # opa_latency_ms
             status,
             None,  # response_headers
             None,  # response_body
             None if error_type is None else _text(error_type, 200),
-            _text(_mask_text(ctx.error_message, self.secret_values)) if ctx.error_message
-            else None,
-            _ms(ctx.elapsed_ms()) or 0.0,
-            None if ctx.upstream_latency_ms is None else _ms(ctx.upstream_latency_ms),
-            None if ctx.action is None else _text(ctx.action, 100),
-            None if ctx.resource is None else _text(ctx.resource, 200),
-            None if ctx.resource_id is None else _text(ctx.resource_id, 255),
+            None,  # error_message
+            elapsed,
+            _upstream_ms(ctx.upstream_latency_ms),
+            None,  # action
+            None,  # resource
+            None,  # resource_id
             None,  # user_ref
         ]
+        if ctx.policies_evaluated or ctx.policy_decision is not None \
+                or ctx.policy_latency_ms is not None or ctx.error_message:
+            self._add_policy(ctx, values)
+        if ctx.action is not None or ctx.resource is not None or ctx.resource_id is not None:
+            values[26] = None if ctx.action is None else _text(ctx.action, 100)
+            values[27] = None if ctx.resource is None else _text(ctx.resource, 200)
+            values[28] = None if ctx.resource_id is None else _text(ctx.resource_id, 255)
         ident = ctx.identity
         if ident is not None:
-            uid = ident.user_id
-            values[11] = uid if uid.__class__ is str and len(uid) == 36 and _UUID_FULL(uid) \
-                else strict_uuid(uid)
-            values[12] = _text(ident.customer_id, 255)
-            values[13] = _text(ident.email, 320)
-            values[14] = _texts(ident.roles, 100)
-            values[15] = ident.trial_mode
-            values[29] = _text(ident.user_id or ident.service_account, 255)
+            (values[11], values[12], values[13], values[14], values[15],
+             values[29]) = self._identity_values(ctx, ident)
         if self.flags is None or self._detail_on(ctx):
             self._add_detail(ctx, values)
         return values
+
+    def _add_policy(self, ctx: RequestContext, values: list[Any]) -> None:
+        decision = ctx.policy_decision
+        if ctx.policies_evaluated:
+            values[16] = _texts(ctx.policies_evaluated, TEXT_CAP)
+        if decision is not None:
+            values[17] = _fragment(dump_json(redact(decision, self.secret_values)))
+        if ctx.policy_latency_ms is not None:
+            values[18] = _ms(ctx.policy_latency_ms)
+        if ctx.error_message:
+            values[23] = _text(_mask_text(ctx.error_message, self.secret_values))
+
+    def _identity_values(self, ctx: RequestContext, ident: Identity) -> tuple[Any, ...]:
+        """user_id, customer_id, email, roles, trial_mode and user_ref of an identity, worked
+        out once per verified token when ``ctx.identity`` is an untouched copy of the claims
+        cache's Identity (``auth.cached_identity``: one object per token, never mutated)."""
+        found = ctx.scratch.get(CACHED_IDENTITY)
+        if found is None or found[0] is not ident:
+            return _identity_columns(ident)
+        shared = found[1]
+        entry = self._identity_cache.get(id(shared))
+        if entry is not None and entry[0] is shared:
+            return entry[1]  # type: ignore[no-any-return]
+        columns = _identity_columns(shared)
+        if len(self._identity_cache) >= HEADER_CACHE_MAX:
+            self._identity_cache.clear()
+        self._identity_cache[id(shared)] = (shared, columns)  # holds it: no id() reuse
+        return columns
 
     def build_row(self, ctx: RequestContext) -> dict[str, Any]:
         """The row as a dict (jsonb values as text), without the chain columns: tools, tests."""
@@ -476,6 +536,39 @@ class AuditRecorder:
 _MISS = object()
 _FIRST = itemgetter(0)
 _JSONB_AT = tuple(i for i, name in enumerate(HASHED) if name in JSONB)
+
+
+def _all_visible(pairs: tuple[Any, ...]) -> bool:
+    """Whether no header of the pairs is hidden: they may then key a memo as they are (they
+    hold no value the redacted form leaves out)."""
+    return not any(_hidden_header(str(name).lower()) for name in map(_FIRST, pairs))
+
+
+def _identity_columns(ident: Identity) -> tuple[Any, ...]:
+    """user_id, customer_id, email, roles, trial_mode, user_ref (a non-UUID user id is NULL
+    in user_id and kept in user_ref)."""
+    uid = ident.user_id
+    customer = ident.customer_id
+    email = ident.email
+    roles = ident.roles
+    return (
+        uid if uid.__class__ is str and len(uid) == 36 and _UUID_FULL(uid)  # type: ignore[arg-type]
+        else strict_uuid(uid),
+        customer if customer.__class__ is str and len(customer) <= 255  # type: ignore[arg-type]
+        and "\x00" not in customer else _text(customer, 255),  # type: ignore[operator]
+        email if email.__class__ is str and len(email) <= 320  # type: ignore[arg-type]
+        and "\x00" not in email else _text(email, 320),  # type: ignore[operator]
+        [r if r.__class__ is str and len(r) <= 100 and "\x00" not in r else _text(r, 100)
+         for r in roles] if roles else None,
+        ident.trial_mode,
+        _text(uid or ident.service_account, 255),
+    )
+
+
+def _upstream_ms(value: float | None) -> float | None:
+    if value.__class__ is float and 0.0 < value < 1e12:  # type: ignore[operator]
+        return int(value * 1000.0 + 0.5) / 1000.0  # type: ignore[operator]
+    return None if value is None else _ms(value)
 
 
 def _fragment(text: str | None) -> Fragment | None:
