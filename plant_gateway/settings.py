@@ -292,9 +292,11 @@ class Settings(BaseSettings):
         None, validation_alias=env_alias("CLOUD_SQL_CONNECTION_NAME")
     )
     audit_retention_days: int = Field(90, gt=0, validation_alias=env_alias("AUDIT_RETENTION_DAYS"))
-    audit_batch_size: int = Field(2000, gt=0, validation_alias=env_alias("AUDIT_BATCH_SIZE"))
+    audit_batch_size: int = Field(500, gt=0, validation_alias=env_alias("AUDIT_BATCH_SIZE"))
+    # small, frequent COPYs: a 2,000-row batch every 0.5 s made PostgreSQL burn ~50 ms of CPU
+    # at once and, sharing the cores, pushed the gateway's p99 from 5 to 20 ms (bench, 2k req/s)
     audit_flush_interval_s: float = Field(
-        0.5, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
+        0.05, gt=0, validation_alias=env_alias("AUDIT_FLUSH_INTERVAL_S")
     )
     audit_queue_max: int = Field(100_000, gt=0, validation_alias=env_alias("AUDIT_QUEUE_MAX"))
     audit_body_cap_bytes: int = Field(
