@@ -55,6 +55,7 @@ DEDUP_INSERT_SQL = INSERT_SQL + " ON CONFLICT DO NOTHING"
 MAINTENANCE_LOCK = 7_402_118_735
 MAINTENANCE_EVERY_S = 3600.0
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
+SCHEMA_MISSING = "audit table missing: run `plant-gateway db upgrade` on this database"
 CLOSE_DEADLINE_S = 10.0
 # SQLSTATE classes that say "the database or its setup is the problem", never the row
 OUTAGE_CLASSES = ("08", "28", "3D", "53", "55", "57", "58", "XX", "42501", "42P01", "42883")
@@ -249,8 +250,10 @@ class PostgresAuditSink:
         try:
             if self._probe is None or self._probe.is_closed():
                 self._probe = await self._connect()
-            await self._probe.fetchval("SELECT 1", timeout=1.0)
-            ok, detail = True, ""
+            migrated = await self._probe.fetchval(
+                "SELECT to_regclass($1) IS NOT NULL", TABLE, timeout=1.0
+            )
+            ok, detail = bool(migrated), "" if migrated else SCHEMA_MISSING
         except Exception as exc:  # noqa: BLE001 - any failure means "down"
             self._probe = None
             ok, detail = False, f"database unreachable ({type(exc).__name__})"
@@ -384,7 +387,10 @@ class PostgresAuditSink:
 
     async def _mark_outage(self, exc: BaseException) -> None:
         self._last_error = type(exc).__name__
-        log.warning("audit: database unavailable (%s); spooling to disk", self._last_error)
+        hint = f" ({SCHEMA_MISSING})" if isinstance(exc, asyncpg.UndefinedTableError) else ""
+        log.warning(
+            "audit: database unavailable (%s)%s; spooling to disk", self._last_error, hint
+        )
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.terminate()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.fixtures.postgres import ControlledPostgres
+from plant_gateway import migrations
+from tests.fixtures.postgres import ControlledPostgres, create_database, drop_database
 from tests.integration.audit_support import context, count_ids, started_sink
 
 N = 3000
@@ -68,3 +69,34 @@ async def test_shutdown_during_outage_keeps_every_row_on_disk(
     await sink2._replay_orphans()
     await sink2.close()
     assert await count_ids(controlled_pg.admin_dsn, ids) == (N, N)
+
+
+async def test_unmigrated_database_is_reported_and_loses_nothing(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """DATABASE_URL pointing at a database nobody migrated: /ready says what to run, the rows
+    wait in the spool, and after `db upgrade` they arrive exactly once."""
+    dsn = create_database(postgres_dsn, "pgw_unmigrated")
+    try:
+        sink, recorder = await started_sink(dsn, tmp_path)
+        try:
+            status = await sink.check()
+            assert not status.ok and "plant-gateway db upgrade" in status.detail
+            ctx = context(status=200)
+            recorder.record(ctx)
+            for _ in range(50):  # the writer's COPY fails on the missing table: spooled
+                if sink.spool is not None and sink.spool.pending:
+                    break
+                await asyncio.sleep(0.1)
+            assert sink.spool is not None and sink.spool.pending == 1
+            await asyncio.to_thread(migrations.upgrade, dsn)
+            for _ in range(100):
+                if (await count_ids(dsn, [ctx.correlation_id]))[0] == 1:
+                    break
+                await asyncio.sleep(0.2)
+            assert await count_ids(dsn, [ctx.correlation_id]) == (1, 1)
+            assert (await sink.check()).ok
+        finally:
+            await sink.close()
+    finally:
+        drop_database(dsn)
