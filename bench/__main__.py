@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="denied shares, e.g. 'bad_token=0.05,policy_deny=0.05,rate_limited=0.05'"
                         " or 'realistic'; default: all requests allowed")
     p.add_argument("--users", type=int, default=100, help="distinct users/tokens")
-    p.add_argument("--rate", type=float, help="fixed rate (default: 50%% of scenario 3's peak)")
+    p.add_argument("--rate", type=float,
+                   help="fixed rate (default: 50%% of the slowest gateway scenario's peak)")
     p.add_argument("--scenarios", default="",
                    help="comma list of keys to run: " + ",".join(s.key for s in SCENARIOS))
     p.add_argument("--redis-url", default=REDIS_URL, help="Redis of scenario 5")

@@ -149,7 +149,7 @@ def _rss_history(row: Row) -> str:
 
 def fixed_table(result: RunResult) -> list[str]:
     if not result.fixed:
-        return ["_No fixed-rate run (scenario 3 had no peak or was not selected)._"]
+        return ["_No fixed-rate run (no gateway scenario had a peak)._"]
     lines = [
         "| # | Scenario | target req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms "
         "| non-2xx | Status |",

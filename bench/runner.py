@@ -160,12 +160,51 @@ def _run_all(options: Options, result: RunResult, workdir: Path, run_id: str, sa
                     row = Row(scenario, workers, status, why)
                 else:
                     say(f"[bench] scenario {scenario.key} ({scenario.title}), {workers} worker(s)")
-                    row = _measure(scenario, ctx, wrk, script, requests, options, result,
-                                   fixed=index == 0)
+                    row = _measure(scenario, ctx, wrk, script, requests, options)
                 result.rows.append(row)
                 say(f"[bench]   -> {_summary(row)}")
+            if index == 0:
+                _fixed_rate_pass(selected, ctx, wrk, script, requests, options, result, say)
     finally:
         backend.stop()
+
+
+def _fixed_rate_pass(selected: list[Scenario], ctx: Context, wrk: Wrk, script: Path,  # type: ignore[no-untyped-def]
+                     requests: list[Request], options: Options, result: RunResult, say) -> None:
+    """After every peak: one rate for all, so each scenario can hold it and p99s compare."""
+    peaks = {row.scenario.key: row for row in result.rows
+             if row.workers == ctx.workers and row.ok and row.load}
+    rate = options.rate or _common_rate(peaks, options)
+    for scenario in selected:
+        if scenario.key in FIXED_RATE_KEYS and scenario.key in peaks:
+            say(f"[bench] fixed rate {rate:,.0f} req/s: scenario {scenario.key}")
+            result.fixed.append(_fixed_rate_run(scenario, ctx, wrk, script, requests, options,
+                                                rate))
+
+
+def _common_rate(peaks: dict[str, Row], options: Options) -> float:
+    """``rate_share`` of the slowest gateway scenario's peak (scenario 3's alone would be
+    above what the full chains can hold, and their latency would only measure queueing)."""
+    gateway = [row.load.rps for row in peaks.values() if row.scenario.is_gateway and row.load]
+    return min(gateway) * options.rate_share if gateway else 0.0
+
+
+def _fixed_rate_run(scenario: Scenario, ctx: Context, wrk: Wrk, script: Path,
+                    requests: list[Request], options: Options, rate: float) -> FixedRow:
+    server: Server | None = None
+    try:
+        server, url, _ = launch(scenario, ctx)
+        if server is not None:
+            ready_path = "/health" if scenario.is_gateway else "/"
+            server.wait_ready(url + ready_path, timeout=90 if scenario.is_gateway else 30)
+        if options.warmup_s:
+            wrk.run(url, script, options.connections, options.warmup_s)
+        return _fixed_rate(scenario, wrk, url, requests, options, rate)
+    except Exception as exc:  # noqa: BLE001 - a broken run is a row, not a crash
+        return FixedRow(scenario, rate, "failed", f"{type(exc).__name__}: {exc}"[:200])
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def _skip_reason(scenario: Scenario, tools: Tools, gateway_ok: bool, gateway_why: str,
@@ -187,7 +226,7 @@ def _summary(row: Row) -> str:
 
 
 def _measure(scenario: Scenario, ctx: Context, wrk: Wrk, script: Path, requests: list[Request],
-             options: Options, result: RunResult, fixed: bool) -> Row:
+             options: Options) -> Row:
     row = Row(scenario, ctx.workers)
     server: Server | None = None
     try:
@@ -200,10 +239,6 @@ def _measure(scenario: Scenario, ctx: Context, wrk: Wrk, script: Path, requests:
             wrk.run(url, script, options.connections, options.warmup_s)
         _peak_runs(row, server, wrk, url, script, options)
         _check(row, server, options.mix)
-        if fixed and row.ok and scenario.key in FIXED_RATE_KEYS:
-            own = row.load.rps * options.rate_share if scenario.key == "3" and row.load else 0.0
-            rate = options.rate or own or _forwarding_peak(result, options)
-            result.fixed.append(_fixed_rate(scenario, wrk, url, requests, options, rate))
     except Exception as exc:  # noqa: BLE001 - a broken scenario is a row, not a crash
         row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -290,7 +325,7 @@ def _check(row: Row, server: Server | None, mix: Mix) -> None:
 def _fixed_rate(scenario: Scenario, wrk: Wrk, url: str, requests: list[Request],
                 options: Options, rate: float) -> FixedRow:
     if not rate:
-        return FixedRow(scenario, 0.0, "skipped", "no peak of scenario 3 to derive the rate from")
+        return FixedRow(scenario, 0.0, "skipped", "no gateway peak to derive the rate from")
     connections = pacing_connections(rate)
     script = wrk.write_script(f"paced-{scenario.key}", requests, rate, connections)
     row = FixedRow(scenario, rate)
@@ -300,13 +335,6 @@ def _fixed_rate(scenario: Scenario, wrk: Wrk, url: str, requests: list[Request],
     except Exception as exc:  # noqa: BLE001
         row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
     return row
-
-
-def _forwarding_peak(result: RunResult, options: Options) -> float:
-    for row in result.rows:
-        if row.scenario.key == "3" and row.ok and row.load and row.workers == options.workers[0]:
-            return row.load.rps * options.rate_share
-    return 0.0
 
 
 def expected_statuses() -> dict[str, int]:
