@@ -78,18 +78,6 @@ METADATA_URL = (
 )
 
 
-def connection_listed(headers: list[tuple[str, str]]) -> set[str]:
-    listed: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            listed |= {t.strip().lower() for t in value.split(",") if t.strip()}
-    return listed
-
-
-def is_hop_by_hop(name: str, listed: set[str]) -> bool:
-    return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
-
-
 def _listed(value: bytes) -> set[bytes]:
     """The header names a ``Connection`` header value lists (lowercase)."""
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
@@ -292,8 +280,7 @@ class Upstream:
             if settings.plant_backend_use_id_token else None
         )
         self.latency = metrics.UPSTREAM_LATENCY.labels(name)
-        self._base_text = str(self.base).rstrip("/")
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._origin = str(self.base.origin())
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.upstream_connect_timeout_s,
             sock_read=settings.upstream_read_timeout_s,
@@ -334,16 +321,8 @@ class Upstream:
         return found
 
     def url(self, path: str, query: str) -> URL:
-        key = (path, query)
-        found = self._urls.get(key)
-        if found is None:
-            text = self._base_text + quote(path, safe=SAFE_PATH)
-            found = URL(f"{text}?{query}" if query else text, encoded=True)
-            if len(path) + len(query) <= _URL_CACHE_KEY_MAX:
-                if len(self._urls) >= _URL_CACHE_LIMIT:
-                    self._urls.clear()
-                self._urls[key] = found
-        return found
+        """``target`` as an absolute URL (aiohttp: WebSockets, the OpenAPI fetch)."""
+        return URL(self._origin + self.target(path, query).decode("latin-1"), encoded=True)
 
     async def auth_field(self) -> list[tuple[bytes, bytes]]:
         return [(k.encode(), v.encode()) for k, v in await self.auth_header()]

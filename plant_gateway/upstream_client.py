@@ -123,9 +123,7 @@ class _Connection(asyncio.Protocol):
         self._wake_drain()
 
     def _wake_drain(self) -> None:
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(self.drain_waiter)
 
     async def drain(self, exchange: UpstreamResponse) -> None:
         """Wait while the transport's write buffer is full, the backend has not answered yet
@@ -309,9 +307,7 @@ class UpstreamResponse:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(self._waiter)
 
     async def _wait(self) -> None:
         self.waiting = True
@@ -529,6 +525,12 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_exception(ConnectError("the pool is closed"))
         await asyncio.sleep(0)  # let the transports run connection_lost
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Wake whoever awaits ``waiter`` (if anyone still does)."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def _send_body(
