@@ -66,11 +66,7 @@ class CounterBatch:
         pending, self.pending = self.pending, []
         if not pending:
             return None
-        ops = [op for op, _ in pending]
-        try:
-            results = await self.counters.execute(ops)
-        except Exception as exc:  # noqa: BLE001 - handed to the resolvers, see execute()
-            results = failed(ops, exc)
+        results = await execute(self.counters, [op for op, _ in pending])
         problem, refunds = resolve_in_order(pending, results)
         if refunds:
             await refund(self.counters, refunds)
