@@ -108,8 +108,8 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
-            if exchange.until_eof and exchange.head_done:
-                exchange.finish()  # a body delimited by the end of the connection
+            if exchange.until_eof and exchange.head_done and exc is None:
+                exchange.finish()  # a body delimited by a clean end of the connection
             elif not exchange.got_bytes:
                 exchange.fail(Disconnected("the backend closed the connection", self.reused))
             else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from plant_gateway.steps.ingress import BodySource, context_from_scope
 from plant_gateway.upstream_client import (
     HIGH_WATER,
     BadResponse,
+    ConnectionLost,
     Disconnected,
     InvalidHeader,
     UpstreamPool,
@@ -346,6 +349,30 @@ async def test_interim_100_skipped_and_eof_delimited_body() -> None:
     finally:
         await pool.close()
         await raw.stop()
+
+
+async def test_eof_delimited_body_cut_by_a_reset_is_not_complete() -> None:
+    """A body that ends with the connection only counts when the backend closes cleanly."""
+
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await asyncio.start_server(reset_mid_body, "127.0.0.1", 0)
+    pool = pool_to(server.sockets[0].getsockname()[1])
+    try:
+        resp = await pool.request(head("GET", "/cut", pool.port))
+        with pytest.raises(ConnectionLost):
+            await resp.read()
+        resp.release()
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_malformed_response_is_bad_response() -> None:
