@@ -15,6 +15,12 @@ the connection (the replies of a stuck connection can no longer be matched). A c
 waiter still consumes its replies, so the order stays right. Nothing is retried here: a batch
 that reached Redis may have been applied, and its ops are not idempotent.
 
+Backpressure: while Redis does not read (stuck, paused, SIGSTOPped) the batches would pile up
+in the transport's write buffer and the FIFO until the timeout, each request waiting all of it.
+Past ``MAX_UNSENT_BYTES`` unsent or ``MAX_WAITING_BATCHES`` unanswered, a new batch fails at
+once with ``ConnectionError`` (the guards deny with a 503, as for an outage); the batches
+already sent keep waiting for their replies or their timeout.
+
 Used only for a plain TCP or unix-socket Redis (no TLS, no Cluster); every other command, and
 every other deployment, stays on redis-py (``counters_redis``).
 """
@@ -25,7 +31,7 @@ import asyncio
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.exceptions import (
@@ -37,6 +43,15 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = Sequence[Any]
+
+# The transport buffers bytes only once the kernel's socket buffer (MBs on loopback or a LAN) is
+# full, i.e. Redis has stopped reading; 1 MiB more is thousands of batches. Writes resume below
+# a quarter of it (asyncio's pause_writing / resume_writing high and low water marks).
+MAX_UNSENT_BYTES = 1 << 20
+# A healthy Redis answers in well under a millisecond: unanswered batches ≈ request rate ×
+# round trip, tens at thousands of requests/s. 4096 means Redis is not answering, and each new
+# batch would only wait for the timeout (and hold its request's memory) before failing anyway.
+MAX_WAITING_BATCHES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +105,22 @@ class RespProtocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError, encoding="utf-8")
         self.waiters: deque[_Waiter] = deque()
         self.transport: asyncio.Transport | None = None
-        self.lost = False
+        self.lost = True  # until connection_made
+        self.paused = False  # the transport's write buffer is over MAX_UNSENT_BYTES
         self.timer: asyncio.TimerHandle | None = None
         self.outbox: list[bytes] = []
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(MAX_UNSENT_BYTES, MAX_UNSENT_BYTES // 4)
+        self.lost = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -121,8 +145,8 @@ class RespProtocol(asyncio.Protocol):
     def request(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         """Write one packed batch of ``count`` commands; the future gets its ``count`` replies."""
         future: asyncio.Future[list[Any]] = self.loop.create_future()
-        if self.lost or self.transport is None:
-            future.set_exception(ConnectionError("Connection closed"))
+        if self.lost or self.paused or len(self.waiters) >= MAX_WAITING_BATCHES:
+            future.set_exception(self._refusal())
             return future
         waiter = _Waiter(future, count, self.loop.time() + self.timeout)
         self.waiters.append(waiter)
@@ -132,6 +156,13 @@ class RespProtocol(asyncio.Protocol):
         if self.timer is None:
             self.timer = self.loop.call_at(waiter.deadline, self._check_deadline)
         return future
+
+    def _refusal(self) -> ConnectionError:
+        if self.lost:
+            return ConnectionError("Connection closed")
+        if self.paused:
+            return ConnectionError("redis: not reading, write buffer full")
+        return ConnectionError(f"redis: not answering, {len(self.waiters)} batches waiting")
 
     def _flush(self) -> None:
         """One write (one syscall) for all the batches enqueued in this turn of the loop.

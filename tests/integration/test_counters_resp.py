@@ -3,19 +3,23 @@
 Many requests' batches pipelined on one connection each get their own replies; a cancelled
 request does not shift the others' replies; losing Redis fails every waiting batch, a stuck
 Redis times them out, and the next batch reconnects; ``SCRIPT FLUSH`` is recovered from without
-applying an op twice; unix socket, AUTH and SELECT work as the URL says.
+applying an op twice; unix socket, AUTH and SELECT work as the URL says; a Redis that stops
+answering or reading gets no more batches past a bound (they fail at once, the guards deny with
+a 503) and the channel works again once Redis does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import redis
@@ -24,8 +28,18 @@ import uvloop
 from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
 from plant_gateway.backends.counters import redis_server_binary
 from plant_gateway.backends.counters_redis import SHAS, RedisCounters
+from plant_gateway.backends.counters_resp import (
+    MAX_UNSENT_BYTES,
+    MAX_WAITING_BATCHES,
+    RespAddress,
+    RespChannel,
+    pack,
+)
 from plant_gateway.settings import Settings
+from plant_gateway.steps.admit import AdmitStep
+from plant_gateway.steps.rate_limit import RateLimitStep
 from tests.fixtures.redis import RedisServer
+from tests.unit.auth_support import context
 
 
 def settings_for(url: str, prefix: str, **kw: Any) -> Settings:
@@ -127,11 +141,11 @@ async def test_a_stuck_redis_times_the_batch_out_and_the_next_batch_reconnects(
         stuck = counters.channel.protocol if counters.channel else None
         with redis.Redis.from_url(redis_server.url) as plain:
             plain.execute_command("CLIENT", "PAUSE", 1_000)
-            started = time.monotonic()
             [result] = await counters.execute([version_op("u")])
+            # a TimeoutError, not the answer Redis gives once its 1 s pause ends: the channel
+            # gave up after its own 0.3 s timeout
             assert isinstance(result, DependencyError) and "TimeoutError" in str(result)
-            assert time.monotonic() - started < 0.9  # the channel's timeout, not the pause
-            plain.execute_command("CLIENT", "UNPAUSE")
+            plain.execute_command("CLIENT", "UNPAUSE")  # Redis 7.0 holds it until the pause ends
         assert await counters.execute([version_op("u")]) == [(False, None)]
         assert counters.channel is not None and counters.channel.protocol is not stuck
     finally:
@@ -227,3 +241,113 @@ def test_a_busy_event_loop_is_not_a_redis_timeout(redis_url: str, redis_prefix: 
     worker.start()
     worker.join(timeout=30)
     assert results == [[(False, None)]]
+
+
+async def test_a_paused_redis_gets_no_more_than_the_bound_of_waiting_batches(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    s = settings_for(redis_server.url, redis_prefix, redis_timeout_s=30.0)
+    with redis.Redis.from_url(redis_server.url) as plain:
+        plain.set(f"{s.token_version_prefix}u", 7)
+    counters = RedisCounters(s, redis_server.url)
+    await counters.start()
+    try:
+        await counters.execute([version_op("u")])
+        assert counters.channel is not None and counters.channel.protocol is not None
+        connection = counters.channel.protocol
+        extra = 300
+        with redis.Redis.from_url(redis_server.url) as plain:
+            # Redis 7.0 postpones even CLIENT UNPAUSE: the pause ends by itself
+            plain.execute_command("CLIENT", "PAUSE", 3_000, "ALL")
+        sent = MAX_WAITING_BATCHES + extra
+        tasks = [asyncio.ensure_future(counters.execute([version_op("u")])) for _ in range(sent)]
+        for _ in range(3):  # every task has run its first step: refused ones are done
+            await asyncio.sleep(0)
+        refused = [task.result() for task in tasks if task.done()]
+        waiting = [task for task in tasks if not task.done()]
+        assert len(waiting) == len(connection.waiters) == MAX_WAITING_BATCHES
+        assert len(refused) == extra
+        assert all(
+            isinstance(r, DependencyError) and str(r) == "redis: ConnectionError"
+            for [r] in refused
+        )
+        # the admit step denies such a request with a 503 problem, as for a Redis outage
+        steps: list[Any] = [RateLimitStep(s, counters), AdmitStep(counters)]
+        steps[-1].bind(steps)
+        ctx = context()
+        assert await steps[0].run(ctx) is None  # enqueued on the request's batch
+        problem = await steps[1].run(ctx)
+        assert problem is not None and problem.status == 503
+        assert problem.kind == "dependency-unavailable"
+        # the pause ends: every waiting batch gets its own reply, and the channel takes more
+        assert all(result == [(False, 7)] for result in await asyncio.gather(*waiting))
+        assert await counters.execute([version_op("u")]) == [(False, 7)]
+        assert counters.channel.protocol is connection  # no reconnect was needed
+    finally:
+        await counters.close()
+
+
+async def _stopped_redis_scenario(server: RedisServer) -> tuple[int, int, int, int]:
+    """SIGSTOP Redis and write 256 KiB batches, one per turn of the loop, until one is refused:
+    (accepted, refused, the largest write buffer seen, the accepted that were answered)."""
+    assert server.proc is not None
+    channel = RespChannel(RespAddress(host="127.0.0.1", port=server.port), timeout=60.0)
+    big = "x" * (256 << 10)
+    batch_size = len(pack([("ECHO", big)]))
+    try:
+        assert await channel.send([("PING",)]) == ["PONG"]
+        connection = channel.protocol
+        assert connection is not None and connection.transport is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            accepted: list[asyncio.Future[list[Any]]] = []
+            refused, largest = 0, 0
+            for _ in range(400):  # at most 100 MiB if nothing were refused
+                task = asyncio.ensure_future(channel.send([("ECHO", big)]))
+                for _ in range(3):  # sent and flushed: one batch per write
+                    await asyncio.sleep(0)
+                largest = max(largest, connection.transport.get_write_buffer_size())
+                if not task.done():
+                    assert not refused, "a batch was queued after one was refused"
+                    accepted.append(task)
+                    continue
+                with pytest.raises(redis.ConnectionError, match="write buffer full"):
+                    task.result()
+                refused += 1
+                if refused == 5:
+                    break
+            assert largest <= MAX_UNSENT_BYTES + batch_size
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        answered = sum(r == [big] for r in await asyncio.gather(*accepted))
+        assert await channel.send([("ECHO", "again")]) == ["again"]
+        assert channel.protocol is connection  # the same connection took writes again
+        return len(accepted), refused, largest, answered
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_stopped_redis_bounds_the_write_buffer_and_refuses_new_batches(
+    redis_server: RedisServer, loop: Literal["asyncio", "uvloop"]
+) -> None:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    results: list[tuple[int, int, int, int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                results.append(runner.run(_stopped_redis_scenario(redis_server)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=120)
+    if errors:  # a fresh error: pytest fails to format a traceback of another thread (3.11)
+        raise AssertionError(f"{loop}: {type(errors[0]).__name__}: {errors[0]}") from None
+    [(accepted, refused, largest, answered)] = results
+    assert refused == 5  # the next batches after the buffer filled all failed at once
+    assert 0 < accepted < 400 and answered == accepted  # none lost, none failed: all answered
+    assert largest > MAX_UNSENT_BYTES  # refused past the bound (the kernel's buffer was full)
