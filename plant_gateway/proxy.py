@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ _DROP_PREFIXES_WS_B = tuple(prefix.encode() for prefix in _DROP_PREFIXES_WS)
 _RESPONSE_DROP_B = frozenset(name.encode() for name in _RESPONSE_DROP)
 _RESPONSE_DROP_PREFIXES_B = tuple(prefix.encode() for prefix in _RESPONSE_DROP_PREFIXES)
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # list no other header: nothing to drop
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # what aiohttp refuses in a header (not tab)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
@@ -129,11 +131,42 @@ def upstream_header_fields(ctx: RequestContext, settings: Settings) -> list[tupl
     return out
 
 
+def encoded_header_fields(ctx: RequestContext, settings: Settings) -> list[tuple[bytes, bytes]]:
+    """``upstream_header_fields``; InvalidHeader when a value cannot be UTF-8 (a lone surrogate
+    from a ``\\ud800`` escape in a token claim)."""
+    try:
+        return upstream_header_fields(ctx, settings)
+    except UnicodeEncodeError:
+        raise InvalidHeader("a header value is not valid text") from None
+
+
+def invalid_header(ctx: RequestContext) -> Problem:
+    ctx.error_type = "invalid-header"
+    return Problem(400, "bad-request", "a header value cannot be forwarded (CR/LF/NUL)")
+
+
 def upstream_request_headers(ctx: RequestContext, settings: Settings) -> list[tuple[str, str]]:
     """``upstream_header_fields`` as text (WebSocket handshakes through aiohttp)."""
-    return [
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream_header_fields(ctx, settings)
-    ]
+    return text_fields(upstream_header_fields(ctx, settings))
+
+
+def text_fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header fields as the text aiohttp writes back as the same bytes; InvalidHeader if none can.
+
+    aiohttp encodes header text as UTF-8, so the bytes are decoded as UTF-8 (latin-1 would send
+    UTF-8 values double-encoded). A field that is not UTF-8, or holds a control character
+    (CR, LF and NUL among them, which aiohttp refuses too), cannot be sent byte for byte.
+    """
+    out = []
+    for name, value in fields:
+        try:
+            field = (name.decode(), value.decode())
+        except UnicodeDecodeError:
+            raise InvalidHeader("a header is not UTF-8: it cannot be forwarded as sent") from None
+        if _CONTROL.search(field[0]) or _CONTROL.search(field[1]):
+            raise InvalidHeader("a control character (CR, LF, NUL...) in a header")
+        out.append(field)
+    return out
 
 
 def request_head(
@@ -385,7 +418,10 @@ class Proxy:
         upstream = self.upstream(ctx.target_backend)
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
-        fields = upstream_header_fields(ctx, self.settings)
+        try:
+            fields = encoded_header_fields(ctx, self.settings)
+        except InvalidHeader:
+            return invalid_header(ctx)
         if upstream.id_tokens is not None:
             try:
                 fields += await upstream.auth_field()
@@ -404,8 +440,7 @@ class Proxy:
         try:
             head = request_head(ctx.method, target, upstream.host_header, fields)
         except InvalidHeader:
-            ctx.error_type = "invalid-header"
-            return Problem(400, "bad-request", "a header value cannot be forwarded (CR/LF/NUL)")
+            return invalid_header(ctx)
         started = time.perf_counter()
         resp, problem = await self._send(upstream, ctx, body, head, chunked)
         if problem is not None:
@@ -560,10 +595,15 @@ class Proxy:
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
         assert upstream.session is not None
-        headers = upstream_request_headers(ctx, self.settings) + await upstream.auth_header()
-        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-        if any("\r" in v or "\n" in v or "\0" in v for _, v in headers):
-            return Problem(400, "bad-request", "a header value cannot be forwarded (CR/LF/NUL)")
+        try:
+            fields = encoded_header_fields(ctx, self.settings) + await upstream.auth_field()
+            headers = text_fields([f for f in fields if f[0].lower() != b"content-length"])
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.breaker.failure()
+            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        except InvalidHeader as exc:
+            ctx.error_type = "invalid-header"  # as on the HTTP path
+            return Problem(400, "bad-request", f"a header value cannot be forwarded: {exc}")
         protocols = [
             p.strip() for p in ctx.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
         ]
