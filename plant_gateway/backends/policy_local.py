@@ -250,6 +250,10 @@ class InputProjection:
     shared: dict[int, tuple[Any, dict[str, Any]]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # repr() of those shared projections, keyed by the projection's id() (the decision key)
+    shared_reprs: dict[int, tuple[dict[str, Any], str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def for_modules(cls, modules: dict[str, str]) -> InputProjection | None:
@@ -293,8 +297,23 @@ class InputProjection:
         projected = {k: v for k, v in value.items() if k in keys and v is not None}
         if len(self.shared) >= SHARED_PROJECTIONS:
             self.shared.clear()
+            self.shared_reprs.clear()
         self.shared[id(value)] = (value, projected)
+        self.shared_reprs[id(projected)] = (projected, repr(projected))
         return projected
+
+    def digest(self, projected: dict[str, Any]) -> str:
+        """``input_digest`` of an input this projection made, reusing its token's ``jwt`` repr.
+
+        The two key forms never collide: this one starts with ``J`` and a repr never holds a
+        NUL byte (it escapes it), while ``input_digest`` starts with ``[``.
+        """
+        jwt = projected.get("jwt")
+        entry = self.shared_reprs.get(id(jwt))
+        if entry is None or entry[0] is not jwt:
+            return input_digest(projected)
+        rest = [(k, v) for k, v in projected.items() if k != "now_ns" and k != "jwt"]
+        return f"J{entry[1]}\0{rest!r}"
 
 
 def _strip_comments(source: str) -> str:
@@ -379,9 +398,12 @@ class LocalPolicyEngine:
     def decide_sync(self, policy_input: dict[str, Any]) -> dict[str, Any]:
         """Evaluate (or recall) the decision for one input. Raises DependencyError."""
         compiled = self._compiled
-        if compiled.projection is not None:
-            policy_input = compiled.projection.apply(policy_input)
-        key = input_digest(policy_input)
+        projection = compiled.projection
+        if projection is not None:
+            policy_input = projection.apply(policy_input)
+            key = projection.digest(policy_input)
+        else:
+            key = input_digest(policy_input)
         now_ns = policy_input.get("now_ns")
         if not isinstance(now_ns, int):
             now_ns = time.time_ns()
