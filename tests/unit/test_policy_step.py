@@ -355,6 +355,21 @@ def test_projection_does_not_change_the_decision(engine: LocalPolicyEngine,
     assert engine._compiled.evaluate(doc) == engine.decide_sync(doc)
 
 
+def test_cached_decisions_follow_the_shared_jwt_document(engine: LocalPolicyEngine) -> None:
+    """The decision key reuses each token's jwt repr: every token x request pair still gets
+    its own decision, from the cache the second time."""
+    jwts = [case["jwt"] for case in PROJECTION_CASES if "jwt" in case]  # shared, as per token
+    requests = [{k: v for k, v in case.items() if k != "jwt"} for case in PROJECTION_CASES]
+    for _ in range(2):
+        for jwt in jwts:
+            for request in requests:
+                doc = {"jwt": jwt, **request, "now_ns": time.time_ns()}
+                assert engine.decide_sync(doc) == engine._compiled.evaluate(doc), doc
+    projection = engine._compiled.projection
+    assert projection is not None and len(projection.shared_reprs) == len(jwts)
+    assert engine.cache.hits >= len(jwts) * len(requests)
+
+
 def test_dynamic_input_read_turns_projection_off(tmp_path: Path) -> None:
     bundle = tmp_path / "policies"
     shutil.copytree(POLICIES, bundle, ignore=shutil.ignore_patterns("*_test.rego"))
