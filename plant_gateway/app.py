@@ -97,6 +97,7 @@ class GatewayApp:
             self.guards.append("audit")
         for guard in self.settings.guards:
             metrics.GUARD_ACTIVE.labels(guard).set(1 if guard in self.guards else 0)
+        metrics.start_sharing()  # serve --workers N > 1: /metrics sums every worker
         log.info(
             "gateway started",
             extra={"active_guards": self.guards, "gateway_type": self.settings.gateway_type,
@@ -109,9 +110,12 @@ class GatewayApp:
             tune_gc()  # in every served worker: the start-up heap is complete now
 
     async def shutdown(self) -> None:
-        await self.proxy.close()
-        if self.deps is not None:
-            await close_all(self.deps)
+        try:
+            await self.proxy.close()
+            if self.deps is not None:
+                await close_all(self.deps)
+        finally:
+            await metrics.stop_sharing()  # last: the audit flush above still counts
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:

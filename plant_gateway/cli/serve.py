@@ -6,7 +6,9 @@ A bad or missing setting stops start-up with one line naming it and exit code 2.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,12 +42,16 @@ def serve(
     configure_logging(settings.log_level)
     worker_count = workers or settings.workers
     shared_redis = _share_counters(settings, worker_count)
+    metrics_dir = None
     try:
+        metrics_dir = _share_metrics(settings, worker_count)
         _run(uvicorn, settings, worker_count)
     finally:
         if shared_redis is not None:
             shared_redis.terminate()
             shared_redis.wait(timeout=10)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[bytes] | None:
@@ -65,6 +71,26 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
         raise typer.Exit(2) from None
     os.environ["REDIS_URL"] = url
     return proc
+
+
+def _share_metrics(settings: Settings, worker_count: int) -> Path | None:
+    """Several workers: a fresh directory for their metrics snapshots, so /metrics sums them.
+
+    See ``plant_gateway.metrics`` (SharedMetrics); removed when serve ends.
+    """
+    from plant_gateway.metrics import METRICS_DIR_ENV
+
+    os.environ.pop(METRICS_DIR_ENV, None)
+    if worker_count == 1:
+        return None
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.state_dir)).resolve()
+    except OSError as exc:
+        typer.echo(f"config error: PLANT_STATE_DIR: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ[METRICS_DIR_ENV] = str(path)
+    return path
 
 
 # httptools with corked writes: a small response's head and body leave in one send()

@@ -1,0 +1,112 @@
+"""`serve --workers 2`: every /metrics scrape returns the totals over both workers.
+
+Real processes over HTTP (demo backend, ``plant-gateway serve``, its embedded redis-server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.processes import Proc
+
+ROUTE = "/api/v1"
+ROUND = 100  # requests per round, each on a fresh connection so that both workers accept some
+MAX_ROUNDS = 10
+CONNECTIONS = 8
+WAIT_S = 15.0  # many snapshot intervals (1 s)
+
+
+async def send_round(url: str) -> list[int]:
+    connector = aiohttp.TCPConnector(limit=CONNECTIONS, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> int:
+            async with session.get(f"{url}{ROUTE}/things?i={i}") as response:
+                await response.read()
+                return response.status
+
+        return list(await asyncio.gather(*(one(i) for i in range(ROUND))))
+
+
+def scrape_requests(url: str) -> float:
+    """``gateway_requests_total`` summed over every series of ROUTE, from one scrape."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "gateway_requests_total" and s.labels.get("route") == ROUTE)
+
+
+def per_worker_requests(state_dir: Path) -> dict[int, float]:
+    """ROUTE's request count in each worker's snapshot file (metrics-*/<pid>.json)."""
+    counts: dict[int, float] = {}
+    for path in state_dir.glob("metrics-*/*.json"):
+        snap = json.loads(path.read_text())
+        family = next(f for f in snap["families"] if f["name"] == "gateway_requests")
+        route = family["labelnames"].index("route")  # series: [label values, value, created]
+        counts[snap["pid"]] = sum(value for values, value, _ in family["series"]
+                                  if values[route] == ROUTE)
+    return counts
+
+
+def wait_for(check: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return check()
+
+
+def test_two_workers_scrape_returns_totals_of_both(
+    backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "REDIS_URL": None,
+                                  "PLANT_STATE_DIR": str(tmp_path)}
+    gateway = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
+    sent = 0
+    for _ in range(MAX_ROUNDS):  # until both workers have served some (accept() decides)
+        statuses = asyncio.run(send_round(gateway.url))
+        assert statuses == [200] * ROUND, gateway.output()[-2000:]
+        sent += ROUND
+        if wait_for(lambda: len([c for c in per_worker_requests(tmp_path).values() if c]) == 2,
+                    timeout=3):
+            break
+    workers = per_worker_requests(tmp_path)
+    assert len(workers) == 2 and all(workers.values()), (workers, gateway.output()[-2000:])
+
+    seen: list[float] = []
+
+    def scraped_total() -> bool:
+        seen.append(scrape_requests(gateway.url))
+        return seen[-1] == sent
+
+    assert wait_for(scraped_total), (sent, seen)
+    for _ in range(6):  # whichever worker answers, the total stays exact
+        seen.append(scrape_requests(gateway.url))
+    assert seen[-6:] == [sent] * 6, (sent, seen)
+    assert seen == sorted(seen), seen  # a counter never goes backwards between scrapes
+    assert wait_for(lambda: sum(per_worker_requests(tmp_path).values()) == sent)
+
+    gateway.stop()
+    assert not gateway.alive
+    assert list(tmp_path.glob("metrics-*")) == []  # serve removes its snapshot directory
+
+
+def test_one_worker_serves_its_own_counts_without_snapshots(
+    backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "PLANT_STATE_DIR": str(tmp_path)}
+    gateway = gateway_factory(env=env, backend=backend)
+    statuses = asyncio.run(send_round(gateway.url))
+    assert statuses == [200] * ROUND
+
+    assert scrape_requests(gateway.url) == ROUND  # no waiting: this process's live values
+    assert list(tmp_path.glob("metrics-*")) == []
