@@ -183,6 +183,32 @@ def test_load_balancer_routes_to_the_gateway() -> None:
     assert ("google_redis_instance", "plant") in res
 
 
+# --- provider version ---------------------------------------------------------------------------
+
+# Arguments used here that older google providers reject as unsupported (terraform validate would).
+PROVIDER_MIN_FOR = {("google_cloud_run_v2_service", "deletion_protection"): (6, 0)}
+
+
+def google_lower_bound(versions_tf: Path) -> tuple[int, ...]:
+    providers = load(versions_tf)["terraform"][0]["required_providers"][0]
+    constraint = unq(providers["google"]["version"])
+    match = re.search(r">=\s*([\d.]+)", constraint)
+    assert match, f"{versions_tf}: no lower bound in {constraint!r}"
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def test_google_provider_lower_bound_knows_every_argument_used() -> None:
+    needed = max(
+        (version for directory in (STACK, MODULE)
+         for (rtype, _), body in resources(load_dir(directory)).items()
+         for (kind, arg), version in PROVIDER_MIN_FOR.items() if kind == rtype and arg in body),
+        default=(0,),
+    )
+    assert needed == (6, 0)  # the module sets deletion_protection
+    for directory in (STACK, MODULE):
+        assert google_lower_bound(directory / "versions.tf") >= needed, directory.name
+
+
 # --- workflows --------------------------------------------------------------------------------
 
 
@@ -238,3 +264,73 @@ def test_dockerfile_invariants() -> None:
     assert "/health" in final and "curl" not in final.split("HEALTHCHECK", 1)[1]
     assert "PORT" in final
     assert re.search(r'^CMD \["plant-gateway", "serve"\]', final, re.M)
+
+
+def test_ci_image_job_fails_when_the_container_does_not_answer() -> None:
+    ci = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
+    script = "\n".join(s.get("run", "") for s in ci["jobs"]["image"]["steps"])
+    # A `for ...; do curl ... && break; sleep 2; done` poll exits 0 even when nothing answered.
+    outside_loops = re.sub(r"^\s*for .*?done\s*$", "", script, flags=re.M)
+    for path in ("/health", "/ready"):
+        assert re.search(rf"curl -f\S* \S+{path}\b", outside_loops), path
+    assert 'test "$(docker exec' not in script  # a failed exec reads as a non-root uid
+
+
+# Shared libraries python:3.11-slim (Debian bookworm) already has: glibc, libgcc, libstdc++, zlib.
+SLIM_BASE_LIBS = frozenset({
+    "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libresolv.so.2",
+    "libutil.so.1", "ld-linux-x86-64.so.2", "libgcc_s.so.1", "libstdc++.so.6", "libz.so.1",
+})
+# Debian package providing each other library a runtime dependency links against.
+DEBIAN_PACKAGE = {"libatomic.so.1": "libatomic1"}
+
+
+def runtime_distributions() -> set[str]:
+    """plant-gateway and its runtime dependencies (no extras), as installed in this environment."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = ["plant-gateway"]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in metadata.distribution(name).requires or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def system_libraries(distributions: set[str]) -> dict[str, str]:
+    """Library => one file needing it, for ELF files of the distributions linking outside them."""
+    from importlib import metadata
+
+    needs: dict[str, str] = {}
+    for name in sorted(distributions):
+        for file in metadata.distribution(name).files or []:
+            path = Path(str(file.locate()))
+            if not path.is_file() or path.open("rb").read(4) != b"\x7fELF":
+                continue
+            out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, timeout=30)
+            for lib, target in re.findall(r"^\s*(\S+) => (.+?)(?: \(0x[0-9a-f]+\))?$",
+                                          out.stdout, re.M):
+                if "site-packages" not in target:  # vendored libraries travel with the wheel
+                    needs.setdefault(lib, str(path))
+    return needs
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="ldd not installed")
+def test_runtime_stage_installs_every_shared_library_the_dependencies_need() -> None:
+    final = (ROOT / "deploy" / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    installs = " ".join(re.findall(r"apt-get install ([^&]+)", final))
+    needs = system_libraries(runtime_distributions())
+    assert "libatomic.so.1" in needs  # regopy's librego_shared.so: the check sees real links
+    for lib, user in sorted(needs.items()):
+        if lib in SLIM_BASE_LIBS:
+            continue
+        assert lib in DEBIAN_PACKAGE, f"{user} needs {lib}: add its Debian package"
+        assert re.search(rf"\b{DEBIAN_PACKAGE[lib]}\b", installs), f"{user} needs {lib}"

@@ -1,9 +1,10 @@
 terraform {
   required_version = ">= 1.6"
   required_providers {
+    # 6.0 added deletion_protection to google_cloud_run_v2_service, which main.tf sets.
     google = {
       source  = "hashicorp/google"
-      version = ">= 5.30, < 7.0"
+      version = ">= 6.0, < 7.0"
     }
   }
 }

@@ -3,7 +3,7 @@ terraform {
   required_providers {
     google = {
       source  = "hashicorp/google"
-      version = ">= 5.30, < 7.0"
+      version = ">= 6.0, < 7.0"
     }
   }
   # State per environment: terraform init -backend-config="prefix=env/<environment>/plant"
