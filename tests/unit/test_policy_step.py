@@ -355,9 +355,10 @@ def test_projection_does_not_change_the_decision(engine: LocalPolicyEngine,
     assert engine._compiled.evaluate(doc) == engine.decide_sync(doc)
 
 
-def test_cached_decisions_follow_the_shared_jwt_document(engine: LocalPolicyEngine) -> None:
+def test_cached_decisions_follow_the_shared_jwt_document() -> None:
     """The decision key reuses each token's jwt repr: every token x request pair still gets
     its own decision, from the cache the second time."""
+    engine = LocalPolicyEngine(make_settings(), watch=False)  # its own caches
     jwts = [case["jwt"] for case in PROJECTION_CASES if "jwt" in case]  # shared, as per token
     requests = [{k: v for k, v in case.items() if k != "jwt"} for case in PROJECTION_CASES]
     for _ in range(2):
