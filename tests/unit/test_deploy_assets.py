@@ -167,6 +167,34 @@ def test_backend_and_opa_are_internal_and_invoked_only_by_the_gateway() -> None:
     assert unq(gateway()["vpc_egress"]) == "ALL_TRAFFIC"  # so internal ingress admits it
 
 
+SERVICE_ACCOUNT_REF = r"\$\{(google_service_account\.\w+)\.email\}"
+
+
+def test_callers_of_internal_only_services_egress_through_the_connector() -> None:
+    """Internal-only ingress admits a Cloud Run caller only if its call leaves via the VPC."""
+    modules = blocks(load_dir(STACK), "module")
+    by_identity = {re.sub(SERVICE_ACCOUNT_REF, r"\1", body["service_account_email"]): name
+                   for name, body in modules.items()}
+    internal = [name for name, body in modules.items()
+                if unq(body["ingress"]) == "INGRESS_TRAFFIC_INTERNAL_ONLY"]
+    assert {"plant_backend", "opa"} <= set(internal)
+    for callee in internal:
+        for member in modules[callee]["invoker_members"]:
+            identity = re.fullmatch(f"serviceAccount:{SERVICE_ACCOUNT_REF}", unq(member))
+            assert identity, f"{callee}: invoker {member} is not a service account of this stack"
+            caller = modules[by_identity[identity.group(1)]]
+            assert "google_vpc_access_connector" in caller.get("vpc_connector", ""), callee
+            assert unq(caller.get("vpc_egress")) == "ALL_TRAFFIC", callee
+
+
+@pytest.mark.parametrize("directory", [STACK, MODULE], ids=["stack", "module"])
+def test_every_data_source_is_used(directory: Path) -> None:
+    declared = {(unq(kind), unq(name)) for item in load_dir(directory).get("data", [])
+                for kind, named in item.items() for name in named}
+    used = {tuple(ref) for ref in referenced(r"\bdata\.(\w+)\.(\w+)", directory)}
+    assert declared - used == set(), "declared but never referenced"
+
+
 def test_load_balancer_routes_to_the_gateway() -> None:
     res = resources(load_dir(STACK))
     neg = res[("google_compute_region_network_endpoint_group", "gateway")]

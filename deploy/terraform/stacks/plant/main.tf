@@ -11,8 +11,6 @@ locals {
   gateway_name = "${var.name_prefix}-plant-gateway-${local.suffix}"
   backend_name = "${var.name_prefix}-plant-backend-${local.suffix}"
   opa_name     = "${var.name_prefix}-opa-${local.suffix}"
-  # Gateway and OPA pass through the connector so that the backend's and OPA's internal-only
-  # ingress accepts their calls.
   gateway_secrets = {
     DATABASE_URL         = { secret = var.secret_ids.database_url }
     JWT_SECRET           = { secret = var.secret_ids.jwt_secret }
@@ -20,10 +18,6 @@ locals {
     CP_REGISTRATION_KEY  = { secret = var.secret_ids.cp_registration_key }
     REDIS_URL            = { secret = google_secret_manager_secret.redis_url.secret_id }
   }
-}
-
-data "google_project" "this" {
-  project_id = var.project_id
 }
 
 data "google_sql_database_instance" "plant" {
@@ -139,6 +133,8 @@ module "plant_backend" {
 module "opa" {
   source = "../../modules/cloud_run_service"
 
+  # Internal-only ingress constrains the caller, not OPA: the gateway reaches OPA through the
+  # VPC connector (see plant_gateway). OPA makes no outbound calls, so it needs no connector.
   project_id            = var.project_id
   region                = var.region
   name                  = local.opa_name
@@ -159,6 +155,9 @@ module "opa" {
 module "plant_gateway" {
   source = "../../modules/cloud_run_service"
 
+  # Egress: the backend's and OPA's run.app URLs resolve to public Google IPs, so only
+  # vpc_egress = ALL_TRAFFIC sends those calls through the connector, which the internal-only
+  # ingress of both requires (PRIVATE_RANGES_ONLY would let them bypass the VPC and be refused).
   project_id            = var.project_id
   region                = var.region
   name                  = local.gateway_name
