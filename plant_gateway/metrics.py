@@ -374,7 +374,8 @@ class _Families:
         return self.families
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0; another user's process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -416,7 +417,7 @@ class SharedMetrics:
     def render(self) -> bytes:
         own = self.write()
         snaps = [own, *self.others()]
-        live = {s["pid"] for s in snaps if isinstance(s.get("pid"), int) and _pid_alive(s["pid"])}
+        live = {s["pid"] for s in snaps if isinstance(s.get("pid"), int) and pid_alive(s["pid"])}
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(merge(snaps, live)))
         return generate_latest(registry)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Callable
@@ -109,4 +111,26 @@ def test_one_worker_serves_its_own_counts_without_snapshots(
     assert statuses == [200] * ROUND
 
     assert scrape_requests(gateway.url) == ROUND  # no waiting: this process's live values
+    assert list(tmp_path.glob("metrics-*")) == []
+
+
+def test_restart_after_sigkill_removes_the_dead_serves_directory(
+    backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "REDIS_URL": None,
+                                  "PLANT_STATE_DIR": str(tmp_path)}
+    first = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
+    assert wait_for(lambda: len(list(tmp_path.glob("metrics-*/*.json"))) == 2), first.output()
+    (old,) = tmp_path.glob("metrics-*")
+    assert (old / "owner.pid").read_text().split()[0] == str(first.popen.pid)
+
+    os.killpg(first.popen.pid, signal.SIGKILL)  # serve, its workers, its redis: no clean-up
+    first.popen.wait(5)
+    assert old.exists()
+
+    second = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
+    assert not old.exists(), second.output()[-2000:]
+    (new,) = tmp_path.glob("metrics-*")  # only the running serve's own directory
+    assert (new / "owner.pid").read_text().split()[0] == str(second.popen.pid)
+    second.stop()
     assert list(tmp_path.glob("metrics-*")) == []
