@@ -21,6 +21,9 @@ README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
 
+DRIFT_WARN_PCT = 10.0  # nginx re-measured this much off: say so next to the ratios
+
+
 def machine_info() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -299,6 +302,7 @@ def markdown(result: RunResult) -> str:
         "(anything else running on the machine competes with the servers and wrk)"
         + (" — **the machine was busy: treat these numbers as noisy**"
            if max(result.load_avg, default=0.0) > (os.cpu_count() or 1) else ""),
+        *drift_lines(result),
         "",
         "## Peak throughput at fixed concurrency",
         "",
@@ -322,6 +326,20 @@ def markdown(result: RunResult) -> str:
     for line in result.log:
         lines.append(f"- install: {line}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def drift_lines(result: RunResult) -> list[str]:
+    """How much the machine's speed moved during the run (nginx measured twice)."""
+    if result.drift is None:
+        return []
+    first, again = result.drift
+    change = (again - first) / first * 100 if first else 0.0
+    line = (f"- Machine drift: nginx (2) {first:,.0f} req/s when first measured, {again:,.0f} "
+            f"after the gateway scenarios ({change:+.1f} %); the ratios carry about that "
+            "uncertainty")
+    if abs(change) > DRIFT_WARN_PCT:
+        line += " — **the machine's speed changed during the run**"
+    return [line]
 
 
 def write_outputs(result: RunResult, out: Path) -> Path:
@@ -349,6 +367,7 @@ def as_json(result: RunResult) -> dict[str, object]:
         "fixed": [{"key": r.scenario.key, "rate": r.rate, "status": r.status,
                    "reason": r.reason, "load": load(r)} for r in result.fixed],
         "targets": [t.__dict__ for t in targets(result)],
+        "drift": list(result.drift) if result.drift else None,
     }
 
 
@@ -382,6 +401,7 @@ def readme_block(result: RunResult, results_path: str) -> str:
         f"{result.options.connections} connections, traffic: {result.options.mix.describe()}; "
         f"full chain (4, 5) = guards {', '.join(result.options.full_guards)}. "
         f"Full table: [{results_path}]({results_path}).",
+        *[line.removeprefix("- ") for line in drift_lines(result)],
         "",
         "| # | Scenario | req/s | p99 ms | ×(2) nginx | ×(3) forwarding | ×(6) Envoy | Status |",
         "|---|---|---:|---:|---:|---:|---:|---|",

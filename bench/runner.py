@@ -104,6 +104,8 @@ class RunResult:
     started: float
     finished: float = 0.0
     load_avg: list[float] = field(default_factory=list)  # 1-min load average at start, end
+    # nginx (2) req/s when first measured and again after the gateway scenarios (same workers)
+    drift: tuple[float, float] | None = None
 
 
 def run(options: Options, say=print) -> RunResult:  # type: ignore[no-untyped-def]
@@ -164,9 +166,28 @@ def _run_all(options: Options, result: RunResult, workdir: Path, run_id: str, sa
                 result.rows.append(row)
                 say(f"[bench]   -> {_summary(row)}")
             if index == 0:
+                result.drift = _drift_check(selected, ctx, wrk, script, requests, options,
+                                            result, say)
                 _fixed_rate_pass(selected, ctx, wrk, script, requests, options, result, say)
     finally:
         backend.stop()
+
+
+def _drift_check(selected: list[Scenario], ctx: Context, wrk: Wrk, script: Path,  # type: ignore[no-untyped-def]
+                 requests: list[Request], options: Options, result: RunResult,
+                 say) -> tuple[float, float] | None:
+    """nginx (2) once more after the gateway scenarios: the ratios compare runs minutes apart,
+    and a shared VM's speed drifts (±15 % within an hour seen here); this says by how much."""
+    first = next((row for row in result.rows if row.scenario.key == "2"
+                  and row.workers == ctx.workers and row.ok and row.load), None)
+    if first is None or first.load is None:
+        return None
+    scenario = next(s for s in selected if s.key == "2")
+    say("[bench] drift check: scenario 2 again")
+    again = _measure(scenario, ctx, wrk, script, requests, options)
+    if not again.ok or again.load is None:
+        return None
+    return first.load.rps, again.load.rps
 
 
 def _fixed_rate_pass(selected: list[Scenario], ctx: Context, wrk: Wrk, script: Path,  # type: ignore[no-untyped-def]

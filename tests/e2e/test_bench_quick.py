@@ -45,4 +45,8 @@ def test_quick_bench_writes_a_row_per_scenario(
     assert rows["4"]["load"]["non2xx_share"] > 0.0
     assert rows["3"]["load"]["non2xx_share"] == 0.0
     assert "## Latency at a fixed rate" in table and "## Targets (issue 7)" in table
+    if rows["2"]["status"] == "ok":  # nginx measured twice: the drift line says how far apart
+        first, again = data["drift"]
+        assert first > 0 and again > 0
+        assert f"nginx (2) {first:,.0f} req/s when first measured, {again:,.0f}" in table
     assert done.returncode == 0, done.stderr[-2000:]

@@ -6,12 +6,16 @@ No server is started here; tests/e2e/test_bench_quick.py runs the harness for re
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+from typing import cast
 
 import jwt
 import pytest
 
 from bench.configs import envoy_conf, jwks_oct
 from bench.loadgen import MARK, lua_script, pacing_connections, parse_wrk
+from bench.report import drift_lines
+from bench.runner import RunResult
 from bench.traffic import DEV_SECRET, Mix, build_requests, parse_mix
 
 
@@ -79,3 +83,13 @@ def test_envoy_gets_the_same_hs256_key_as_a_jwks_oct_key() -> None:
     assert json.dumps(key) in json.loads(envoy_conf(1, 2, 3, DEV_SECRET))["static_resources"][
         "listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0][
         "typed_config"]["providers"]["bench"]["local_jwks"]["inline_string"]
+
+
+@pytest.mark.parametrize(("again", "warned"), [(95_000.0, False), (85_000.0, True)])
+def test_drift_line_warns_past_ten_percent(again: float, warned: bool) -> None:
+    result = cast(RunResult, SimpleNamespace(drift=(100_000.0, again)))
+    [line] = drift_lines(result)
+    assert f"100,000 req/s when first measured, {again:,.0f}" in line
+    assert f"({(again - 100_000) / 1000:+.1f} %)" in line
+    assert ("speed changed during the run" in line) is warned
+    assert drift_lines(cast(RunResult, SimpleNamespace(drift=None))) == []
