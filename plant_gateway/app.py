@@ -222,8 +222,8 @@ class GatewayApp:
         status = ctx.status_code or 499
         elapsed = ctx.elapsed_ms()
         route = metrics.route_label(ctx.path)
-        metrics.child(metrics.REQUESTS, route, ctx.method, str(status)).inc()
-        metrics.child(metrics.LATENCY, route).observe(elapsed / 1000)
+        metrics.REQUESTS.labels(route, ctx.method, str(status)).inc()  # a dict lookup each
+        metrics.LATENCY.labels(route).observe(elapsed / 1000)
         if ctx.policy_latency_ms is not None:
             metrics.POLICY_LATENCY.observe(ctx.policy_latency_ms / 1000)
         if probe:

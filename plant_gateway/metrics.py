@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
@@ -383,6 +385,77 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# A serve killed by SIGKILL (or a crash) leaves its metrics-* directory behind; the next start
+# removes those whose owner is gone. Several gateways may share one state dir, so a directory is
+# removed only when its owner.pid names no live process with the same start time (pid reuse).
+METRICS_OWNER_FILE = "owner.pid"  # "<pid> <start time>"; no .json suffix: workers ignore it
+# No owner file: a serve between mkdtemp and writing it, or one older than owner files (its
+# workers still touch the directory every second); left alone until untouched this long.
+UNOWNED_MAX_AGE_S = 600.0
+
+
+def _owner_id(pid: int) -> str | None:
+    """``"<pid> <start time>"`` from /proc/<pid>/stat (boot ticks), None if not readable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # comm (field 2) may hold spaces and parens
+    return f"{pid} {fields[19]}" if len(fields) > 19 else None  # field 22: starttime
+
+
+def _owner_alive(owner: str) -> bool:
+    pid_text, _, start = owner.strip().partition(" ")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    current = _owner_id(pid)
+    if current is not None:
+        return not start or current == f"{pid} {start}"
+    return pid_alive(pid)  # no /proc (not Linux): existence only
+
+
+def _metrics_dir_stale(path: Path, now: float) -> bool:
+    try:
+        owner = (path / METRICS_OWNER_FILE).read_text()
+    except FileNotFoundError:
+        owner = ""
+    except OSError:
+        return False
+    if owner.strip():
+        return not _owner_alive(owner)
+    try:  # no owner file, or an empty one (being written)
+        return now - path.stat().st_mtime > UNOWNED_MAX_AGE_S
+    except OSError:
+        return False
+
+
+def remove_stale_metrics_dirs(state_dir: Path) -> list[Path]:
+    """Remove leftover ``metrics-*`` directories of serves no longer running; best effort."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in state_dir.glob("metrics-*") if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    now = time.time()
+    for path in candidates:
+        if _metrics_dir_stale(path, now):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def create_metrics_dir(state_dir: Path) -> Path:
+    """A fresh ``metrics-*`` directory in ``state_dir``, owned by this process; OSError if not."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="metrics-", dir=state_dir)).resolve()
+    (path / METRICS_OWNER_FILE).write_text(_owner_id(os.getpid()) or str(os.getpid()))
+    return path
 
 
 class SharedMetrics:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from plant_gateway.cli.serve import (
+from plant_gateway.metrics import (
     METRICS_OWNER_FILE,
     UNOWNED_MAX_AGE_S,
     _owner_id,
