@@ -120,6 +120,7 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
         conn = await sink._writer()
         backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
         server0 = server_cpu_s(backend_pid)
+        wal0 = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         for i, row in enumerate(captured):
@@ -129,6 +130,10 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
         while not sink.queue.empty():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         server1 = server_cpu_s(backend_pid)
+        probe = await sink._connect()  # the writer's connection may be mid-flush
+        wal_bytes = await probe.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", wal0)
+        await probe.close()
         await sink.close()
         total = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
@@ -141,6 +146,8 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
         if server0 is not None and server1 is not None:
             print(f"PostgreSQL CPU (the writer's server process): "
                   f"{(server1 - server0) / rows * 1e6:.1f} us/row")
+        print(f"WAL written by the inserts: {float(wal_bytes) / rows:,.0f} bytes/row "
+              "(the table, its twelve indexes and the staging table)")
         print(f"writer: {rows / total:,.0f} rows/s sustained into PostgreSQL "
               f"(COPY batches of {batch})")
 
