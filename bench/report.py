@@ -137,10 +137,20 @@ def _notes(result: RunResult) -> list[str]:
     for row in sorted(result.rows, key=lambda r: (r.workers, r.scenario.key)):
         probes = ", ".join(f"{kind} → {status}" for kind, status in row.probes.items())
         details = "; ".join(part for part in (row.note.strip("; "), probes and f"probes: {probes}",
-                                              _rss_history(row)) if part)
+                                              _run_spread(row), _rss_history(row)) if part)
         if details:
             lines.append(f"- ({row.scenario.key}, {row.workers}w) {details}")
     return [*lines, ""] if lines else []
+
+
+def _run_spread(row: Row) -> str:
+    """Each run's req/s: on a shared 2-core VM the spread between runs of one server is often
+    wider than the distance to a target, so the reader sees it next to the median."""
+    if len(row.rps_runs) < 2:
+        return ""
+    low, high = min(row.rps_runs), max(row.rps_runs)
+    runs = " / ".join(f"{rps:,.0f}" for rps in row.rps_runs)
+    return f"req/s of each run: {runs} (spread {(high - low) / high:.0%})"
 
 
 def _rss_history(row: Row) -> str:
@@ -362,7 +372,8 @@ def as_json(result: RunResult) -> dict[str, object]:
         "rows": [{"key": r.scenario.key, "title": r.scenario.title, "workers": r.workers,
                   "status": r.status, "reason": r.reason, "load": load(r),
                   "cpu_us_per_req": r.cpu_us_per_req, "rss_worker_mb": r.rss_worker_mb,
-                  "rss_history_mb": r.rss_history_mb, "probes": r.probes}
+                  "rss_history_mb": r.rss_history_mb,
+                  "rps_runs": r.rps_runs, "probes": r.probes}
                  for r in result.rows],
         "fixed": [{"key": r.scenario.key, "rate": r.rate, "status": r.status,
                    "reason": r.reason, "load": load(r)} for r in result.fixed],

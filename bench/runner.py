@@ -69,6 +69,7 @@ class Row:
     measured_requests: int = 0
     rss_worker_mb: list[float] = field(default_factory=list)
     rss_history_mb: list[float] = field(default_factory=list)
+    rps_runs: list[float] = field(default_factory=list)  # req/s of each measured run, in order
     probes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -313,6 +314,7 @@ def _peak_runs(row: Row, server: Server | None, wrk: Wrk, url: str, script: Path
             _write_profile(raw, row)
         after = server.usage().cpu_s if server else 0.0
         loads.append(load)
+        row.rps_runs.append(load.rps)
         row.cpu_s += after - before
         row.measured_requests += load.requests
         if server is not None:

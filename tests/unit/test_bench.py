@@ -14,8 +14,9 @@ import pytest
 
 from bench.configs import envoy_conf, jwks_oct
 from bench.loadgen import MARK, lua_script, pacing_connections, parse_wrk
-from bench.report import drift_lines
-from bench.runner import RunResult
+from bench.report import _notes, drift_lines
+from bench.runner import Row, RunResult
+from bench.scenarios import SCENARIOS
 from bench.traffic import DEV_SECRET, Mix, build_requests, parse_mix
 
 
@@ -93,3 +94,12 @@ def test_drift_line_warns_past_ten_percent(again: float, warned: bool) -> None:
     assert f"({(again - 100_000) / 1000:+.1f} %)" in line
     assert ("speed changed during the run" in line) is warned
     assert drift_lines(cast(RunResult, SimpleNamespace(drift=None))) == []
+
+
+def test_notes_show_each_runs_rate_and_the_spread() -> None:
+    forwarding = next(s for s in SCENARIOS if s.key == "3")
+    repeated = Row(forwarding, 1, rps_runs=[12_000.0, 9_600.0])
+    single = Row(forwarding, 2, rps_runs=[11_000.0])
+    lines = _notes(cast(RunResult, SimpleNamespace(rows=[repeated, single])))
+    assert "- (3, 1w) req/s of each run: 12,000 / 9,600 (spread 20%)" in lines
+    assert not any("2w" in line for line in lines)  # one run: no spread to show
