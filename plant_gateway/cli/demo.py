@@ -90,6 +90,16 @@ def _run_checks(commands: list[tuple[str, str]]) -> int:
     return failures
 
 
+def _wait_for_stop() -> None:
+    """Return on SIGINT or SIGTERM. sigwait only receives *blocked* signals: unblocked, SIGTERM
+    killed this process without the ``finally`` (gateway and backend left running) and a SIGINT
+    sent to this process alone went to Python's handler, never to sigwait (a hang). Blocked
+    only now, after the children started: they must not inherit the mask."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)
+
+
 def demo(
     port: Annotated[int, typer.Option("--port", help="gateway port")] = 8000,
     backend_port: Annotated[int, typer.Option("--backend-port")] = 8001,
@@ -120,7 +130,7 @@ def demo(
         if check:
             raise typer.Exit(1 if _run_checks(commands) else 0)
         typer.echo("Ctrl-C to stop.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        _wait_for_stop()
     finally:
         for proc in (gateway, backend):
             proc.terminate()
