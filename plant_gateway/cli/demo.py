@@ -9,6 +9,7 @@ import importlib.util
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,6 +91,16 @@ def _run_checks(commands: list[tuple[str, str]]) -> int:
     return failures
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _wait_for_stop() -> None:
     """Return on SIGINT or SIGTERM. sigwait only receives *blocked* signals: unblocked, SIGTERM
     killed this process without the ``finally`` (gateway and backend left running) and a SIGINT
@@ -106,6 +117,12 @@ def demo(
     check: Annotated[bool, typer.Option("--check", help="run the three calls, then exit")] = False,
 ) -> None:
     """Start the demo backend and a gateway in front of it; print three curl commands."""
+    # A taken port would let the readiness checks below talk to whatever holds it.
+    for name, number in (("--port", port), ("--backend-port", backend_port)):
+        if _port_taken(number):
+            typer.echo(f"demo: port {number} is already in use; choose another with {name}",
+                       err=True)
+            raise typer.Exit(2)
     secret = os.environ.get("JWT_SECRET") or secrets.token_urlsafe(48)
     guards = available_guards()
     env = {

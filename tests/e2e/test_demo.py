@@ -64,3 +64,18 @@ def test_demo_stops_its_gateway_and_backend_on_a_signal(tmp_path: Path, stop: in
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_demo_refuses_a_taken_port_instead_of_talking_to_its_owner(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        done = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "plant_gateway.cli", "demo", "--port", str(taken),
+             "--backend-port", str(free_port()), "--check"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 2
+    assert f"port {taken} is already in use; choose another with --port" in done.stderr
+    assert "PASS" not in done.stdout
