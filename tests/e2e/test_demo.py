@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.postgres import _answers
 from tests.fixtures.processes import ROOT, free_port
 
 
@@ -26,12 +27,6 @@ def _demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, int]:
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     return proc, port, backend_port
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_demo_check_passes_one_call_and_refuses_two(tmp_path: Path) -> None:
@@ -56,11 +51,11 @@ def test_demo_stops_its_gateway_and_backend_on_a_signal(tmp_path: Path, stop: in
             if "Ctrl-C to stop." in line or not line:
                 break
         assert any("Ctrl-C to stop." in line for line in lines), "".join(lines)[-2000:]
-        assert _listening(port) and _listening(backend_port)
+        assert _answers("127.0.0.1", port) and _answers("127.0.0.1", backend_port)
         proc.send_signal(stop)  # to the demo process alone, as a supervisor or kill would
         assert proc.wait(timeout=30) == 0
-        assert not _listening(port), "the gateway outlived the demo command"
-        assert not _listening(backend_port), "the demo backend outlived the demo command"
+        assert not _answers("127.0.0.1", port), "the gateway outlived the demo command"
+        assert not _answers("127.0.0.1", backend_port), "the demo backend outlived the demo command"
     finally:
         if proc.poll() is None:
             proc.kill()
