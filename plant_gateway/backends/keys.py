@@ -152,6 +152,54 @@ def pem_source(value: str, allowed: Iterable[str]) -> StaticKeySource | None:
     return StaticKeySource(VerificationKey(key, algorithms), label)
 
 
+MIN_HS_SECRET_CHARS = 32
+
+
+def looks_like_pem_or_path(value: str) -> bool:
+    """PEM text or a file name: never read as a secret, so a mistyped path fails loudly."""
+    text = value.strip()
+    return (
+        "-----BEGIN" in text
+        or text.startswith(("/", "~", "./", "../"))
+        or text.endswith((".pem", ".crt", ".pub", ".key"))
+        or Path(text).expanduser().is_file()
+    )
+
+
+def public_key_setting_source(settings: Settings, allowed: frozenset[str]) -> KeySource | None:
+    """The key ``JWT_PUBLIC_KEY`` names: a PEM key, or (deployed-stack compatibility) an HS secret.
+
+    The deployed Terraform sets ``JWT_PUBLIC_KEY`` from the same secret as ``JWT_SECRET`` for
+    HS256. A value that is neither PEM nor a file path is therefore taken as a shared secret,
+    bound to the HS algorithms only (so it can never verify an RS/ES token), held to the same
+    length rule as ``JWT_SECRET``, and announced once at start-up as a warning.
+    """
+    value = settings.jwt_public_key or ""
+    if looks_like_pem_or_path(value):
+        pem = pem_source(value, allowed)
+        if pem is None:
+            raise SettingsError("JWT_PUBLIC_KEY: the key type fits none of JWT_ALGORITHMS")
+        return pem
+    secret = value.strip()
+    if not HMAC_ALGORITHMS & allowed:
+        raise SettingsError("JWT_PUBLIC_KEY: neither inline PEM nor a readable file path")
+    if len(secret) < MIN_HS_SECRET_CHARS:
+        raise SettingsError(
+            "JWT_PUBLIC_KEY: neither inline PEM, a readable file path nor an HS secret of at "
+            f"least {MIN_HS_SECRET_CHARS} characters"
+        )
+    if settings.jwt_secret is not None:
+        # as on the deployed gateway, JWT_SECRET wins; the usual case is the same secret twice
+        same = settings.jwt_secret.get_secret_value() == secret
+        log.warning(
+            "JWT_PUBLIC_KEY holds no public key but %s HS secret; JWT_SECRET is used",
+            "the same" if same else "another",
+        )
+        return None
+    log.warning("JWT_PUBLIC_KEY holds no public key: it is used as an HS shared secret")
+    return secret_source(secret, allowed)
+
+
 def parse_jwk(jwk: Mapping[str, Any], allowed: frozenset[str]) -> VerificationKey | None:
     """A JWKS entry as a bound key, or ``None`` when it is not a usable signing key."""
     kid, kty = jwk.get("kid"), jwk.get("kty")
@@ -378,10 +426,9 @@ def create(settings: Settings) -> KeySource:
         if source is not None:
             sources.append(source)
     if settings.jwt_public_key:
-        pem = pem_source(settings.jwt_public_key, allowed)
-        if pem is None:
-            raise SettingsError("JWT_PUBLIC_KEY: the key type fits none of JWT_ALGORITHMS")
-        sources.append(pem)
+        from_public_key = public_key_setting_source(settings, allowed)
+        if from_public_key is not None:
+            sources.append(from_public_key)
     if settings.jwt_jwks_url:
         if not allowed & ASYMMETRIC_ALGORITHMS:
             raise SettingsError("JWT_JWKS_URL: JWT_ALGORITHMS allows no RS*/ES* algorithm")

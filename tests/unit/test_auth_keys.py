@@ -125,3 +125,47 @@ def test_key_type_outside_allow_list_stops_start_up() -> None:
 async def test_key_source_reports_ready_without_secrets() -> None:
     status = await create(settings()).check()
     assert status.ok and SECRET not in status.detail
+
+
+# The deployed Terraform sets JWT_PUBLIC_KEY from the same Secret Manager secret as JWT_SECRET
+# (HS256). Such a value is a shared secret: used for HS tokens only, announced once.
+DEPLOYED_SECRET = "s" * 40
+
+
+async def test_hs_secret_in_public_key_setting_verifies_hs_tokens_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="plant_gateway.backends.keys"):
+        step = step_for(jwt_public_key=DEPLOYED_SECRET, jwt_algorithms=["HS256"])
+    assert await outcome(step, mint(DEPLOYED_SECRET, "HS256")) == "ok"
+    assert await outcome(step, mint("x" * 40, "HS256")) == "invalid-token"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "HS shared secret" in warnings[0]
+    assert DEPLOYED_SECRET not in warnings[0]
+
+
+async def test_hs_secret_in_public_key_never_verifies_an_rs_token() -> None:
+    step = step_for(jwt_public_key=DEPLOYED_SECRET)
+    assert await outcome(step, mint(RSA, "RS256")) == "invalid-token"
+
+
+async def test_same_secret_in_both_settings_is_one_key(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="plant_gateway.backends.keys"):
+        step = step_for(jwt_secret=DEPLOYED_SECRET, jwt_public_key=DEPLOYED_SECRET)
+    assert isinstance(step.keys, StaticKeySource)
+    assert await outcome(step, mint(DEPLOYED_SECRET, "HS256")) == "ok"
+    assert ["the same HS secret" in r.getMessage() for r in caplog.records] == [True]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["too-short-a-secret", "/run/secrets/jwt-public-key-that-is-not-there", "jwt-public-key.pem"],
+)
+def test_short_secret_or_missing_file_stops_start_up(value: str) -> None:
+    with pytest.raises(SettingsError, match="JWT_PUBLIC_KEY: neither inline PEM"):
+        create(settings(jwt_secret=None, jwt_public_key=value))
+
+
+def test_secret_in_public_key_needs_an_hs_algorithm() -> None:
+    with pytest.raises(SettingsError, match="JWT_PUBLIC_KEY"):
+        create(settings(jwt_secret=None, jwt_public_key=DEPLOYED_SECRET, jwt_algorithms=["RS256"]))
