@@ -11,7 +11,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway import metrics
+from plant_gateway import metering, metrics
 from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
@@ -65,6 +65,8 @@ class BudgetStep:
             0.80, 0.95, 1.00,
         )
         self.critical_agents = frozenset(settings.critical_agents)
+        secret = settings.metering_envelope_secret
+        self.metering_secret = secret.get_secret_value().encode() if secret else b""
         self.batched = False  # set by the pipeline's admit step: enqueue, don't await
         self._last_flag: tuple[Any, tuple[float, float, float]] | None = None
 
@@ -87,7 +89,7 @@ class BudgetStep:
         s = self.settings
         agent = identity.agent_id or identity.governor_agent_id
         return BudgetRequest(
-            cost_usd=s.cost_per_request_usd,
+            cost_usd=self.cost_of(ctx),
             platform_limit=s.platform_monthly_budget_usd,
             agent_id=agent,
             agent_limit=s.agent_daily_budget_usd if agent else None,
@@ -97,6 +99,17 @@ class BudgetStep:
             privileged=identity.is_governor or (agent in self.critical_agents),
             override=identity.is_governor,
         )
+
+    def cost_of(self, ctx: RequestContext) -> float:
+        """The verified metering envelope's cost, else the (opt-in, default 0) flat price."""
+        if self.metering_secret and metering.SIGNATURE in ctx.headers:
+            cost = metering.verified_cost(
+                ctx.headers, ctx.correlation_id, self.metering_secret,
+                self.settings.metering_envelope_ttl_s, self.clock(),
+            )
+            if cost is not None:
+                return cost
+        return self.settings.cost_per_request_usd
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         request = self.request_for(ctx)

@@ -32,6 +32,7 @@ def settings_for(url: str | None, prefix: str, **kw: Any) -> Settings:
             "governor": RateTier(limit=8, period_s=3600, burst=7),
             "enterprise": RateTier(limit=8, period_s=3600, burst=7),
             "anonymous": RateTier(limit=2, period_s=60, burst=1),
+            "service": RateTier(limit=3, period_s=3600, burst=2),
         },
         "brute_force_limit_per_min": 2,
         "redis_timeout_s": 0.2,
@@ -163,6 +164,76 @@ async def test_budget_step_headers_402_and_settlement(make_deps: Any) -> None:
     assert problem.extra["platform_budget"]["limit_usd"] == 100.0
     assert dict(problem.headers)["retry-after"] == str(4 * 3600)
     assert await step.run(ctx_for(None)) is None  # anonymous calls are not charged
+
+
+async def test_service_key_callers_have_their_own_tier_per_calling_address(
+    make_deps: Any,
+) -> None:
+    deps = make_deps()
+    step = rate_limit.build(deps.settings, deps)
+    assert step is not None
+    service = Identity(subject="cp-registration", service_account="cp-registration",
+                       roles=["service"])
+    for _ in range(3):  # burst 2: three at once
+        assert await step.run(ctx_for(service, client_ip="10.1.0.1")) is None
+    problem = await step.run(ctx_for(service, client_ip="10.1.0.1"))
+    assert problem is not None and problem.extra["tier"] == "service"
+    assert await step.run(ctx_for(service, client_ip="10.1.0.2")) is None  # another caller
+    assert await step.run(ctx_for(USER, client_ip="10.1.0.1")) is None  # users unaffected
+
+
+async def test_no_flat_price_by_default_only_reported_cost_is_charged(make_deps: Any) -> None:
+    """Without budget settings no request is refused on a made-up price (issue: the whole
+    platform got 402 after ~95k calls); real cost the backend reports still counts."""
+    deps = make_deps(platform_monthly_budget_usd=0.01)
+    step = budget.build(deps.settings, deps)
+    assert step is not None
+    for _ in range(200):
+        ctx = ctx_for(USER)
+        assert await step.run(ctx) is None
+    assert dict(ctx.extra_response_headers)["x-platform-utilization"] == "0.00"
+    ctx.upstream_cost_usd = 0.012  # an LLM call the backend metered
+    await step.after(ctx)
+    problem = await step.run(ctx_for(USER))
+    assert problem is not None and problem.kind == "budget-exceeded"
+
+
+def envelope(correlation_id: str, cost: str, ts: int, secret: bytes = b"m" * 32) -> dict:
+    """An envelope signed as the platform's AI services sign it (written out here on purpose,
+    independently of plant_gateway.metering)."""
+    import base64
+    import hashlib
+    import hmac
+
+    message = f"{ts}|{correlation_id}|120|80|gpt-x|0|{float(cost):.6f}".encode()
+    mac = hmac.new(secret, message, hashlib.sha256).digest()
+    return {
+        "x-metering-timestamp": str(ts), "x-metering-tokens-in": "120",
+        "x-metering-tokens-out": "80", "x-metering-model": "gpt-x",
+        "x-metering-cache-hit": "0", "x-metering-cost-usd": cost,
+        "x-metering-signature": base64.urlsafe_b64encode(mac).decode().rstrip("="),
+    }
+
+
+async def test_verified_metering_envelope_is_charged_before_forwarding(make_deps: Any) -> None:
+    deps = make_deps(agent_daily_budget_usd=0.01, metering_envelope_secret="m" * 32)
+    step = budget.build(deps.settings, deps)
+    assert step is not None
+    now = int(step.clock())
+    signed = ctx_for(USER, headers=envelope("c", "0.004", now))
+    assert await step.run(signed) is None
+    assert dict(signed.extra_response_headers)["x-agent-utilization"] == "40.00"
+    forged = {**envelope("c", "0.004", now), "x-metering-cost-usd": "0.000001"}
+    stale = envelope("c", "0.004", now - 3600)
+    other_request = envelope("another-correlation-id", "0.004", now)
+    wrong_key = envelope("c", "0.004", now, secret=b"k" * 32)
+    for headers in (forged, stale, other_request, wrong_key):
+        ctx = ctx_for(USER, headers=headers)
+        assert await step.run(ctx) is None
+        assert dict(ctx.extra_response_headers)["x-agent-utilization"] == "40.00"  # not charged
+    assert await step.run(ctx_for(USER, headers=envelope("c", "0.005", now))) is None
+    problem = await step.run(ctx_for(USER, headers=envelope("c", "0.002", now)))
+    assert problem is not None and problem.extra["exceeded"] == "agent"
 
 
 async def test_budget_thresholds_from_flag(make_deps: Any) -> None:
