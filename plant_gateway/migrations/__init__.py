@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
 HERE = Path(__file__).resolve().parent
+VERSION_TABLE = "plant_gateway_alembic_version"  # never the backend's alembic_version
 
 
 def sqlalchemy_url(dsn: str) -> str:
@@ -42,6 +43,7 @@ def current(dsn: str) -> str | None:
     engine = create_engine(sqlalchemy_url(dsn))
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            options = {"version_table": VERSION_TABLE}
+            return MigrationContext.configure(conn, opts=options).get_current_revision()
     finally:
         engine.dispose()

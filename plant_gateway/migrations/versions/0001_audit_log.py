@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from plant_gateway.migrations import adopt
+
 revision = "0001_audit_log"
 down_revision = None
 branch_labels = None
@@ -194,6 +196,9 @@ END $$;
 
 
 def upgrade() -> None:
+    conn = op.get_bind()
+    if adopt.legacy_table_present(conn):  # the Plant database: the backend's 007 table
+        adopt.set_aside(conn)
     op.execute(TABLE)
     op.execute(
         "CREATE TABLE IF NOT EXISTS gateway_audit_logs_default "
@@ -204,6 +209,7 @@ def upgrade() -> None:
     op.execute(FUNCTIONS)
     op.execute(POLICIES)
     op.execute(ROLES)
+    adopt.import_rows(conn)
     op.execute("SELECT gateway_audit_maintain(90, 7)")
     op.execute(PG_CRON)
 
@@ -219,6 +225,7 @@ def downgrade() -> None:
         """
     )
     op.execute("DROP TABLE IF EXISTS gateway_audit_logs CASCADE")
+    adopt.restore(op.get_bind())
     op.execute("DROP FUNCTION IF EXISTS gateway_audit_maintain(integer, integer)")
     op.execute("DROP FUNCTION IF EXISTS gateway_audit_ensure_partition(date)")
     op.execute("DROP FUNCTION IF EXISTS gateway_audit_setting_uuid(text)")
