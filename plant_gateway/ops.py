@@ -15,6 +15,7 @@ import aiohttp
 from plant_gateway import metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
+from plant_gateway.steps.ingress import trusted_hops
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
@@ -22,8 +23,13 @@ if TYPE_CHECKING:
     from plant_gateway.proxy import Proxy
     from plant_gateway.settings import Settings
 
-PROBES = frozenset({"/health", "/ready", "/metrics"})
-OPS_PATHS = PROBES | {"/docs", "/openapi.json"}
+# /api/health is the deployed gateway's second liveness path (the PP portal's proxy uses it)
+PROBES = frozenset({"/health", "/api/health", "/ready", "/metrics"})
+DOCS_PAGES = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
+OPS_PATHS = PROBES | DOCS_PAGES | {"/openapi.json"}
+# the deployed body, less the backend URL it used to reveal (spec §8)
+HEALTH_BODY = b'{"status":"healthy","service":"plant-gateway"}'
+
 CHECK_TIMEOUT_S = 3.0
 JSON = b"application/json"
 
@@ -34,6 +40,20 @@ DOCS_HTML = """<!doctype html>
 <a href="/openapi.json">/openapi.json</a>.</p>
 <p>Every route except the public ones needs <code>Authorization: Bearer &lt;JWT&gt;</code>.</p>
 </body></html>
+"""
+
+
+# Swagger UI's OAuth2 redirect target: hands the authorization response back to the opener.
+OAUTH2_REDIRECT_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>OAuth2 redirect</title></head>
+<body><script>
+if (window.opener && window.opener.swaggerUIRedirectOauth2) {
+  var redirect = window.opener.swaggerUIRedirectOauth2;
+  var params = new URLSearchParams((location.hash || location.search).slice(1));
+  redirect.callback({auth: redirect.auth, token: Object.fromEntries(params), isValid: true});
+}
+window.close();
+</script></body></html>
 """
 
 
@@ -77,7 +97,7 @@ def external_url(ctx: RequestContext, settings: Settings) -> str:
     if configured:
         return str(configured).rstrip("/")
     host = ctx.host or f"localhost:{settings.port}"
-    if settings.trusted_proxy_hops > 0 and ctx.headers.get("x-forwarded-host"):
+    if trusted_hops(settings, ctx.host) > 0 and ctx.headers.get("x-forwarded-host"):
         host = ctx.headers["x-forwarded-host"].split(",")[-1].strip()
     return f"{ctx.scheme}://{host}"
 
@@ -104,14 +124,16 @@ async def openapi(ctx: RequestContext, settings: Settings, proxy: Proxy) -> OpsR
 async def handle(
     ctx: RequestContext, settings: Settings, deps: Dependencies, proxy: Proxy, guards: list[str]
 ) -> OpsResponse:
-    if ctx.path == "/health":
-        return OpsResponse(200, b'{"status":"ok"}')
+    if ctx.path in ("/health", "/api/health"):
+        return OpsResponse(200, HEALTH_BODY)
     if ctx.path == "/ready":
         return await readiness(deps, proxy, guards)
     if ctx.path == "/metrics":
         return OpsResponse(200, metrics.render(), metrics.CONTENT_TYPE.encode())
     if ctx.path == "/openapi.json":
         return await openapi(ctx, settings, proxy)
+    if ctx.path == "/docs/oauth2-redirect":
+        return OpsResponse(200, OAUTH2_REDIRECT_HTML.encode(), b"text/html; charset=utf-8")
     return OpsResponse(200, DOCS_HTML.encode(), b"text/html; charset=utf-8")
 
 

@@ -30,13 +30,13 @@ from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentReject
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.routing import RouteSet, for_methods
 from plant_gateway.steps.admit import submit
-from plant_gateway.steps.routes import match_route
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
     from plant_gateway.deps import Dependencies
-    from plant_gateway.settings import Settings, TenantRule
+    from plant_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,8 @@ class AuthStep:
         self._issuers = list(settings.jwt_issuers)
         self._leeway = settings.jwt_leeway_s
         self.batched = False  # set by the pipeline's admit step: enqueue, don't await
-        self._tenant_rules: list[TenantRule] = (
-            list(settings.tenant_rules) if settings.guard_on("tenant") else []
-        )
+        rules = settings.tenant_rules if settings.guard_on("tenant") else []
+        self._tenant_routes = RouteSet([for_methods(r.path, r.methods) for r in rules])
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         if ctx.is_public or ctx.service_key_route:
@@ -364,10 +363,7 @@ class AuthStep:
     def needs_customer(self, ctx: RequestContext) -> bool:
         """True when a tenant-binding rule applies to this request (it needs a customer id)."""
         path = ctx.upstream_path or ctx.path
-        return any(
-            ctx.method in rule.methods and match_route(rule.path, path)
-            for rule in self._tenant_rules
-        )
+        return bool(self._tenant_routes) and self._tenant_routes(path, ctx.method)
 
     async def _enrich(
         self, ctx: RequestContext, identity: Identity, token: str

@@ -112,6 +112,28 @@ def client_ip(peer: str, forwarded_for: str | None, trusted_hops: int) -> str:
     return entries[-trusted_hops]
 
 
+RUN_APP_SUFFIX = ".run.app"
+
+
+def trusted_hops(settings: Settings, host: str) -> int:
+    """How many X-Forwarded-For entries, counted from the right, were added by our own proxies.
+
+    ``TRUSTED_PROXY_HOPS`` decides when set. Left unset on Cloud Run (``K_SERVICE``), the
+    request came either through Google's external load balancer, which appends the client and
+    then its own address (2), or straight to the service's ``*.run.app`` URL, where Cloud Run's
+    front end appends only the client (1). Cloud Run routes by host, so a ``run.app`` host is
+    the only way to arrive directly; through the load balancer a client naming such a host
+    gets the load balancer's address, never one it chose.
+    """
+    hops = settings.trusted_proxy_hops
+    if hops is not None:
+        return hops
+    if settings.cloud_run_service is None:
+        return 0
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return 1 if name.lower().endswith(RUN_APP_SUFFIX) else 2
+
+
 def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in raw:
@@ -130,7 +152,7 @@ def context_from_scope(scope: MutableMapping[str, Any], settings: Settings) -> R
     headers = _headers(raw)
     get = headers.get
     peer = (scope.get("client") or ("0.0.0.0", 0))[0]
-    hops = settings.trusted_proxy_hops
+    hops = trusted_hops(settings, get("host", ""))
     scheme = scope.get("scheme", "http")
     if hops > 0 and get("x-forwarded-proto"):
         scheme = headers["x-forwarded-proto"].split(",")[-1].strip() or scheme

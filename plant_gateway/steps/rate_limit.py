@@ -130,6 +130,11 @@ class RateLimitStep:
         principal = principal_of(ctx.identity) if ctx.identity else None
         if principal is None or ctx.identity is None:
             tier_name, key = "anonymous", f"ip:{ctx.client_ip}"
+        elif ctx.identity.service_account:
+            # one service key serves every instance of the platform's backends: a bucket per
+            # calling address, so one busy caller cannot throttle the others
+            tier_name = "service"
+            key = f"svc:{ctx.identity.service_account}:{ctx.client_ip}"
         else:
             tier_name, key = tier_of(ctx.identity), f"user:{principal}"
         tier: RateTier | None = self.tiers.get(tier_name) or self.tiers.get("paid")

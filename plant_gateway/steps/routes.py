@@ -1,6 +1,9 @@
 """Routing: hostile paths (400), path rewrites, public and brute-force routes, service keys.
 
-Routes match exactly or by an anchored prefix (``/x/*``), never by suffix (spec §8).
+Route patterns (``plant_gateway.routing``) match exactly, by anchored prefix or one-segment
+wildcard, optionally per method, never by suffix (spec §8). A service-key route is reached with
+the service key only (``X-CP-Registration-Key``), as on the deployed gateway: the backend trusts
+those calls as coming from the platform's own backends, so a user's JWT does not open them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
+from plant_gateway.routing import RouteSet
 
 if TYPE_CHECKING:
     from plant_gateway.deps import Dependencies
@@ -20,46 +24,6 @@ SERVICE_KEY_HEADER = "x-cp-registration-key"
 SERVICE_ACCOUNT = "cp-registration"
 _ENCODED_BAD = ("%2f", "%5c", "%00", "%2e", "%25")
 _CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f\\]")
-
-
-def match_route(pattern: str, path: str) -> bool:
-    """Exact match, or anchored prefix when the pattern ends in ``*``.
-
-    ``/a/*`` also matches ``/a`` itself; nothing ever matches by suffix.
-    """
-    if not pattern.endswith("*"):
-        return path == pattern
-    base = pattern[:-1]
-    if base.endswith("/") and path == base[:-1]:
-        return True
-    return path.startswith(base)
-
-
-def match_any(patterns: list[str], path: str) -> bool:
-    return any(match_route(p, path) for p in patterns)
-
-
-class RouteSet:
-    """``match_any`` precompiled: a set of exact paths plus a tuple of anchored prefixes."""
-
-    __slots__ = ("exact", "prefixes")
-
-    def __init__(self, patterns: list[str]) -> None:
-        exact: set[str] = set()
-        prefixes: list[str] = []
-        for pattern in patterns:
-            if not pattern.endswith("*"):
-                exact.add(pattern)
-                continue
-            base = pattern[:-1]
-            prefixes.append(base)
-            if base.endswith("/"):
-                exact.add(base[:-1])
-        self.exact = frozenset(exact)
-        self.prefixes = tuple(prefixes)
-
-    def __call__(self, path: str) -> bool:
-        return path in self.exact or path.startswith(self.prefixes)
 
 
 def hostile_path(path: str, raw_path: str) -> str | None:
@@ -115,21 +79,24 @@ class RoutesStep:
         if path in self.rewrites or path.startswith(self._rewrite_prefixes):
             path = rewrite(path, self.rewrites)
         ctx.upstream_path = path
-        ctx.is_public = self._public(path)
-        ctx.brute_force_route = self._brute_force(path)
-        if self._service_key_routes(path):
+        method = ctx.method
+        ctx.is_public = self._public(path, method)
+        ctx.brute_force_route = self._brute_force(path, method)
+        if self._service_key_routes and self._service_key_routes(path, method):
             return self._service_key(ctx)
         return None
 
     def _service_key(self, ctx: RequestContext) -> Problem | None:
-        """A present key must be right; without one the route needs a token like any other."""
-        presented = ctx.headers.get(SERVICE_KEY_HEADER)
-        if presented is None:
-            return None
+        """The route needs the service key; closed (403) when no key is configured."""
         if self.service_key is None:
             return Problem(403, "forbidden", "service-key access is closed: no key is configured")
-        if not hmac.compare_digest(presented.encode("latin-1"), self.service_key):
-            return Problem(401, "invalid-service-key", "the service key is not valid")
+        presented = ctx.headers.get(SERVICE_KEY_HEADER)
+        if presented is None or not hmac.compare_digest(
+            presented.strip().encode("latin-1"), self.service_key
+        ):
+            challenge = ("www-authenticate", 'ServiceKey header="X-CP-Registration-Key"')
+            return Problem(401, "invalid-service-key", "missing or invalid service key",
+                           headers=[challenge])
         ctx.service_key_route = True  # only once the key is proven: auth then skips the JWT
         ctx.identity = Identity(
             subject=SERVICE_ACCOUNT, service_account=SERVICE_ACCOUNT, roles=["service"]

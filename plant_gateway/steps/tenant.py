@@ -11,8 +11,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from plant_gateway.context import RequestContext
 from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.routing import RouteSet, for_methods
 from plant_gateway.steps.ingress import read_body
-from plant_gateway.steps.routes import RouteSet
 
 if TYPE_CHECKING:
     from plant_gateway.deps import Dependencies
@@ -54,15 +54,15 @@ class TenantStep:
 
     def __init__(self, rules: list[TenantRule]) -> None:
         self.rules = rules
-        # per rule: its methods as a set and its path precompiled (same match as match_route)
-        self._compiled = [(frozenset(r.methods), RouteSet([r.path]), r) for r in rules]
-        self._any = RouteSet([r.path for r in rules])  # most requests match no rule at all
+        self._compiled = [(RouteSet([for_methods(r.path, r.methods)]), r) for r in rules]
+        # most requests match no rule at all
+        self._any = RouteSet([for_methods(r.path, r.methods) for r in rules])
 
     def _rules_for(self, ctx: RequestContext) -> list[TenantRule]:
         method, path = ctx.method, ctx.upstream_path
-        if not self._any(path):
+        if not self._any(path, method):
             return []
-        return [r for methods, route, r in self._compiled if method in methods and route(path)]
+        return [r for route, r in self._compiled if route(path, method)]
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         rules = self._rules_for(ctx)

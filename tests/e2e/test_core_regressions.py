@@ -32,7 +32,7 @@ def gw(backend: Proc) -> Iterator[Proc]:
     "path",
     ["/api/v1/agents/docs", "/api/v1/secret/health", "/docs/x", "/health/x", "/ready/anything",
      "/api/v1/auth/loginx", "/x/api/v1/auth/login",
-     "/api/v1/customers/register/extra/openapi.json"],
+     "/api/v1/agents/register/extra/openapi.json"],
 )
 async def test_no_suffix_or_unhandled_public_path_skips_auth(gw: Proc, path: str) -> None:
     async with aiohttp.ClientSession() as s, s.get(gw.url + path) as r:
@@ -55,7 +55,7 @@ async def test_body_rewrite_sends_a_true_content_length(gw: Proc) -> None:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     async with (
         aiohttp.ClientSession() as s,
-        s.post(gw.url + "/api/v1/payments", data=body, headers=headers) as r,
+        s.post(gw.url + "/api/v1/payments/coupon/checkout", data=body, headers=headers) as r,
     ):
         assert r.status == 200
         doc = await r.json()
@@ -70,8 +70,9 @@ async def test_query_and_path_tenant_binding_and_no_customer_is_401(gw: Proc) ->
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.url + "/api/v1/invoices?customer_id=cust-B&x=1", headers=auth) as r:
             assert (await r.json())["query"] == "x=1&customer_id=cust-A"
-        async with s.get(gw.url + "/api/v1/subscriptions/by-customer/cust-B", headers=auth) as r:
-            assert (await r.json())["path"] == "/api/v1/subscriptions/by-customer/cust-A"
+        by_customer = "/api/v1/payments/subscriptions/by-customer/"
+        async with s.get(gw.url + by_customer + "cust-B", headers=auth) as r:
+            assert (await r.json())["path"] == by_customer + "cust-A"
         no_customer = {"Authorization": f"Bearer {mint_token()}"}
         async with s.get(gw.url + "/api/v1/invoices?customer_id=cust-B", headers=no_customer) as r:
             assert r.status == 401
@@ -101,7 +102,10 @@ async def test_service_key_routes_need_the_right_key(gw: Proc) -> None:
         async with s.post(url, headers={"X-CP-Registration-Key": "wrong"}) as r:
             assert r.status == 401
         async with s.post(url) as r:
-            assert r.status == 401  # no key: a token is needed like anywhere else
+            assert r.status == 401
+        token = {"Authorization": f"Bearer {mint_token()}"}
+        async with s.post(url, headers=token) as r:
+            assert r.status == 401  # a JWT does not open a service-key route (as deployed)
 
 
 async def test_service_key_routes_closed_when_key_unset(backend: Proc, gateway_factory) -> None:
@@ -111,7 +115,7 @@ async def test_service_key_routes_closed_when_key_unset(backend: Proc, gateway_f
         async with s.post(gw.url + "/api/v1/customers/register", headers=headers) as r:
             assert r.status == 403
         async with s.post(gw.url + "/api/v1/customers/register") as r:
-            assert r.status == 401
+            assert r.status == 403  # no key configured: closed, with or without a key
 
 
 def test_bad_setting_stops_startup_with_one_line() -> None:

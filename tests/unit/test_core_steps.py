@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from plant_gateway import routing
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
@@ -68,6 +69,36 @@ def test_traceparent_valid_keeps_trace_id_new_span() -> None:
     assert "b7ad6b7169203331" not in out
 
 
+ON_CLOUD_RUN = Settings(plant_backend_url="http://backend:9000", K_SERVICE="plant-gateway")
+
+
+@pytest.mark.parametrize(
+    ("host", "forwarded_for", "client"),
+    [
+        # through Google's load balancer: "<client-sent>, <client>, <load balancer>"
+        ("api.waooaw.com", "6.6.6.6, 203.0.113.7, 34.1.2.3", "203.0.113.7"),
+        ("api.waooaw.com", "203.0.113.7, 34.1.2.3", "203.0.113.7"),
+        # straight to the run.app URL: Cloud Run's front end appends only the client
+        ("gw-abc-uc.a.run.app", "6.6.6.6, 203.0.113.7", "203.0.113.7"),
+        ("GW-ABC-UC.A.RUN.APP:443", "203.0.113.7", "203.0.113.7"),
+        # fewer entries than Google adds: not from Google's front end, the peer it is
+        ("api.waooaw.com", "6.6.6.6", "10.0.0.9"),
+    ],
+)
+def test_client_ip_on_cloud_run_by_default(host: str, forwarded_for: str, client: str) -> None:
+    headers = [(b"host", host.encode()), (b"x-forwarded-for", forwarded_for.encode())]
+    ctx = ingress.context_from_scope(scope(headers=headers), ON_CLOUD_RUN)
+    assert ctx.client_ip == client
+
+
+def test_client_ip_off_cloud_run_is_the_peer_unless_hops_are_configured() -> None:
+    headers = [(b"host", b"api.waooaw.com"), (b"x-forwarded-for", b"6.6.6.6, 203.0.113.7")]
+    plain = Settings(plant_backend_url="http://backend:9000")
+    assert ingress.context_from_scope(scope(headers=headers), plain).client_ip == "10.0.0.9"
+    pinned = Settings(plant_backend_url="http://b:9000", K_SERVICE="gw", TRUSTED_PROXY_HOPS=0)
+    assert ingress.context_from_scope(scope(headers=headers), pinned).client_ip == "10.0.0.9"
+
+
 def test_client_ip_never_the_spoofable_first_entry() -> None:
     assert ingress.client_ip("10.0.0.1", "6.6.6.6, 1.2.3.4", 1) == "1.2.3.4"
     assert ingress.client_ip("10.0.0.1", "6.6.6.6, 1.2.3.4, 10.0.0.2", 2) == "1.2.3.4"
@@ -116,7 +147,7 @@ async def test_body_source_enforces_limit_while_streaming() -> None:
      ("/api/v1/otp/sessions*", "/api/v1/otp/sessions/1", True)],
 )
 def test_match_route_exact_or_anchored_prefix_never_suffix(pattern, path, expected) -> None:
-    assert routes.match_route(pattern, path) is expected
+    assert routing.match_route(pattern, path) is expected
 
 
 @pytest.mark.parametrize(
@@ -154,12 +185,64 @@ async def test_service_key_checked_in_constant_time_and_closed_when_unset() -> N
     bad = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"nope")])
     rejected = await step.run(bad)
     assert rejected is not None and rejected.status == 401 and not bad.service_key_route
-    absent = ctx_for(path=path)
-    assert await step.run(absent) is None and not absent.service_key_route
+    absent = ctx_for(path=path)  # a service-key route needs the key, as on the deployed gateway
+    refused_without_key = await step.run(absent)
+    assert refused_without_key is not None and refused_without_key.status == 401
+    assert not absent.service_key_route and absent.identity is None
     closed = routes.RoutesStep(Settings(plant_backend_url="http://b", guards=[]))
     empty_key = ctx_for(path=path, headers=[(b"x-cp-registration-key", b"")])
     refused = await closed.run(empty_key)
     assert refused is not None and refused.status == 403
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needs_key"),
+    [
+        ("POST", "/api/v1/customers", True),  # the CP backend's customer upsert
+        ("GET", "/api/v1/customers/lookup", True),
+        ("GET", "/api/v1/customers/", True),
+        ("POST", "/api/v1/customers/fcm-token", False),  # the mobile app, with its JWT
+        ("POST", "/api/v1/customers/fcm-token/", False),
+        ("POST", "/api/v1/otp/sessions", True),
+        ("POST", "/api/v1/otp/sessions/abc/verify", True),
+        ("POST", "/api/v1/notifications/events", True),
+        ("GET", "/api/v1/notifications/events", False),  # only the POST is a service call
+        ("GET", "/api/v1/customersx", False),
+        ("GET", "/api/v1/hired-agents", False),
+    ],
+)
+async def test_deployed_service_key_routes(method: str, path: str, needs_key: bool) -> None:
+    step = routes.RoutesStep(SETTINGS)
+    without = await step.run(ctx_for(path=path, method=method))
+    assert (without is not None and without.status == 401) is needs_key
+    keyed = ctx_for(path=path, method=method, headers=[(b"x-cp-registration-key", b"k" * 20)])
+    assert await step.run(keyed) is None
+    assert keyed.service_key_route is needs_key
+
+
+@pytest.mark.parametrize(
+    ("pattern", "method", "path", "expected"),
+    [
+        ("/api/v1/hired-agents/*/finalize", "POST", "/api/v1/hired-agents/h-1/finalize", True),
+        ("/api/v1/hired-agents/*/finalize", "POST", "/api/v1/hired-agents/finalize", False),
+        ("/api/v1/hired-agents/*/finalize", "POST", "/api/v1/hired-agents/a/b/finalize", False),
+        ("/api/v1/hired-agents/*/finalize", "POST", "/x/api/v1/hired-agents/a/finalize", False),
+        ("POST /api/v1/x", "POST", "/api/v1/x", True),
+        ("POST /api/v1/x", "GET", "/api/v1/x", False),
+        ("GET|PUT /api/v1/x/*", "PUT", "/api/v1/x/1", True),
+        ("GET /api/v1/x", "HEAD", "/api/v1/x", True),  # a HEAD is a GET without the body
+        ("/api/v1/x", "GET", "/api/v1/x/", True),  # one trailing slash tolerated
+        ("/api/v1/x", "GET", "/api/v1/x//", False),
+    ],
+)
+def test_route_patterns(pattern: str, method: str, path: str, expected: bool) -> None:
+    assert routing.match_route(pattern, path, method) is expected
+
+
+@pytest.mark.parametrize("bad", ["api/v1/x", "GE1 /x", "POST|/x", "/a*b/c", "/a/b c", "/x*y"])
+def test_bad_route_patterns_stop_start_up(bad: str) -> None:
+    with pytest.raises(ValueError, match="route"):
+        Settings(plant_backend_url="http://b", public_routes=[bad])
 
 
 # --- tenant ----------------------------------------------------------------------------------
@@ -188,6 +271,64 @@ async def test_tenant_step_needs_a_customer_and_rewrites_body_length() -> None:
     assert ctx.body_rewritten and json.loads(ctx.body)["customer_id"] == "cust-A"
     headers = dict(upstream_request_headers(ctx, SETTINGS))
     assert headers["Content-Length"] == str(len(ctx.body))
+
+
+MINE, THEIRS = "cust-mine", "cust-theirs"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "body", "expect_path", "expect_query", "expect_body"),
+    [
+        ("GET", "/api/v1/invoices", f"customer_id={THEIRS}", None, None, True, False),
+        ("GET", "/api/v1/invoices/inv-1/pdf", "", None, None, True, False),
+        ("GET", "/api/v1/receipts", f"customer_id={THEIRS}", None, None, True, False),
+        ("GET", "/api/v1/trial-status", "", None, None, True, False),
+        ("GET", "/api/v1/hired-agents/by-subscription/s-1", "", None, None, True, False),
+        ("POST", "/api/v1/payments/subscriptions/s-1/cancel", f"customer_id={THEIRS}", None,
+         None, True, False),
+        ("GET", f"/api/v1/payments/subscriptions/by-customer/{THEIRS}", "", None,
+         f"/api/v1/payments/subscriptions/by-customer/{MINE}", False, False),
+        ("POST", "/api/v1/payments/coupon/checkout", "", {"customer_id": THEIRS}, None, False,
+         True),
+        ("POST", "/api/v1/payments/razorpay/order", "", {"customer_id": THEIRS}, None, False,
+         True),
+        ("POST", "/api/v1/payments/razorpay/confirm", "", {}, None, False, True),
+        ("PUT", "/api/v1/hired-agents/draft", "", {"customer_id": THEIRS}, None, False, True),
+        ("POST", "/api/v1/hired-agents/h-1/finalize", "", {"customer_id": THEIRS}, None, False,
+         True),
+    ],
+)
+async def test_every_deployed_tenant_route_is_bound_to_the_callers_customer(
+    method: str, path: str, query: str, body: dict | None, expect_path: str | None,
+    expect_query: bool, expect_body: bool,
+) -> None:
+    step = tenant.TenantStep(list(SETTINGS.tenant_rules))  # the deployed defaults
+    assert step is not None
+    anonymous = ctx_for(path=path, method=method, qs=query.encode())
+    refused = await step.run(anonymous)
+    assert refused is not None and refused.status == 401  # no customer in the token: refused
+    ctx = ctx_for(path=path, method=method, qs=query.encode())
+    ctx.identity = Identity(user_id="u", customer_id=MINE)
+    if body is not None:
+        ctx.body = json.dumps(body).encode()
+    assert await step.run(ctx) is None
+    assert ctx.upstream_path == (expect_path or path)
+    assert (f"customer_id={MINE}" in ctx.query_string) is expect_query
+    assert THEIRS not in ctx.query_string
+    if expect_body:
+        assert json.loads(ctx.body or b"")["customer_id"] == MINE
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/v1/invoices"), ("GET", "/api/v1/hired-agents"),
+     ("DELETE", "/api/v1/hired-agents/h-1"), ("GET", "/api/v1/payments/coupon/checkout")],
+)
+async def test_routes_the_deployed_gateway_leaves_unbound(method: str, path: str) -> None:
+    step = tenant.TenantStep(list(SETTINGS.tenant_rules))  # the deployed defaults
+    assert step is not None
+    ctx = ctx_for(path=path, method=method, qs=f"customer_id={THEIRS}".encode())
+    assert await step.run(ctx) is None and ctx.query_string == f"customer_id={THEIRS}"
 
 
 def test_tenant_build_off_when_guard_off() -> None:
