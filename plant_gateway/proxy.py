@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -75,8 +76,10 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
+# GCE_METADATA_HOST: the variable Google's client libraries honour (an emulator, or tests)
 METADATA_URL = (
-    "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/identity"
+    f"http://{os.environ.get('GCE_METADATA_HOST') or 'metadata.google.internal'}"
+    "/computeMetadata/v1/instance/service-accounts/default/identity"
 )
 
 

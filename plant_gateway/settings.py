@@ -25,29 +25,55 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from plant_gateway import routing
+
 GatewayType = Literal["CP", "PP", "PLANT"]
 FailMode = Literal["closed", "open"]
 # list settings given in the environment as "a,b,c" (or as a JSON list)
 CommaList = Annotated[list[str], NoDecode]
 GUARDS = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
 
+# The deployed gateway's public API routes (callers without a token yet, or with an expired
+# one: logout must revoke the refresh token; audit events carry the backend's own service key).
+# Its own pages (/health, /api/health, /docs, /redoc, /openapi.json) are ops routes here.
 DEFAULT_PUBLIC_ROUTES = [
     "/api/v1/auth/login",
     "/api/v1/auth/register",
     "/api/v1/auth/refresh",
+    "/api/v1/auth/logout",
     "/api/v1/auth/otp/*",
     "/api/v1/auth/google/verify",
+    "/api/v1/audit/events",
 ]
 DEFAULT_BRUTE_FORCE_ROUTES = [
     "/api/v1/auth/login",
     "/api/v1/auth/refresh",
     "/api/v1/auth/otp/*",
 ]
+# Reached with X-CP-Registration-Key instead of a JWT (the CP backend's server-to-server calls);
+# the mobile app's FCM token call under /customers uses the user's JWT.
 DEFAULT_SERVICE_KEY_ROUTES = [
-    "/api/v1/customers/register",
-    "/api/v1/otp/sessions*",
-    "/api/v1/notifications/events*",
+    "/api/v1/customers/*",
+    "!/api/v1/customers/fcm-token",
+    "/api/v1/otp/sessions/*",
+    "POST /api/v1/notifications/events",
 ]
+
+
+BUNDLE_DECISION_PATH = "plant/gateway/decision"
+# The packages the deployed OPA serves (POST /v1/data/gateway/<package>)
+DEPLOYED_OPA_PACKAGES = (
+    "rbac_pp", "trial_mode", "governor_role", "sandbox_routing", "agent_budget",
+)
+
+
+def libpq_dsn(url: str) -> str:
+    """A database URL as libpq/asyncpg take it: the deployed stack's ``DATABASE_URL`` names a
+    SQLAlchemy driver (``postgresql+asyncpg://…?host=/cloudsql/…``), which asyncpg refuses."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.startswith(("postgresql+", "postgres+")):
+        return f"postgresql://{rest}"
+    return url
 
 
 def env_alias(*names: str) -> AliasChoices:
@@ -57,10 +83,11 @@ def env_alias(*names: str) -> AliasChoices:
 class TenantRule(BaseModel):
     """Overwrite the caller-supplied customer id with the token's one (spec §1.7).
 
-    ``path`` uses the public-route syntax (exact, or anchored prefix ending in ``*``);
-    ``location`` says where the id lives: a query parameter, a path segment (``segment`` is
-    its index in the ``/``-split path, 0 being the first segment after the leading slash), or
-    a top-level JSON body field.
+    ``path`` uses the route syntax of ``plant_gateway.routing`` without methods or ``!``
+    (exact, anchored prefix ending in ``*``, ``*`` for one segment). ``location`` says where
+    the id lives: a query parameter, a path segment (``segment`` is its index in the
+    ``/``-split path, 0 being the first segment after the leading slash), or a top-level JSON
+    body field.
     """
 
     path: str
@@ -69,14 +96,31 @@ class TenantRule(BaseModel):
     field: str = "customer_id"
     segment: int | None = None
 
+    @field_validator("path")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        pattern = routing.parse(value)
+        if pattern.methods is not None or pattern.excluded:
+            raise ValueError("a tenant rule path takes no methods or '!': use 'methods'")
+        return value
 
+
+# Exactly the routes the deployed gateway binds to the caller's customer (same methods).
 DEFAULT_TENANT_RULES = [
-    TenantRule(path="/api/v1/invoices*", location="query"),
-    TenantRule(path="/api/v1/receipts*", location="query"),
-    TenantRule(path="/api/v1/trial-status*", location="query"),
-    TenantRule(path="/api/v1/payments*", location="body", methods=["POST", "PUT", "PATCH"]),
-    TenantRule(path="/api/v1/subscriptions/by-customer/*", location="path", segment=4),
-    TenantRule(path="/api/v1/hired-agents*", location="query"),
+    TenantRule(path="/api/v1/invoices/*", methods=["GET"], location="query"),
+    TenantRule(path="/api/v1/receipts/*", methods=["GET"], location="query"),
+    TenantRule(path="/api/v1/trial-status/*", methods=["GET"], location="query"),
+    TenantRule(path="/api/v1/hired-agents/by-subscription/*", methods=["GET"], location="query"),
+    TenantRule(path="/api/v1/payments/subscriptions/*/cancel", methods=["POST"], location="query"),
+    TenantRule(
+        path="/api/v1/payments/subscriptions/by-customer/*", methods=["GET"], location="path",
+        segment=5,
+    ),
+    TenantRule(path="/api/v1/payments/coupon/checkout", methods=["POST"], location="body"),
+    TenantRule(path="/api/v1/payments/razorpay/order", methods=["POST"], location="body"),
+    TenantRule(path="/api/v1/payments/razorpay/confirm", methods=["POST"], location="body"),
+    TenantRule(path="/api/v1/hired-agents/draft", methods=["PUT"], location="body"),
+    TenantRule(path="/api/v1/hired-agents/*/finalize", methods=["POST"], location="body"),
 ]
 
 
@@ -93,6 +137,8 @@ def default_tiers() -> dict[str, RateTier]:
         "governor": RateTier(limit=10000, burst=200),
         "enterprise": RateTier(limit=10000, burst=200),
         "anonymous": RateTier(limit=600, burst=30),
+        # service-key callers (the CP backend's registration, OTP and notification calls)
+        "service": RateTier(limit=36000, burst=600),
     }
 
 
@@ -147,7 +193,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES")
     )
-    trusted_proxy_hops: int = Field(0, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS"))
+    # unset: 0 off Cloud Run; on Cloud Run (K_SERVICE set) the hops Google's front ends add
+    trusted_proxy_hops: int | None = Field(
+        None, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS")
+    )
+    cloud_run_service: str | None = Field(None, validation_alias=env_alias("K_SERVICE"))
     cors_origins: CommaList = Field(
         default_factory=list, validation_alias=env_alias("CORS_ORIGINS")
     )
@@ -223,9 +273,16 @@ class Settings(BaseSettings):
     opa_service_url: str | None = Field(
         None, validation_alias=env_alias("OPA_SERVICE_URL", "OPA_URL")
     )
-    opa_decision_path: str = Field(
-        "plant/gateway/decision", validation_alias=env_alias("OPA_DECISION_PATH")
+    # Set: a remote OPA serves our bundle's single entry point at this path. Unset with a
+    # remote OPA: the deployed OPA's own packages (OPA_PACKAGES), combined with our bundle.
+    opa_decision_path: str | None = Field(None, validation_alias=env_alias("OPA_DECISION_PATH"))
+    opa_packages: CommaList = Field(
+        default_factory=lambda: list(DEPLOYED_OPA_PACKAGES),
+        validation_alias=env_alias("OPA_PACKAGES"),
     )
+    # unset: on Cloud Run (K_SERVICE) the OPA service is IAM-protected, so a Google ID token
+    opa_use_id_token: bool | None = Field(None, validation_alias=env_alias("OPA_USE_ID_TOKEN"))
+    opa_cache_ttl_s: float = Field(5.0, ge=0, validation_alias=env_alias("OPA_CACHE_TTL_S"))
     opa_timeout_s: float = Field(0.5, gt=0, validation_alias=env_alias("OPA_TIMEOUT_S"))
     policy_dir: Path = Field(
         Path(__file__).resolve().parent.parent / "policies",
@@ -272,8 +329,16 @@ class Settings(BaseSettings):
     customer_monthly_budget_usd: float | None = Field(
         None, validation_alias=env_alias("CUSTOMER_MONTHLY_BUDGET_USD")
     )
+    # a flat price per call is opt-in: by default only real cost is charged (the verified
+    # metering envelope before forwarding, the backend's cost header after it)
     cost_per_request_usd: float = Field(
-        0.001, ge=0, validation_alias=env_alias("COST_PER_REQUEST_USD")
+        0.0, ge=0, validation_alias=env_alias("COST_PER_REQUEST_USD")
+    )
+    metering_envelope_secret: SecretStr | None = Field(
+        None, validation_alias=env_alias("METERING_ENVELOPE_SECRET")
+    )
+    metering_envelope_ttl_s: float = Field(
+        300, gt=0, validation_alias=env_alias("METERING_ENVELOPE_TTL_SECONDS")
     )
     cost_response_header: str = Field(
         "X-Plant-Cost-USD", validation_alias=env_alias("COST_RESPONSE_HEADER")
@@ -325,7 +390,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "jwt_algorithms", "jwt_issuers", "cors_origins", "public_routes", "guards",
-        "brute_force_routes", "service_key_routes", "critical_agents", mode="before",
+        "brute_force_routes", "service_key_routes", "critical_agents", "opa_packages",
+        mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -345,6 +411,13 @@ class Settings(BaseSettings):
         bad = [alg for alg in value if alg not in allowed]
         if bad:
             raise ValueError(f"unsupported algorithm(s) {bad}; allowed: {sorted(allowed)}")
+        return value
+
+    @field_validator("public_routes", "brute_force_routes", "service_key_routes")
+    @classmethod
+    def _route_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            routing.parse(pattern)  # ValueError names the bad pattern
         return value
 
     @field_validator("guards")
@@ -373,6 +446,17 @@ class Settings(BaseSettings):
     @property
     def sandbox_url(self) -> str:
         return self.plant_sandbox_url or self.plant_backend_url
+
+    @property
+    def bundle_decision_path(self) -> str:
+        """Our bundle's entry point (in-process, or on a remote OPA that loaded the bundle)."""
+        return (self.opa_decision_path or BUNDLE_DECISION_PATH).strip("/")
+
+    @property
+    def opa_id_token(self) -> bool:
+        if self.opa_use_id_token is not None:
+            return self.opa_use_id_token
+        return self.cloud_run_service is not None
 
     @cached_property
     def effective_redis_url(self) -> str | None:

@@ -1,6 +1,8 @@
-"""Policy engine factory: remote OPA when ``OPA_SERVICE_URL`` is set, in-process Rego otherwise.
+"""Policy engine factory: in-process Rego by default; with ``OPA_SERVICE_URL`` a remote OPA.
 
-Both evaluate the same bundle (``policies/``) at the same decision path (``OPA_DECISION_PATH``).
+A remote OPA either serves our bundle at ``OPA_DECISION_PATH`` (set it), or is the deployed
+OPA with its own packages (leave it unset): then ``policy_packages`` combines them with our
+bundle evaluated in-process.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ if TYPE_CHECKING:
 
 def create(settings: Settings) -> PolicyEngine:
     """Raises ``PolicyBundleError`` (a ``SettingsError``) when the local bundle does not compile."""
-    if settings.opa_service_url:
-        from plant_gateway.backends.policy_remote import RemotePolicyEngine
-
-        return RemotePolicyEngine(settings)
     from plant_gateway.backends.policy_local import LocalPolicyEngine
 
-    return LocalPolicyEngine(settings)
+    if not settings.opa_service_url:
+        return LocalPolicyEngine(settings)
+    from plant_gateway.backends.policy_remote import RemotePolicyEngine
+
+    remote = RemotePolicyEngine(settings)
+    if settings.opa_decision_path:
+        return remote
+    from plant_gateway.backends.policy_packages import PackagesPolicyEngine
+
+    return PackagesPolicyEngine(settings, LocalPolicyEngine(settings), remote)

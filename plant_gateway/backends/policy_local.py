@@ -375,7 +375,7 @@ class LocalPolicyEngine:
 
     def __init__(self, settings: Settings, *, watch: bool = True) -> None:
         self.policy_dir = Path(settings.policy_dir)
-        self.entrypoint = settings.opa_decision_path.strip("/")
+        self.entrypoint = settings.bundle_decision_path
         self.cache = DecisionCache(settings.policy_cache_size)
         self.watch = watch
         self.reloads = 0

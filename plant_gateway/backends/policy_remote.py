@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from plant_gateway.backends.base import DependencyError, DependencyStatus
+from plant_gateway.proxy import IdTokenSource
 from plant_gateway.settings import Settings
 
 
@@ -73,17 +74,22 @@ def normalise(result: Any) -> dict[str, Any]:
 
 
 class RemotePolicyEngine:
-    """``PolicyEngine`` asking OPA; ``decision_id`` (when OPA logs decisions) is kept."""
+    """``PolicyEngine`` asking OPA; ``decision_id`` (when OPA logs decisions) is kept.
+
+    On Cloud Run the deployed OPA service is IAM-protected: each call then carries a Google ID
+    token for the OPA URL (``OPA_USE_ID_TOKEN``, on by default when ``K_SERVICE`` is set).
+    """
 
     name = "policy"
 
     def __init__(self, settings: Settings) -> None:
         assert settings.opa_service_url
         self.base = settings.opa_service_url.rstrip("/")
-        self.url = f"{self.base}/v1/data/{settings.opa_decision_path.strip('/')}"
+        self.decision_path = settings.bundle_decision_path
         self.timeout = aiohttp.ClientTimeout(total=settings.opa_timeout_s)
         self.pool_size = max(8, settings.upstream_pool_size // 4)
         self.breaker = Breaker(settings.breaker_failure_threshold, settings.breaker_reset_s)
+        self.id_token = IdTokenSource(self.base) if settings.opa_id_token else None
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -93,14 +99,7 @@ class RemotePolicyEngine:
         return self._session
 
     async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]:
-        if not self.breaker.admit():
-            raise DependencyError("policy engine circuit is open")
-        try:
-            body = await self._post(policy_input)
-        except DependencyError:
-            self.breaker.failure()
-            raise
-        self.breaker.success()
+        body = await self.post(self.decision_path, policy_input)
         if "result" not in body:
             raise DependencyError("policy decision is undefined (OPA answered without result)")
         decision = normalise(body["result"])
@@ -108,9 +107,33 @@ class RemotePolicyEngine:
             decision["decision_id"] = str(body["decision_id"])
         return decision
 
-    async def _post(self, policy_input: dict[str, Any]) -> dict[str, Any]:
+    async def post(self, path: str, policy_input: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/data/<path>`` through the circuit breaker; the answer's JSON object."""
+        if not self.breaker.admit():
+            raise DependencyError("policy engine circuit is open")
         try:
-            async with self._client().post(self.url, json={"input": policy_input}) as response:
+            body = await self._post(f"{self.base}/v1/data/{path}", policy_input)
+        except DependencyError:
+            self.breaker.failure()
+            raise
+        self.breaker.success()
+        return body
+
+    async def _headers(self) -> dict[str, str]:
+        if self.id_token is None:
+            return {}
+        try:
+            token = await self.id_token.get(self._client())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DependencyError(f"no ID token for OPA: {type(exc).__name__}") from None
+        return {"Authorization": f"Bearer {token}"}
+
+    async def _post(self, url: str, policy_input: dict[str, Any]) -> dict[str, Any]:
+        try:
+            headers = await self._headers()
+            async with self._client().post(
+                url, json={"input": policy_input}, headers=headers
+            ) as response:
                 if response.status != 200:
                     raise DependencyError(f"policy engine answered HTTP {response.status}")
                 body = await response.json(content_type=None)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from plant_gateway.settings import libpq_dsn
+
 db_app = typer.Typer(help="Audit database migrations.", no_args_is_help=True)
 
 URL_OPTION = typer.Option(
@@ -28,7 +30,7 @@ STATE_OPTION = typer.Option(
 def database(url: str | None, state_dir: Path) -> Iterator[str]:
     """An admin DSN: ``url``, or the embedded server (started if needed, left as found)."""
     if url:
-        yield url
+        yield libpq_dsn(url)
         return
     from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
 

@@ -251,6 +251,9 @@ def to_problem(ctx: RequestContext, decision: dict[str, Any], settings: Settings
     reason = str(decision.get("reason") or "denied by policy")
     if status == 307 or kind == "governor-approval-required":
         return governor_redirect(ctx, decision, settings)
+    if kind == "budget-exceeded":  # the deployed OPA's agent_budget package refused
+        return Problem(402, "budget-exceeded", "The budget policy refused the request.",
+                       extra={"reason": reason}, headers=[("retry-after", "3600")])
     if kind == "trial-expired":
         detail = "The trial period has ended."
         return Problem(403, "trial-expired", detail, extra={"reason": reason})

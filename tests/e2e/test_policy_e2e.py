@@ -88,6 +88,7 @@ def gw(backend: Proc, sandbox_backend: Proc) -> Iterator[Proc]:
         "PLANT_GUARDS": "auth,policy",
         "PLANT_SANDBOX_URL": sandbox_backend.url,
         "APPROVAL_UI_URL": "https://approvals.test/approve",
+        "SERVICE_KEY_ROUTES": "",  # the governor cases use /api/v1/customers with a JWT
     }, backend=backend)
     yield proc
     proc.stop()
@@ -150,6 +151,7 @@ def test_trial_goes_to_sandbox_paid_to_production(gw: Proc) -> None:
 def test_remote_opa_failures_deny_and_do_not_forward() -> None:
     opa = OpaServer()  # also the recording backend: its hit counter proves forwarding
     gw = start_gateway({"PLANT_GUARDS": "auth,policy", "OPA_SERVICE_URL": opa.url,
+                        "OPA_DECISION_PATH": "plant/gateway/decision",
                         "OPA_TIMEOUT_S": "0.5", "BREAKER_FAILURE_THRESHOLD": "50"},
                        backend_url=opa.url)
     try:

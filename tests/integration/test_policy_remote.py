@@ -34,12 +34,12 @@ def free_port() -> int:
 
 
 class OpaServer:
-    def __init__(self) -> None:
+    def __init__(self, policy_dir: Path = ROOT / "policies") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / "tests/integration/opa_server.py"), "--port",
-             str(self.port), "--policy-dir", str(ROOT / "policies")],
+             str(self.port), "--policy-dir", str(policy_dir)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.time() + 20
@@ -82,6 +82,7 @@ class EngineOverrides(TypedDict, total=False):
 
 
 def engine_for(opa: OpaServer, **extra: Unpack[EngineOverrides]) -> RemotePolicyEngine:
+    extra.setdefault("opa_decision_path", "plant/gateway/decision")
     settings = Settings(plant_backend_url="http://127.0.0.1:9", opa_service_url=opa.url,
                         opa_timeout_s=0.5, **extra)
     return RemotePolicyEngine(settings)
