@@ -132,7 +132,8 @@ class RateTier(BaseModel):
 
 def default_tiers() -> dict[str, RateTier]:
     return {
-        "trial": RateTier(limit=100, burst=10),
+        # a screen of the mobile app or portal fires 10-30 calls at once: room for a few
+        "trial": RateTier(limit=100, burst=40),
         "paid": RateTier(limit=1000, burst=50),
         "governor": RateTier(limit=10000, burst=200),
         "enterprise": RateTier(limit=10000, burst=200),
@@ -244,7 +245,8 @@ class Settings(BaseSettings):
         validation_alias=env_alias("JWT_ISSUERS", "JWT_ISSUER"),
     )
     jwt_audience: str | None = Field(None, validation_alias=env_alias("JWT_AUDIENCE"))
-    jwt_leeway_s: int = Field(30, ge=0, le=300, validation_alias=env_alias("JWT_LEEWAY_S"))
+    # 60 s as on the deployed gateway (its clients mint tokens on other hosts)
+    jwt_leeway_s: int = Field(60, ge=0, le=300, validation_alias=env_alias("JWT_LEEWAY_S"))
     jwt_max_lifetime_s: int = Field(
         24 * 3600, gt=0, validation_alias=env_alias("JWT_MAX_LIFETIME_S")
     )

@@ -18,6 +18,16 @@ allowed if {
 # A caller that proved a service key (only on the configured service-key routes) is not a user.
 allowed if input.client.service_key == true
 
+# A platform customer (CP/mobile token: role "user") removes and approves what it owns: its
+# hired agents' goals and connections, its deliverables, drafts and flow runs. Which customer
+# owns the row is the backend's check (and the gateway's tenant binding where configured).
+allowed if {
+	input.action in data.plant.config.owner_actions
+	input.resource in data.plant.config.owner_resources
+	some role in common.roles
+	role in data.plant.config.owner_roles
+}
+
 required_permission := sprintf("%s:%s", [common.resource, common.action])
 
 denied_outcome := {

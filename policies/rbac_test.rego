@@ -152,3 +152,16 @@ test_mask_fields_only_for_configured_roles if {
 		with data.plant.config.mask_fields as {"viewer": ["phone", "email"]}
 	f == []
 }
+
+test_customer_deletes_and_approves_what_it_owns if {
+	rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "hired_agents" with input.action as "delete"
+	rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "marketing" with input.action as "approve"
+	rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "approvals" with input.action as "approve"
+}
+
+test_customer_grant_is_limited_to_owned_resources_and_actions if {
+	not rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "agents" with input.action as "delete"
+	not rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "customers" with input.action as "approve"
+	not rbac.allowed with input.jwt as jwt(["user"]) with input.resource as "hired_agents" with input.action as "manage"
+	not rbac.allowed with input.jwt as jwt(["readonly"]) with input.resource as "hired_agents" with input.action as "delete"
+}

@@ -182,6 +182,7 @@ module "plant_gateway" {
     PLANT_BACKEND_USE_ID_TOKEN = "true"
     PLANT_BACKEND_AUDIENCE     = module.plant_backend.uri
     OPA_SERVICE_URL            = var.use_remote_opa ? module.opa.uri : ""
+    OPA_DECISION_PATH          = var.use_remote_opa ? "plant/gateway/decision" : ""
     CLOUD_SQL_CONNECTION_NAME  = data.google_sql_database_instance.plant.connection_name
     JWT_ISSUERS                = join(",", var.jwt_issuers)
     CORS_ORIGINS               = join(",", var.cors_origins)
