@@ -122,7 +122,7 @@ def test_bad_setting_stops_startup_with_one_line() -> None:
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "config error: PLANT_BACKEND_URL: Value error, must be an http:// or https:// URL"
+        "config error: PLANT_BACKEND_URL: must be an http:// or https:// URL"
     ]
 
 
