@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import aiohttp
 import typer
 
+from plant_gateway.cli.common import usage_fail
+
 PROBLEM_TYPE = "application/problem+json"
 
 
@@ -253,10 +255,20 @@ def table(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
     lines = [f"{'CHECK'.ljust(width)}  RESULT  DETAIL"]
     lines += [f"{c.name.ljust(width)}  {c.status.upper().ljust(6)}  {c.detail}" for c in checks]
-    failed = sum(c.failed for c in checks)
-    lines.append(f"{len(checks) - failed} passed, {failed} failed" if failed else
-                 f"all {len(checks)} checks passed")
+    lines.append(summary(checks))
     return "\n".join(lines)
+
+
+def summary(checks: list[Check]) -> str:
+    """``all N checks passed``, or the passed / skipped / failed counts (a skip is no pass)."""
+    counts = {status: sum(c.status == status for c in checks) for status in ("pass", "skip")}
+    failed = sum(c.failed for c in checks)
+    if not failed and not counts["skip"]:
+        return f"all {len(checks)} checks passed"
+    parts = [f"{counts['pass']} passed"]
+    parts += [f"{counts['skip']} skipped"] if counts["skip"] else []
+    parts += [f"{failed} failed"] if failed else []
+    return ", ".join(parts)
 
 
 def verify(
@@ -282,6 +294,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Check a deployed gateway end to end; exit 1 if any check fails."""
+    _check_urls(url, database_url)
     opts = Options(
         url=url.rstrip("/"), token=token, deny_token=deny_token, jwt_secret=jwt_secret,
         issuer=issuer, path=path, deny_path=deny_path, database_url=database_url,
@@ -295,6 +308,25 @@ def verify(
     else:
         typer.echo(table(checks))
     raise typer.Exit(0 if ok else 1)
+
+
+def _check_urls(url: str, database_url: str | None) -> None:
+    from urllib.parse import urlsplit
+
+    from plant_gateway.settings import postgres_dsn
+
+    parts = urlsplit(url)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        usage_fail(f"--url: {url!r} is not an http:// or https:// URL with a host")
+    if database_url:
+        try:
+            postgres_dsn(database_url)
+        except ValueError as exc:
+            usage_fail(f"--database-url: {exc}")
 
 
 def register(app: typer.Typer) -> None:
