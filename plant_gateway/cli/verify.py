@@ -10,12 +10,14 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import aiohttp
 import typer
 
 from plant_gateway.cli.common import usage_fail
+
+if TYPE_CHECKING:  # aiohttp is imported when verify runs: every other command starts faster
+    import aiohttp
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -78,22 +80,36 @@ def problem_kind(content_type: str, body: Any) -> str | None:
     return kind or str(body.get("title", "problem"))
 
 
+class Unreachable(Exception):
+    """No answer from the gateway; ``kind`` names the client's error (for the check's detail)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(f"{type(exc).__name__} {exc}".strip())
+        self.kind = type(exc).__name__
+
+
 async def fetch(
     session: aiohttp.ClientSession, url: str, token: str | None = None
 ) -> Exchange:
+    import aiohttp
+
     ex = Exchange(correlation_id=str(uuid.uuid4()))
     headers = {"X-Correlation-ID": ex.correlation_id, "Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    async with session.get(url, headers=headers, allow_redirects=False) as resp:
-        ex.status = resp.status
-        ex.headers = {k: v for k, v in resp.headers.items()}
-        raw = await resp.read()
-        try:
-            ex.body = json.loads(raw) if raw else None
-        except ValueError:
-            ex.body = raw[:200].decode(errors="replace")
-        ex.problem = problem_kind(resp.headers.get("Content-Type", ""), ex.body)
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            ex.status = resp.status
+            ex.headers = {k: v for k, v in resp.headers.items()}
+            content_type = resp.headers.get("Content-Type", "")
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Unreachable(exc) from exc
+    try:
+        ex.body = json.loads(raw) if raw else None
+    except ValueError:
+        ex.body = raw[:200].decode(errors="replace")
+    ex.problem = problem_kind(content_type, ex.body)
     return ex
 
 
@@ -112,8 +128,8 @@ def describe(ex: Exchange) -> str:
 async def check_health(session: aiohttp.ClientSession, opts: Options) -> list[Check]:
     try:
         ex = await fetch(session, opts.url + "/health")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check("health", "fail", f"unreachable: {type(exc).__name__} {exc}".strip())]
+    except Unreachable as exc:
+        return [Check("health", "fail", f"unreachable: {exc}")]
     ok = ex.status == 200
     return [Check("health", "pass" if ok else "fail", describe(ex))]
 
@@ -121,8 +137,8 @@ async def check_health(session: aiohttp.ClientSession, opts: Options) -> list[Ch
 async def check_ready(session: aiohttp.ClientSession, opts: Options) -> list[Check]:
     try:
         ex = await fetch(session, opts.url + "/ready")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check("ready", "fail", f"unreachable: {type(exc).__name__}")]
+    except Unreachable as exc:
+        return [Check("ready", "fail", f"unreachable: {exc.kind}")]
     doc = ex.body if isinstance(ex.body, dict) else {}
     deps = doc.get("dependencies") or {}
     guards = doc.get("guards")
@@ -151,8 +167,8 @@ async def check_passthrough(
         return [Check(name, "fail", "needs --token or --jwt-secret")], None
     try:
         ex = await fetch(session, opts.url + opts.path, token)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check(name, "fail", f"unreachable: {type(exc).__name__}")], None
+    except Unreachable as exc:
+        return [Check(name, "fail", f"unreachable: {exc.kind}")], None
     # The backend answered (not a problem produced by the gateway itself).
     reached = ex.problem is None and ex.status < 500
     detail = describe(ex)
@@ -172,8 +188,8 @@ async def check_deny(
         return [Check(name, "fail", "needs --deny-token or --jwt-secret")], None
     try:
         ex = await fetch(session, opts.url + opts.deny_path, token)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check(name, "fail", f"unreachable: {type(exc).__name__}")], None
+    except Unreachable as exc:
+        return [Check(name, "fail", f"unreachable: {exc.kind}")], None
     ok = ex.status == 403 and ex.problem == "permission-denied"
     detail = describe(ex)
     if not ok:
@@ -237,6 +253,8 @@ async def run_checks(opts: Options) -> list[Check]:
     if opts.jwt_secret:
         token = token or mint(opts.jwt_secret, opts.issuer, ["admin"])
         deny_token = deny_token or mint(opts.jwt_secret, opts.issuer, ["viewer"])
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=opts.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         checks = await check_health(session, opts)
