@@ -1,4 +1,4 @@
-"""Regression tests for the deployed gateway's defects (spec §8) in the core's scope.
+"""Regression tests for the deployed gateway's defects in the core's scope.
 
 A real gateway with authentication and tenant binding on, in front of the demo backend.
 """
