@@ -227,7 +227,7 @@ def _read(
         try:
             return asyncio.run(work(dsn))
         except NoAuditSchema as exc:
-            fail(f"audit database {where(dsn)}: {exc}; run `plant-gateway db upgrade` first")
+            fail(f"audit database {where(dsn)}: {exc}; run 'plant-gateway db upgrade' first")
 
 
 AS_USER = typer.Option(None, "--as-user", metavar="ID", help="RLS: see as this user")

@@ -148,7 +148,7 @@ def current(database_url: str | None = URL_OPTION, state_dir: Path = STATE_OPTIO
 
     with database(database_url, state_dir) as dsn, database_errors(dsn):
         revision = migrations.current(dsn)
-    typer.echo(revision or "base (no audit schema: `plant-gateway db upgrade` creates it)")
+    typer.echo(revision or "base (no audit schema: 'plant-gateway db upgrade' creates it)")
 
 
 def register(app: typer.Typer) -> None:

@@ -102,7 +102,7 @@ CASES = [
     Case(("audit", "query", "--as-admin", "--database-url", "{empty_db}"), 1, "no audit schema"),
     Case(("audit", "tail", "--as-admin", "--database-url", "{empty_db}"), 1, "no audit schema"),
     Case(("audit", "verify", "--database-url", "{empty_db}"), 1,
-         "run `plant-gateway db upgrade` first"),
+         "run 'plant-gateway db upgrade' first"),
     Case(("audit", "verify", "--database-url", CLOSED), 1, "audit database postgresql://"),
     Case(("audit", "query", "--as-admin", "--since", "yesterday"), 2, "'--since'"),
     # verify, demo
