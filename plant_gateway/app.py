@@ -17,7 +17,7 @@ from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import Proxy, ResponseStarted
 from plant_gateway.runtime import tune_gc
-from plant_gateway.settings import Settings
+from plant_gateway.settings import Settings, SettingsError
 from plant_gateway.steps import Step
 from plant_gateway.steps.admit import settle
 from plant_gateway.steps.ingress import BodySource, context_from_scope
@@ -43,6 +43,24 @@ def build_audit_recorder(settings: Settings, deps: Dependencies) -> Any:
     from plant_gateway.steps import audit
 
     return audit.build(settings, deps) or NoAudit()
+
+
+def startup_failure(exc: Exception) -> str:
+    """The one line uvicorn logs when start-up fails; a traceback only for a bug.
+
+    A bad setting or a dependency that cannot start is named by its message alone.
+    """
+    from subprocess import SubprocessError
+
+    from plant_gateway.backends.base import DependencyError
+
+    if isinstance(exc, SettingsError):
+        return f"config error: {exc}"
+    # an outage, a port or file that is not there, an embedded server that did not start
+    if isinstance(exc, DependencyError | OSError | RuntimeError | SubprocessError):
+        return f"start-up failed: {type(exc).__name__}: {exc}"
+    log.exception("start-up failed")
+    return f"start-up failed: {type(exc).__name__}: {exc}"
 
 
 class Tracker:
@@ -124,8 +142,8 @@ class GatewayApp:
                 try:
                     await self.startup()
                 except Exception as exc:
-                    log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    line = startup_failure(exc)
+                    await send({"type": "lifespan.startup.failed", "message": line})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

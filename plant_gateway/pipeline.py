@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from plant_gateway.settings import Settings
     from plant_gateway.steps import Step
 
-# Fixed order of spec §1. Audit is not in the list: the app records every outcome in `finally`.
+# Fixed order (README → Architecture map). Audit is not in the list: the app records every
+# outcome in `finally`.
 STEP_ORDER = (
     "ingress",
     "routes",

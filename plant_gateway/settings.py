@@ -1,11 +1,13 @@
 """The one typed settings object of the gateway, read once at start-up.
 
-Environment variables (spec §5, with the deployed gateway's aliases of §7) win over an
-optional YAML config file (``PLANT_CONFIG``), which wins over the defaults below.
+Environment variables (README → Configuration, with the deployed gateway's aliases) win over
+an optional YAML config file (``PLANT_CONFIG``; every key is in
+``deploy/plant-gateway.example.yaml``), which wins over the defaults below.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -14,8 +16,10 @@ import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic_settings
+import yaml
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -67,21 +71,12 @@ DEPLOYED_OPA_PACKAGES = (
 )
 
 
-def libpq_dsn(url: str) -> str:
-    """A database URL as libpq/asyncpg take it: the deployed stack's ``DATABASE_URL`` names a
-    SQLAlchemy driver (``postgresql+asyncpg://…?host=/cloudsql/…``), which asyncpg refuses."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.startswith(("postgresql+", "postgres+")):
-        return f"postgresql://{rest}"
-    return url
-
-
 def env_alias(*names: str) -> AliasChoices:
     return AliasChoices(*names, *(n.lower() for n in names))
 
 
 class TenantRule(BaseModel):
-    """Overwrite the caller-supplied customer id with the token's one (spec §1.7).
+    """Overwrite the caller-supplied customer id with the token's one (``TENANT_RULES``).
 
     ``path`` uses the route syntax of ``plant_gateway.routing`` without methods or ``!``
     (exact, anchored prefix ending in ``*``, ``*`` for one segment). ``location`` says where
@@ -442,7 +437,26 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        if value is not None:
+            _check_host_and_port(value, "an http:// or https:// URL with a host")
         return value.rstrip("/") if value else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        url = value.get_secret_value().strip() if value is not None else ""
+        if not url:
+            return None  # set but empty: unset
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        _check_host_and_port(url, "a redis://host:port/db URL")
+        return SecretStr(url)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        url = value.get_secret_value().strip() if value is not None else ""
+        return SecretStr(postgres_dsn(url)) if url else None
 
     # --- derived -------------------------------------------------------------------------
     @property
@@ -492,17 +506,80 @@ class SettingsError(Exception):
     """A bad configuration, reduced to one line naming the setting."""
 
 
+# SQLAlchemy driver forms (the Plant backend's DATABASE_URL) are the same server for asyncpg
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2")
+
+
+def postgres_dsn(url: str) -> str:
+    """``url`` as a libpq/asyncpg DSN (``postgresql://``); ValueError naming what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in POSTGRES_SCHEMES:
+        raise ValueError("must be a postgresql:// URL (postgresql://user:password@host:5432/db)")
+    _check_host_and_port(url, "a postgresql://user:password@host:5432/db URL")
+    return f"postgresql://{rest}"
+
+
+def _check_host_and_port(url: str, expected: str) -> None:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing it raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"has an invalid port: expected {expected}") from None
+    if parts.scheme.startswith("http") and not parts.hostname:
+        raise ValueError(f"has no host: expected {expected}")
+
+
+def config_keys() -> dict[str, str]:
+    """Every key a PLANT_CONFIG file may hold (lower case) -> the setting's name."""
+    keys: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        keys[name] = name
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            keys.update({str(choice).lower(): name for choice in alias.choices})
+    return keys
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The YAML mapping of a PLANT_CONFIG file, checked: it parses and every key is known."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"PLANT_CONFIG: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SettingsError(f"PLANT_CONFIG: {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(
+            f"PLANT_CONFIG: {path} must be a mapping of setting names to values, "
+            f"not a {type(data).__name__}"
+        )
+    known = config_keys()
+    for key in data:
+        if str(key).lower() not in known:
+            close = difflib.get_close_matches(str(key).lower(), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(f"PLANT_CONFIG: unknown key {key!r} in {path}{hint}")
+    return data
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read and validate settings once; raise SettingsError with one clear line."""
     config_file = os.environ.get("PLANT_CONFIG")
     if config_file and not Path(config_file).is_file():
         raise SettingsError(f"PLANT_CONFIG: config file {config_file!r} does not exist")
+    if config_file:
+        read_config_file(config_file)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
             message = "is required but not set"
         raise SettingsError(f"{name}: {message}") from None

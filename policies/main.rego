@@ -1,5 +1,5 @@
 # Plant Gateway: the one entry point, data.plant.gateway.decision.
-# One evaluation answers everything the gateway enforces for a request (spec §1.5).
+# One evaluation answers everything the gateway enforces for a request (README → Architecture map).
 package plant.gateway
 
 import rego.v1
@@ -29,7 +29,7 @@ default sandbox_on := true
 
 sandbox_on := false if input.flags.sandbox_routing == false
 
-# The first failed check wins (the order of spec §1.5); allowed only when none failed.
+# The first failed check wins, in the order below; allowed only when none failed.
 outcome := common.malformed_outcome if {
 	common.malformed
 } else := trial.expired_outcome if {

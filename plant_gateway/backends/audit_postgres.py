@@ -31,7 +31,6 @@ from plant_gateway.backends.audit_schema import (
     upgrade_line,
 )
 from plant_gateway.backends.base import DependencyStatus
-from plant_gateway.settings import libpq_dsn
 
 if TYPE_CHECKING:
     from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
@@ -506,7 +505,7 @@ def _readable(line: bytes) -> Any:
 def create(settings: Settings) -> PostgresAuditSink:
     """The sink on DATABASE_URL, or on an embedded server in ``state_dir/pgdata``."""
     if settings.database_url is not None:
-        return PostgresAuditSink(settings, libpq_dsn(settings.database_url.get_secret_value()))
+        return PostgresAuditSink(settings, settings.database_url.get_secret_value())
     from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(Path(settings.state_dir) / "pgdata")

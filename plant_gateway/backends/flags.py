@@ -1,4 +1,4 @@
-"""Feature flags (spec §4): LaunchDarkly's server SDK, fed by LaunchDarkly or by a local file.
+"""Feature flags (README → Feature flags): LaunchDarkly's SDK, fed by LaunchDarkly or a local file.
 
 Both paths share the SDK's evaluation engine; evaluation is in-memory and memoised per request.
 """

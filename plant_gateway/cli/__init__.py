@@ -1,6 +1,7 @@
 """The ``plant-gateway`` command line: one Typer app, one module per command group.
 
-Each module in this package exposes ``register(app)`` and adds its commands or sub-apps.
+Each module in this package exposes ``register(app)`` and adds its commands or sub-apps;
+``common`` holds what they share (one-line failures, exit codes: see ``common.run``).
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ import importlib
 
 import typer
 
+from plant_gateway.cli import common
+
 app = typer.Typer(
     name="plant-gateway",
     help="Plant Gateway: policy-enforcing API gateway.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: the rich one printed <bool> after every flag
+    pretty_exceptions_enable=False,
 )
 
 
@@ -41,4 +46,5 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    """The console script: every failure ends as one line and an exit code (``common.run``)."""
+    common.main(app)

@@ -2,7 +2,8 @@
 """``plant-gateway audit``: query and tail the audit log under an RLS identity, verify hash chains.
 
 Reads go through the reader role with ``app.*`` settings chosen by ``--as-user``,
-``--as-customer-admin`` or ``--as-admin``; RLS decides what each identity sees.
+``--as-customer-admin`` or ``--as-admin`` (one is required); RLS decides what each identity
+sees. A database without the audit schema, or one that does not answer, is one line and exit 1.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import typer
@@ -26,20 +28,31 @@ from plant_gateway.backends.audit_schema import (
     from_db,
     row_hash,
 )
-from plant_gateway.cli.db import STATE_OPTION, URL_OPTION, database
+from plant_gateway.cli.common import fail, sub_app, usage_fail
+from plant_gateway.cli.db import STATE_OPTION, URL_OPTION, database, database_errors, where
 
-audit_app = typer.Typer(help="Query, tail and verify the audit log.", no_args_is_help=True)
+audit_app = sub_app("Query, tail and verify the audit log.")
+T = TypeVar("T")
 
 SUMMARY = ("timestamp", "correlation_id", "http_method", "endpoint", "status_code",
            "user_id", "customer_id", "error_type", "total_latency_ms")
 
 
 # --- reader connection ------------------------------------------------------------------------
+class NoAuditSchema(Exception):
+    """The database has no audit table or reader role: ``plant-gateway db upgrade`` is missing."""
+
+
 async def reader(
     dsn: str, user: str | None = None, customer_admin: str | None = None, admin: bool = False
 ) -> asyncpg.Connection:
     """A connection as the reader role with the RLS identity set (nothing set: sees nothing)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await _check_schema(conn)
+    except BaseException:
+        await conn.close()
+        raise
     if await conn.fetchval("SELECT current_user") != READER_ROLE:
         await conn.execute(f"SET ROLE {READER_ROLE}")
     settings = {
@@ -51,6 +64,15 @@ async def reader(
     for name, value in settings.items():
         await conn.execute("SELECT set_config($1, $2, false)", name, value)
     return conn
+
+
+async def _check_schema(conn: asyncpg.Connection) -> None:
+    ready = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $2)",
+        TABLE, READER_ROLE,
+    )
+    if not ready:
+        raise NoAuditSchema(f"no audit schema ({TABLE}, role {READER_ROLE})")
 
 
 def _filters(
@@ -180,12 +202,39 @@ def _links(chain: list[dict[str, Any]], i: int) -> bool:
 
 
 # --- commands ----------------------------------------------------------------------------------
-def _print(rows: list[dict], as_json: bool) -> None:
-    for row in rows:
-        if as_json:
+def _print(rows: list[dict], as_json: bool, header: bool = True) -> None:
+    if as_json:
+        for row in rows:
             typer.echo(json.dumps(row, default=str))
-        else:
-            typer.echo("  ".join(f"{row.get(k)}" for k in SUMMARY))
+        return
+    if header:
+        typer.echo("  ".join(SUMMARY))
+    for row in rows:
+        typer.echo("  ".join("-" if row.get(k) is None else str(row.get(k)) for k in SUMMARY))
+
+
+def _identity(as_user: str | None, as_customer_admin: str | None, as_admin: bool) -> None:
+    if not (as_user or as_customer_admin or as_admin):
+        usage_fail("say whom to read as: --as-admin, --as-user ID or --as-customer-admin ID "
+                   "(row-level security shows no rows to no one)")
+
+
+def _read(
+    database_url: str | None, state_dir: Path, work: Callable[[str], Coroutine[Any, Any, T]]
+) -> T:
+    """Run ``work(dsn)`` on the audit database; its failures as one line (exit 1)."""
+    with database(database_url, state_dir) as dsn, database_errors(dsn):
+        try:
+            return asyncio.run(work(dsn))
+        except NoAuditSchema as exc:
+            fail(f"audit database {where(dsn)}: {exc}; run 'plant-gateway db upgrade' first")
+
+
+AS_USER = typer.Option(None, "--as-user", metavar="ID", help="RLS: see as this user")
+AS_CUSTOMER_ADMIN = typer.Option(None, "--as-customer-admin", metavar="ID",
+                                 help="RLS: customer admin of this customer")
+AS_ADMIN = typer.Option(False, "--as-admin", help="RLS: platform admin (sees every row)")
+AS_JSON = typer.Option(False, "--json", help="one JSON document per row")
 
 
 @audit_app.command()
@@ -196,16 +245,16 @@ def query(
     status_min: int | None = typer.Option(None, "--status-min", help="status >= this"),
     since: datetime | None = typer.Option(None, "--since"),
     until: datetime | None = typer.Option(None, "--until"),
-    limit: int = typer.Option(50, "--limit"),
-    as_user: str | None = typer.Option(None, "--as-user", help="RLS: see as this user"),
-    as_customer_admin: str | None = typer.Option(None, "--as-customer-admin",
-                                                 help="RLS: customer admin of this customer"),
-    as_admin: bool = typer.Option(False, "--as-admin", help="RLS: platform admin"),
-    as_json: bool = typer.Option(False, "--json"),
+    limit: int = typer.Option(50, "--limit", min=1),
+    as_user: str | None = AS_USER,
+    as_customer_admin: str | None = AS_CUSTOMER_ADMIN,
+    as_admin: bool = AS_ADMIN,
+    as_json: bool = AS_JSON,
     database_url: str | None = URL_OPTION,
     state_dir: Path = STATE_OPTION,
 ) -> None:
     """Rows matching the filters, newest first, as the chosen RLS identity sees them."""
+    _identity(as_user, as_customer_admin, as_admin)
 
     async def run(dsn: str) -> list[dict]:
         conn = await reader(dsn, as_user, as_customer_admin, as_admin)
@@ -216,25 +265,29 @@ def query(
         finally:
             await conn.close()
 
-    with database(database_url, state_dir) as dsn:
-        _print(asyncio.run(run(dsn)), as_json)
+    rows = _read(database_url, state_dir, run)
+    _print(rows, as_json)
+    if not as_json and not rows:
+        typer.echo("(no rows)", err=True)
 
 
 @audit_app.command()
 def tail(
-    interval: float = typer.Option(1.0, "--interval"),
-    as_user: str | None = typer.Option(None, "--as-user"),
-    as_customer_admin: str | None = typer.Option(None, "--as-customer-admin"),
-    as_admin: bool = typer.Option(False, "--as-admin"),
-    as_json: bool = typer.Option(False, "--json"),
+    interval: float = typer.Option(1.0, "--interval", min=0.05, help="seconds between polls"),
+    as_user: str | None = AS_USER,
+    as_customer_admin: str | None = AS_CUSTOMER_ADMIN,
+    as_admin: bool = AS_ADMIN,
+    as_json: bool = AS_JSON,
     database_url: str | None = URL_OPTION,
     state_dir: Path = STATE_OPTION,
 ) -> None:
     """Follow new rows (Ctrl-C to stop)."""
+    _identity(as_user, as_customer_admin, as_admin)
 
     async def run(dsn: str) -> None:
         conn = await reader(dsn, as_user, as_customer_admin, as_admin)
         last = await conn.fetchval(f'SELECT coalesce(max("timestamp"), now()) FROM {TABLE}')
+        _print([], as_json)
         try:
             while True:
                 rows = await conn.fetch(
@@ -242,13 +295,13 @@ def tail(
                 )
                 if rows:
                     last = rows[-1]["timestamp"]
-                    _print([dict(r) for r in rows], as_json)
+                    _print([dict(r) for r in rows], as_json, header=False)
                 await asyncio.sleep(interval)
         finally:
             await conn.close()
 
-    with database(database_url, state_dir) as dsn, contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(dsn))
+    with contextlib.suppress(KeyboardInterrupt):
+        _read(database_url, state_dir, run)
 
 
 @audit_app.command("verify")
@@ -266,8 +319,7 @@ def verify_cmd(
         finally:
             await conn.close()
 
-    with database(database_url, state_dir) as dsn:
-        checked, findings = asyncio.run(run(dsn))
+    checked, findings = _read(database_url, state_dir, run)
     for finding in findings:
         typer.echo(str(finding))
     typer.echo(f"{checked} rows checked, {len(findings)} problem(s)")

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from plant_gateway.cli.common import config_fail, fail, usage_fail
 from plant_gateway.settings import GUARDS
 
 # the modules each guard needs; a guard whose code is not there yet is left out of the demo
@@ -39,17 +40,17 @@ def available_guards() -> list[str]:
     ]
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def _wait(url: str, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise typer.Exit(1)
+        if proc.poll() is not None:  # its own line above says why
+            fail(f"demo: the {name} exited (code {proc.returncode}) before it answered on {url}")
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
-    raise typer.Exit(1)
+    fail(f"demo: the {name} did not answer on {url} within {timeout:.0f} s")
 
 
 def _token(secret: str, **kwargs: str) -> str:
@@ -101,6 +102,18 @@ def _port_taken(port: int) -> bool:
     return False
 
 
+def _check_config(env: dict[str, str]) -> None:
+    """The demo gateway's settings, checked here: a bad one is one line before anything starts."""
+    from plant_gateway.cli.serve import check_backends
+    from plant_gateway.settings import SettingsError, load_settings
+
+    os.environ.update(env)  # this process only: the settings the gateway child will read
+    try:
+        check_backends(load_settings())
+    except SettingsError as exc:
+        config_fail(str(exc))
+
+
 def _wait_for_stop() -> None:
     """Return on SIGINT or SIGTERM. sigwait only receives *blocked* signals: unblocked, SIGTERM
     killed this process without the ``finally`` (gateway and backend left running) and a SIGINT
@@ -112,17 +125,15 @@ def _wait_for_stop() -> None:
 
 
 def demo(
-    port: Annotated[int, typer.Option("--port", help="gateway port")] = 8000,
-    backend_port: Annotated[int, typer.Option("--backend-port")] = 8001,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="gateway port")] = 8000,
+    backend_port: Annotated[int, typer.Option("--backend-port", min=1, max=65535)] = 8001,
     check: Annotated[bool, typer.Option("--check", help="run the three calls, then exit")] = False,
 ) -> None:
     """Start the demo backend and a gateway in front of it; print three curl commands."""
     # A taken port would let the readiness checks below talk to whatever holds it.
     for name, number in (("--port", port), ("--backend-port", backend_port)):
         if _port_taken(number):
-            typer.echo(f"demo: port {number} is already in use; choose another with {name}",
-                       err=True)
-            raise typer.Exit(2)
+            usage_fail(f"demo: port {number} is already in use; choose another with {name}")
     secret = os.environ.get("JWT_SECRET") or secrets.token_urlsafe(48)
     guards = available_guards()
     env = {
@@ -130,14 +141,15 @@ def demo(
         "PLANT_BACKEND_URL": f"http://127.0.0.1:{backend_port}", "PLANT_GUARDS": ",".join(guards),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"), "CUSTOMER_ENRICHMENT": "false",
     }
+    _check_config(env)
     backend = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "plant_gateway.demo_backend", "--port", str(backend_port),
          "--name", "demo"], env=env,
     )
     gateway = subprocess.Popen([sys.executable, "-m", "plant_gateway.cli", "serve"], env=env)  # noqa: S603
     try:
-        _wait(f"http://127.0.0.1:{backend_port}/fast", backend)
-        _wait(f"http://127.0.0.1:{port}/health", gateway)
+        _wait(f"http://127.0.0.1:{backend_port}/fast", backend, "demo backend")
+        _wait(f"http://127.0.0.1:{port}/health", gateway, "gateway")
         gateway_url = f"http://127.0.0.1:{port}"
         commands = curl_commands(gateway_url, secret)
         typer.echo(f"\nPlant Gateway demo on {gateway_url} (active guards: {', '.join(guards)})")

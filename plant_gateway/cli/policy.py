@@ -1,6 +1,7 @@
 """``plant-gateway policy``: run the bundle's Rego tests, evaluate a decision for an input file.
 
-``policy test`` exits non-zero (and names every failed test) when any test fails.
+``policy test`` says first how many tests it runs (they take seconds each batch), shows
+``n/total`` on a terminal, and exits 1 naming every failed test when any test fails.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-policy_app = typer.Typer(
-    help="Policy bundle: run Rego tests, evaluate decisions.", no_args_is_help=True
-)
+from plant_gateway.cli.common import USAGE_ERROR, fail, sub_app, usage_fail
+
+policy_app = sub_app("Policy bundle: run Rego tests, evaluate decisions.")
 DirOption = Annotated[Path | None, typer.Option("--dir", "-d", help="bundle directory")]
 
 
@@ -27,6 +28,34 @@ def _policy_dir(value: Path | None) -> Path:
     return Path(Settings.model_fields["policy_dir"].default)
 
 
+def _bundle_error(exc: Exception, given: Path | None) -> NoReturn:
+    """A bundle that does not load: one line, naming ``--dir`` when the user gave it."""
+    message = str(exc)
+    if given is not None:
+        message = message.replace("POLICY_DIR:", "--dir:", 1)
+    fail(message, USAGE_ERROR)
+
+
+class Progress:
+    """``n/total`` on a terminal's stderr while the tests run (each runs in a child process)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.live = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.live:
+            sys.stderr.write(f"\r{self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.live and self.done:
+            sys.stderr.write("\r" + " " * 24 + "\r")
+            sys.stderr.flush()
+
+
 @policy_app.command("test")
 def test_command(
     policy_dir: DirOption = None,
@@ -36,28 +65,38 @@ def test_command(
     from plant_gateway.backends.policy_local import (
         PolicyBundleError,
         RegoTestResult,
+        discover_tests,
+        load_sources,
         run_rego_tests,
     )
 
     directory = _policy_dir(policy_dir)
     started = time.perf_counter()
+    try:
+        total = len(discover_tests(load_sources(directory)))
+    except PolicyBundleError as exc:
+        _bundle_error(exc, policy_dir)
+    if not total:
+        fail(f"no test_ rules found in {directory}")
+    typer.echo(f"running {total} policy tests from {directory} ...", err=True)
+    progress = Progress(total)
 
     def show(result: RegoTestResult) -> None:
         if verbose or not result.passed:
+            progress.clear()
             mark = "PASS" if result.passed else "FAIL"
             suffix = f": {result.detail}" if result.detail else ""
             typer.echo(f"{mark} {result.name}{suffix}")
+        progress.step()
 
     try:
         results = run_rego_tests(directory, on_result=show)
     except PolicyBundleError as exc:
-        typer.echo(f"ERROR {exc}", err=True)
-        raise typer.Exit(2) from None
+        progress.clear()
+        _bundle_error(exc, policy_dir)
+    progress.clear()
     failed = [r for r in results if not r.passed]
     elapsed = time.perf_counter() - started
-    if not results:
-        typer.echo(f"ERROR no test_ rules found in {directory}", err=True)
-        raise typer.Exit(1)
     if failed:
         summary = f"{len(failed)} of {len(results)} policy tests FAILED ({elapsed:.1f}s):"
         typer.echo(f"\n{summary}", err=True)
@@ -80,17 +119,20 @@ def eval_command(
     try:
         text = sys.stdin.read() if str(input_file) == "-" else input_file.read_text()
         document: Any = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
-        typer.echo(f"ERROR --input: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except OSError as exc:
+        usage_fail(f"--input: cannot read {str(input_file)!r}: {exc.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        usage_fail(f"--input: {str(input_file)!r} is not JSON: {exc}")
     if isinstance(document, dict) and "input" in document and len(document) == 1:
         document = document["input"]  # accept OPA's {"input": ...} request body too
     try:
         compiled = compile_bundle(load_sources(_policy_dir(policy_dir)), entrypoint.strip("/"))
+    except PolicyBundleError as exc:
+        _bundle_error(exc, policy_dir)
+    try:
         decision = compiled.evaluate(json.dumps(document))
-    except (PolicyBundleError, DependencyError) as exc:
-        typer.echo(f"ERROR {exc}", err=True)
-        raise typer.Exit(2) from None
+    except DependencyError as exc:
+        fail(f"evaluation failed: {exc}")
     typer.echo(json.dumps(decision, indent=2, sort_keys=True))
 
 

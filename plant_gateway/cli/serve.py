@@ -1,6 +1,9 @@
 """``plant-gateway serve``: run the gateway on uvicorn (uvloop + httptools, lifespan on).
 
-A bad or missing setting stops start-up with one line naming it and exit code 2.
+A bad or missing setting stops start-up with one line naming it and exit code 2: settings are
+validated, then the backends that need no network (keys, policy bundle, flags file, state
+directory) are built once before uvicorn starts. A failure while the server starts (a port in
+use, an embedded server that does not start) is one log line and exit code 1.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from plant_gateway.cli.common import RUNTIME_FAILURE, config_fail
 from plant_gateway.settings import Settings, SettingsError, load_settings
 
 
@@ -20,7 +24,9 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", help="YAML config file")] = None,
     port: Annotated[int | None, typer.Option("--port", help="listen port (PORT)")] = None,
     host: Annotated[str | None, typer.Option("--host", help="listen address (HOST)")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="worker processes")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="worker processes (WORKERS)")
+    ] = None,
 ) -> None:
     """Run the gateway."""
     import uvicorn
@@ -33,9 +39,9 @@ def serve(
         os.environ["HOST"] = host
     try:
         settings = load_settings()
+        check_backends(settings)
     except SettingsError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        config_fail(str(exc))
     from plant_gateway.logging import configure_logging
 
     configure_logging(settings.log_level)
@@ -53,6 +59,27 @@ def serve(
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def check_backends(settings: Settings) -> None:
+    """Build what start-up would build without touching the network; SettingsError if unusable.
+
+    In the server these failures would stop each worker with exit code 3 after uvicorn's own
+    start-up lines; here they are one ``config error`` line before anything listens.
+    """
+    from plant_gateway.backends import flags, keys, policy
+
+    try:
+        Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(
+            f"PLANT_STATE_DIR: cannot create {str(settings.state_dir)!r}: {exc.strerror}"
+        ) from None
+    if settings.guard_on("auth"):
+        keys.create(settings)
+    if settings.guard_on("policy") and not settings.opa_service_url:
+        policy.create(settings)  # compiles the bundle (tens of ms); the watcher starts later
+    flags.create(settings)
+
+
 def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[bytes] | None:
     """Several workers must share one counters store: per-worker counters are not limits.
 
@@ -66,8 +93,7 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
     try:
         url, proc = start_embedded_redis(settings.state_dir)
     except SettingsError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        config_fail(str(exc))
     os.environ["REDIS_URL"] = url
     return proc
 
@@ -86,8 +112,7 @@ def _share_metrics(settings: Settings, worker_count: int) -> Path | None:
     try:
         path = create_metrics_dir(settings.state_dir)
     except OSError as exc:
-        typer.echo(f"config error: PLANT_STATE_DIR: {exc}", err=True)
-        raise typer.Exit(2) from None
+        config_fail(f"PLANT_STATE_DIR: {exc}")
     os.environ[METRICS_DIR_ENV] = str(path)
     return path
 
@@ -97,12 +122,19 @@ HTTP_PROTOCOL = "plant_gateway.http_protocol:CorkedHttpToolsProtocol"
 
 
 def _run(uvicorn: Any, settings: Settings, worker_count: int) -> None:
-    uvicorn.run(
-        "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
-        workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
-        log_config=None, access_log=False, proxy_headers=False, server_header=False,
-        date_header=False, timeout_graceful_shutdown=10,
-    )
+    from uvicorn.config import STARTUP_FAILURE
+
+    try:
+        uvicorn.run(
+            "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
+            workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
+            log_config=None, access_log=False, proxy_headers=False, server_header=False,
+            date_header=False, timeout_graceful_shutdown=10,
+        )
+    except SystemExit as exc:
+        if exc.code == STARTUP_FAILURE:  # already logged as one line (app.lifespan, uvicorn)
+            raise typer.Exit(RUNTIME_FAILURE) from None
+        raise
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""``plant-gateway token``: revoke one access token, or invalidate every session of a user.
+"""``plant-gateway token``: mint a development token, revoke one access token, or invalidate
+every session of a user.
 
 Writes the same keys the backend writes (``revoked_access:<jti>``, ``token_version:<user_id>``).
 """
@@ -8,30 +9,45 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from plant_gateway.cli.common import config_fail, fail, redact_url, sub_app, usage_fail
 from plant_gateway.settings import Settings, SettingsError, load_settings
 
-token_app = typer.Typer(help="Access tokens: revoke, invalidate sessions.", no_args_is_help=True)
+token_app = sub_app(
+    "Access tokens: mint a development token, revoke one, invalidate a user's sessions."
+)
+
+
+class SigningAlgorithm(StrEnum):
+    """What ``--private-key`` can sign with."""
+
+    RS256 = "RS256"
+    RS384 = "RS384"
+    RS512 = "RS512"
+    ES256 = "ES256"
+    ES384 = "ES384"
+
+MIN_SECRET_CHARS = 32  # the gateway refuses a shorter JWT_SECRET (settings)
 
 
 def _settings() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        config_fail(str(exc))
 
 
 def _counters(settings: Settings) -> Any:
     if not settings.effective_redis_url:
-        typer.echo(
-            "REDIS_URL is not set: revocations live in the gateway's shared Redis; without it "
-            "they would only exist in this CLI process", err=True,
+        config_fail(
+            "REDIS_URL: not set; revocations live in the gateway's shared Redis, without it "
+            "they would only exist in this CLI process"
         )
-        raise typer.Exit(2)
     from plant_gateway.backends.counters import create
 
     return create(settings)
@@ -58,7 +74,8 @@ def revoke(
     jti: Annotated[str | None, typer.Option("--jti", help="the token's jti claim")] = None,
     token: Annotated[str | None, typer.Option("--token", help="the whole access token")] = None,
     ttl: Annotated[
-        int | None, typer.Option("--ttl", help="seconds to keep the entry (default: until exp)")
+        int | None,
+        typer.Option("--ttl", min=1, help="seconds to keep the entry (default: until exp)"),
     ] = None,
 ) -> None:
     """Revoke one access token until it expires."""
@@ -93,8 +110,8 @@ async def _run(settings: Settings, action: Any) -> Any:
     try:
         return await action(counters)
     except DependencyError as exc:
-        typer.echo(f"redis unavailable: {exc}", err=True)
-        raise typer.Exit(1) from None
+        url = redact_url(settings.effective_redis_url or "")
+        fail(f"Redis at {url} (REDIS_URL) does not answer: {exc}")
     finally:
         await counters.close()
 
@@ -144,34 +161,68 @@ def mint(
     roles: Annotated[str, typer.Option("--roles", help="comma-separated")] = "admin",
     customer_id: Annotated[str | None, typer.Option("--customer-id")] = None,
     trial: Annotated[bool, typer.Option("--trial", help="trial_mode with a 14-day expiry")] = False,
-    ttl: Annotated[int, typer.Option("--ttl", help="lifetime in seconds")] = 3600,
+    ttl: Annotated[int, typer.Option(
+        "--ttl", min=1, help="lifetime in seconds (the gateway refuses more than "
+        "JWT_MAX_LIFETIME_S, 86400 by default)")] = 3600,
     issuer: Annotated[str, typer.Option("--issuer")] = "waooaw.com",
-    claim: Annotated[list[str] | None, typer.Option("--claim", help="extra claim k=v")] = None,
-    private_key: Annotated[
-        str | None, typer.Option("--private-key", help="PEM file: sign RS256/ES256 instead")
-    ] = None,
-    alg: Annotated[str | None, typer.Option("--alg", help="RS256/ES256 (--private-key)")] = None,
+    claim: Annotated[list[str] | None, typer.Option(
+        "--claim", metavar="K=V", help="extra claim (V parsed as JSON when it is)")] = None,
+    private_key: Annotated[Path | None, typer.Option(
+        "--private-key", metavar="FILE", exists=True, dir_okay=False, readable=True,
+        help="PEM private key: sign RS256/ES256 instead of HS256")] = None,
+    alg: Annotated[SigningAlgorithm | None, typer.Option(
+        "--alg", help="with --private-key (default: RS256, or ES256 for an EC key)")] = None,
     kid: Annotated[str | None, typer.Option("--kid")] = None,
-    secret: Annotated[
-        str | None, typer.Option("--secret", envvar="JWT_SECRET", help="HS256 secret")
-    ] = None,
+    secret: Annotated[str | None, typer.Option(
+        "--secret", envvar="JWT_SECRET", show_envvar=True,
+        help=f"HS256 secret, at least {MIN_SECRET_CHARS} characters")] = None,
 ) -> None:
     """Print a development access token signed with JWT_SECRET (or --private-key)."""
-    import jwt
-
     claims = mint_claims(sub, user_id, email, roles, customer_id, trial, ttl, issuer, claim or [])
     headers = {"kid": kid} if kid else None
-    if private_key:
-        from pathlib import Path
-
-        pem = Path(private_key).read_text()
-        algorithm = alg or ("ES256" if "EC PRIVATE" in pem else "RS256")
-        typer.echo(jwt.encode(claims, pem, algorithm=algorithm, headers=headers))
+    if private_key is not None:
+        typer.echo(_sign_with_key(claims, private_key, alg and alg.value, headers))
         return
+    if alg is not None:
+        usage_fail("--alg needs --private-key (without it the token is HS256)")
     if not secret:
-        typer.echo("config error: JWT_SECRET: set it (or pass --secret / --private-key)", err=True)
-        raise typer.Exit(2)
+        config_fail("JWT_SECRET: not set (or pass --secret, or --private-key)")
+    if len(secret) < MIN_SECRET_CHARS:
+        config_fail(
+            f"JWT_SECRET: the secret (--secret) must be at least {MIN_SECRET_CHARS} characters "
+            "long, as the gateway requires"
+        )
+    import jwt
+
     typer.echo(jwt.encode(claims, secret, algorithm="HS256", headers=headers))
+
+
+def _sign_with_key(
+    claims: dict[str, Any], path: Path, alg: str | None, headers: dict[str, Any] | None
+) -> str:
+    """The token signed with the PEM private key in ``path``; a one-line error otherwise."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        usage_fail(f"--private-key: cannot read {str(path)!r}: {exc.strerror}")
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).split(". ")[0]
+        usage_fail(f"--private-key: {str(path)!r} is not an unencrypted PEM private key: {reason}")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        usage_fail(f"--private-key: {str(path)!r} is neither an RSA nor an EC key")
+    kind, family = ("RSA", "RS") if isinstance(key, rsa.RSAPrivateKey) else ("EC", "ES")
+    algorithm = alg or f"{family}256"
+    if not algorithm.startswith(family):
+        usage_fail(f"--alg {algorithm} does not fit the {kind} key in {str(path)!r} "
+                   f"(use {family}256)")
+    try:
+        return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        usage_fail(f"--private-key: cannot sign {algorithm} with {str(path)!r}: {exc}")
 
 
 def register(app: typer.Typer) -> None:

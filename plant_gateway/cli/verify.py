@@ -10,10 +10,14 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import aiohttp
 import typer
+
+from plant_gateway.cli.common import usage_fail
+
+if TYPE_CHECKING:  # aiohttp is imported when verify runs: every other command starts faster
+    import aiohttp
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -76,22 +80,36 @@ def problem_kind(content_type: str, body: Any) -> str | None:
     return kind or str(body.get("title", "problem"))
 
 
+class Unreachable(Exception):
+    """No answer from the gateway; ``kind`` names the client's error (for the check's detail)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(f"{type(exc).__name__} {exc}".strip())
+        self.kind = type(exc).__name__
+
+
 async def fetch(
     session: aiohttp.ClientSession, url: str, token: str | None = None
 ) -> Exchange:
+    import aiohttp
+
     ex = Exchange(correlation_id=str(uuid.uuid4()))
     headers = {"X-Correlation-ID": ex.correlation_id, "Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    async with session.get(url, headers=headers, allow_redirects=False) as resp:
-        ex.status = resp.status
-        ex.headers = {k: v for k, v in resp.headers.items()}
-        raw = await resp.read()
-        try:
-            ex.body = json.loads(raw) if raw else None
-        except ValueError:
-            ex.body = raw[:200].decode(errors="replace")
-        ex.problem = problem_kind(resp.headers.get("Content-Type", ""), ex.body)
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            ex.status = resp.status
+            ex.headers = {k: v for k, v in resp.headers.items()}
+            content_type = resp.headers.get("Content-Type", "")
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Unreachable(exc) from exc
+    try:
+        ex.body = json.loads(raw) if raw else None
+    except ValueError:
+        ex.body = raw[:200].decode(errors="replace")
+    ex.problem = problem_kind(content_type, ex.body)
     return ex
 
 
@@ -110,8 +128,8 @@ def describe(ex: Exchange) -> str:
 async def check_health(session: aiohttp.ClientSession, opts: Options) -> list[Check]:
     try:
         ex = await fetch(session, opts.url + "/health")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check("health", "fail", f"unreachable: {type(exc).__name__} {exc}".strip())]
+    except Unreachable as exc:
+        return [Check("health", "fail", f"unreachable: {exc}")]
     ok = ex.status == 200
     return [Check("health", "pass" if ok else "fail", describe(ex))]
 
@@ -119,8 +137,8 @@ async def check_health(session: aiohttp.ClientSession, opts: Options) -> list[Ch
 async def check_ready(session: aiohttp.ClientSession, opts: Options) -> list[Check]:
     try:
         ex = await fetch(session, opts.url + "/ready")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check("ready", "fail", f"unreachable: {type(exc).__name__}")]
+    except Unreachable as exc:
+        return [Check("ready", "fail", f"unreachable: {exc.kind}")]
     doc = ex.body if isinstance(ex.body, dict) else {}
     deps = doc.get("dependencies") or {}
     guards = doc.get("guards")
@@ -149,8 +167,8 @@ async def check_passthrough(
         return [Check(name, "fail", "needs --token or --jwt-secret")], None
     try:
         ex = await fetch(session, opts.url + opts.path, token)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check(name, "fail", f"unreachable: {type(exc).__name__}")], None
+    except Unreachable as exc:
+        return [Check(name, "fail", f"unreachable: {exc.kind}")], None
     # The backend answered (not a problem produced by the gateway itself).
     reached = ex.problem is None and ex.status < 500
     detail = describe(ex)
@@ -170,8 +188,8 @@ async def check_deny(
         return [Check(name, "fail", "needs --deny-token or --jwt-secret")], None
     try:
         ex = await fetch(session, opts.url + opts.deny_path, token)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return [Check(name, "fail", f"unreachable: {type(exc).__name__}")], None
+    except Unreachable as exc:
+        return [Check(name, "fail", f"unreachable: {exc.kind}")], None
     ok = ex.status == 403 and ex.problem == "permission-denied"
     detail = describe(ex)
     if not ok:
@@ -235,6 +253,8 @@ async def run_checks(opts: Options) -> list[Check]:
     if opts.jwt_secret:
         token = token or mint(opts.jwt_secret, opts.issuer, ["admin"])
         deny_token = deny_token or mint(opts.jwt_secret, opts.issuer, ["viewer"])
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=opts.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         checks = await check_health(session, opts)
@@ -253,10 +273,20 @@ def table(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
     lines = [f"{'CHECK'.ljust(width)}  RESULT  DETAIL"]
     lines += [f"{c.name.ljust(width)}  {c.status.upper().ljust(6)}  {c.detail}" for c in checks]
-    failed = sum(c.failed for c in checks)
-    lines.append(f"{len(checks) - failed} passed, {failed} failed" if failed else
-                 f"all {len(checks)} checks passed")
+    lines.append(summary(checks))
     return "\n".join(lines)
+
+
+def summary(checks: list[Check]) -> str:
+    """``all N checks passed``, or the passed / skipped / failed counts (a skip is no pass)."""
+    counts = {status: sum(c.status == status for c in checks) for status in ("pass", "skip")}
+    failed = sum(c.failed for c in checks)
+    if not failed and not counts["skip"]:
+        return f"all {len(checks)} checks passed"
+    parts = [f"{counts['pass']} passed"]
+    parts += [f"{counts['skip']} skipped"] if counts["skip"] else []
+    parts += [f"{failed} failed"] if failed else []
+    return ", ".join(parts)
 
 
 def verify(
@@ -282,6 +312,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Check a deployed gateway end to end; exit 1 if any check fails."""
+    _check_urls(url, database_url)
     opts = Options(
         url=url.rstrip("/"), token=token, deny_token=deny_token, jwt_secret=jwt_secret,
         issuer=issuer, path=path, deny_path=deny_path, database_url=database_url,
@@ -295,6 +326,25 @@ def verify(
     else:
         typer.echo(table(checks))
     raise typer.Exit(0 if ok else 1)
+
+
+def _check_urls(url: str, database_url: str | None) -> None:
+    from urllib.parse import urlsplit
+
+    from plant_gateway.settings import postgres_dsn
+
+    parts = urlsplit(url)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        usage_fail(f"--url: {url!r} is not an http:// or https:// URL with a host")
+    if database_url:
+        try:
+            postgres_dsn(database_url)
+        except ValueError as exc:
+            usage_fail(f"--database-url: {exc}")
 
 
 def register(app: typer.Typer) -> None:

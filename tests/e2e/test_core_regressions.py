@@ -1,4 +1,4 @@
-"""Regression tests for the deployed gateway's defects (spec §8) in the core's scope.
+"""Regression tests for the deployed gateway's defects in the core's scope.
 
 A real gateway with authentication and tenant binding on, in front of the demo backend.
 """
@@ -126,7 +126,7 @@ def test_bad_setting_stops_startup_with_one_line() -> None:
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "config error: PLANT_BACKEND_URL: Value error, must be an http:// or https:// URL"
+        "config error: PLANT_BACKEND_URL: must be an http:// or https:// URL"
     ]
 
 

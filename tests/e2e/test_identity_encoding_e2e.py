@@ -2,8 +2,8 @@
 
 A real gateway process in front of a raw TCP backend that records the request heads it gets as
 bytes. HTTP requests are written by the gateway's own client (bytes, identity values as UTF-8);
-WebSocket handshakes by aiohttp (text): the backend must get the same bytes either way. The spec
-(§1.7) names the identity headers but no encoding, so the HTTP path's UTF-8 is the reference.
+WebSocket handshakes by aiohttp (text): the backend must get the same bytes either way. No
+encoding is specified for the identity headers, so the HTTP path's UTF-8 is the reference.
 Values with CR, LF or NUL are refused on both paths (400, audit ``invalid-header``) before the
 backend is contacted.
 """

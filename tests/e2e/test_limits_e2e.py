@@ -72,7 +72,7 @@ def test_three_gateways_share_exact_limits_and_budget(
 def test_workers_without_redis_share_one_embedded_store(
     backend: Proc, gateway_factory: Callable[..., Proc], mint: Callable[..., str], tmp_path: Any,
 ) -> None:
-    """`serve --workers 2` without REDIS_URL: limits still hold exactly (spec §8)."""
+    """`serve --workers 2` without REDIS_URL: limits still hold exactly (not per worker)."""
     env = limits_env("", "")
     env.update({"REDIS_URL": None, "REDIS_KEY_PREFIX": None, "PLANT_STATE_DIR": str(tmp_path)})
     gateway = gateway_factory(env=env, backend=backend, args=["--workers", "2"])

@@ -1,4 +1,4 @@
-"""The audit schema against real PostgreSQL: migrations, catalog vs spec §3, RLS, retention.
+"""The audit schema against real PostgreSQL: migrations, indexes and constraints, RLS, retention.
 
 Runs on the default server and on the embedded one (``pg_admin_dsn`` is parametrised).
 """

@@ -36,7 +36,7 @@ async def test_every_submitted_row_is_written_exactly_once(audit_db: str, tmp_pa
 async def test_rows_that_can_never_be_inserted_are_quarantined_not_requeued(
     audit_db: str, tmp_path: Path
 ) -> None:
-    """Spec §8: rows with NULL user / non-UUID ids were re-queued forever in memory."""
+    """Deployed-gateway defect: rows with NULL user / non-UUID ids were re-queued forever."""
     sink, recorder = await started_sink(audit_db, tmp_path)
     good = context(status=200)
     recorder.record(good)
@@ -76,7 +76,7 @@ def _row(recorder, ctx) -> dict:  # noqa: ANN001
 
 
 async def test_secrets_are_never_stored_in_clear(audit_db: str, tmp_path: Path) -> None:
-    """Spec §8: registration keys, OTP codes and payment data were stored in clear."""
+    """Deployed-gateway defect: registration keys, OTP codes, payment data stored in clear."""
     key = "reg-key-7c1d9e0b5a"
     sink, recorder = await started_sink(audit_db, tmp_path, cp_registration_key=key)
     ctx = context(status=201)

@@ -1,6 +1,7 @@
 """Revocation and session invalidation through the real Redis counters backend.
 
-Keys are written as the Plant backend writes them; a Redis outage must deny (spec §8).
+Keys are written as the Plant backend writes them; a Redis outage must deny (the deployed
+gateway let tokens through).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ async def test_backend_written_revocation_and_version_keys_are_honoured(
 async def test_regression_revocation_fails_closed_when_redis_dies(
     redis_server: RedisServer,
 ) -> None:
-    """Spec §8: a Redis error in the revocation lookup let the token through."""
+    """Deployed-gateway defect: a Redis error in the revocation lookup let the token through."""
     step = await make_step(redis_server.url)
     try:
         token = mint()

@@ -195,7 +195,7 @@ async def test_trial_token_with_expiry_is_accepted() -> None:
 
 @pytest.mark.parametrize("token_type", ["refresh", "id", "Refresh", ""])
 async def test_regression_refresh_token_is_not_an_access_token(token_type: str) -> None:
-    """Spec §8: the deployed gateway accepted refresh tokens as access tokens."""
+    """Deployed-gateway defect: it accepted refresh tokens as access tokens."""
     assert_401(await run(make_step(), mint(token_type=token_type)), "invalid-token")
 
 
@@ -253,7 +253,7 @@ class BrokenCounters:
 
 @pytest.mark.parametrize("error", [DependencyError("redis down"), ConnectionError("reset")])
 async def test_regression_revocation_store_error_fails_closed(error: Exception) -> None:
-    """Spec §8: the deployed gateway let tokens through when the revocation lookup failed."""
+    """Deployed-gateway defect: it let tokens through when the revocation lookup failed."""
     cfg = settings()
     step = AuthStep(cfg, create_keys(cfg), BrokenCounters(error))  # type: ignore[arg-type]
     problem = await run(step, mint())

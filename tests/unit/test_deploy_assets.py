@@ -120,7 +120,7 @@ def test_tfvars_set_every_required_variable(env: str) -> None:
     assert unq(load(TF / "environments" / f"{env}.tfvars")["environment"]) == env
 
 
-# --- invariants of the stack (spec §6) --------------------------------------------------------
+# --- invariants of the stack (README → Deploy) -------------------------------------------------
 
 
 def gateway() -> dict[str, Any]:

@@ -65,6 +65,8 @@ def test_policy_test_command_passes(bundle_copy: Path) -> None:
     done = run_cli("test", "--dir", str(bundle_copy))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS: 7 policy tests" in done.stdout
+    # said before the tests run (they take seconds): not silent until the end
+    assert done.stderr.splitlines()[0] == f"running 7 policy tests from {bundle_copy} ..."
 
 
 def test_failing_rego_test_fails_the_command_loudly(bundle_copy: Path) -> None:
