@@ -16,7 +16,7 @@ import typer
 
 from plant_gateway.cli.common import USAGE_ERROR, fail, sub_app, usage_fail
 
-policy_app = sub_app("Policy bundle: run Rego tests, evaluate decisions.")
+policy_app = sub_app("Policy bundle: run Rego tests, evaluate decisions, build an OPA bundle.")
 DirOption = Annotated[Path | None, typer.Option("--dir", "-d", help="bundle directory")]
 
 
@@ -134,6 +134,26 @@ def eval_command(
     except DependencyError as exc:
         fail(f"evaluation failed: {exc}")
     typer.echo(json.dumps(decision, indent=2, sort_keys=True))
+
+
+@policy_app.command("bundle")
+def bundle_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="archive to write (.tar.gz)")],
+    policy_dir: DirOption = None,
+) -> None:
+    """Write the bundle as an OPA bundle archive (load it with: opa run --server --bundle FILE)."""
+    from plant_gateway.backends import policy_bundle
+    from plant_gateway.backends.policy_local import PolicyBundleError
+
+    try:
+        archive = policy_bundle.build(_policy_dir(policy_dir))
+    except PolicyBundleError as exc:
+        _bundle_error(exc, policy_dir)
+    try:
+        out.write_bytes(archive)
+    except OSError as exc:
+        usage_fail(f"--out: cannot write {str(out)!r}: {exc.strerror}")
+    typer.echo(f"wrote {out} ({len(archive)} bytes, root 'plant', entry plant/gateway/decision)")
 
 
 def register(app: typer.Typer) -> None:
