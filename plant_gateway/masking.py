@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from plant_gateway.problems import Problem
+from plant_gateway.redaction import MASK
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
 
-MASK = "***"
 # response headers that describe the upstream's (unmasked) representation
 STALE_HEADERS = frozenset(
     {b"content-length", b"content-encoding", b"etag", b"content-md5", b"digest", b"content-range"}
