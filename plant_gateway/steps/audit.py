@@ -42,6 +42,8 @@ from plant_gateway.backends.audit_schema import (
     iso,
     load_json,
 )
+from plant_gateway.json_limits import MAX_DEPTH as MAX_JSON_DEPTH
+from plant_gateway.json_limits import too_deep
 from plant_gateway.redaction import MASK, redact, sensitive_key
 from plant_gateway.redaction import mask_text as _mask_text
 from plant_gateway.steps.auth import CACHED_IDENTITY
@@ -86,12 +88,17 @@ def _hidden_header(lname: str) -> bool:
         or sensitive_key(lname)
 
 
-def body_json(raw: bytes | None, cap: int, secrets_: tuple[str, ...]) -> Any:
-    """The body as redacted JSON, or a small note when it is absent, too big or not JSON."""
+def body_json(
+    raw: bytes | None, cap: int, secrets_: tuple[str, ...], max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """The body as redacted JSON, or a small note when it is absent, too big, too deeply
+    nested (a parser would recurse past Python's limit) or not JSON."""
     if not raw:
         return None
     if len(raw) > cap:
         return {"_omitted": "too_large", "_size": len(raw)}
+    if too_deep(raw, max_depth):
+        return {"_omitted": "too_deep", "_size": len(raw)}
     try:
         parsed = load_json(raw)
     except (ValueError, UnicodeDecodeError):
@@ -167,6 +174,7 @@ class AuditRecorder:
         key = settings.cp_registration_key
         self.secret_values = (key.get_secret_value(),) if key is not None else ()
         self.body_cap = settings.audit_body_cap_bytes
+        self.max_json_depth = settings.max_json_depth
         self.capture_response_body = settings.audit_capture_response_body
         # row ids: a random UUIDv4-shaped prefix per recorder + a counter (unique, cheap)
         self._id_prefix = str(uuid.uuid4())[:24]
@@ -408,12 +416,14 @@ class AuditRecorder:
                     values[10] = _fragment(dump_json({"_omitted": "too_large",
                                                       "_size": source.received}))
         if body:
-            values[10] = _fragment(dump_json(body_json(body, self.body_cap, self.secret_values)))
+            values[10] = _fragment(dump_json(body_json(body, self.body_cap, self.secret_values,
+                                                       self.max_json_depth)))
         if ctx.response_headers:
             values[20] = self.headers_json(ctx.response_headers)
         if self.capture_response_body and ctx.response_body_sample:
             values[21] = _fragment(dump_json(
-                body_json(ctx.response_body_sample, self.body_cap, self.secret_values)
+                body_json(ctx.response_body_sample, self.body_cap, self.secret_values,
+                          self.max_json_depth)
             ))
 
     def query_json(self, query_string: str) -> Fragment | None:
