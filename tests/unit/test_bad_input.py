@@ -89,6 +89,55 @@ def test_a_deep_backend_answer_is_refused_not_masked_into_a_500() -> None:
     assert masking.mask_body(b'{"email": "a"}', frozenset({"email"}), 64) == b'{"email":"***"}'
 
 
+# --- Host --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("headers", "version", "detail"), [
+    ([], "1.1", "the Host header is required"),
+    ([(b"host", b"")], "1.1", "the Host header is empty"),
+    ([(b"host", b"")], "1.0", "the Host header is empty"),
+    ([(b"host", b"a b")], "1.1", "spaces or control characters in the Host header"),
+    ([(b"host", b"a\tb")], "1.1", "spaces or control characters in the Host header"),
+    ([(b"host", b"a\x01b")], "1.1", "spaces or control characters in the Host header"),
+    ([(b"host", b"a:99999")], "1.1", "invalid port in the Host header"),
+    ([(b"host", b"a:0")], "1.1", "invalid port in the Host header"),
+    ([(b"host", b"a:")], "1.1", "invalid port in the Host header"),
+    ([(b"host", b"a:80x")], "1.1", "the Host header is not a host name or address"),
+    ([(b"host", b"a/b")], "1.1", "the Host header is not a host name or address"),
+    ([(b"host", b"user@a")], "1.1", "the Host header is not a host name or address"),
+    ([(b"host", b"[::1")], "1.1", "the Host header is not a host name or address"),
+    ([(b"host", b"[zz::1]")], "1.1", "the Host header is not a host name or address"),
+    ([(b"host", b"a" * 300)], "1.1", "the Host header is too long"),
+])
+async def test_bad_host_is_a_400(
+    headers: list[tuple[bytes, bytes]], version: str, detail: str
+) -> None:
+    ctx = ctx_for(headers, version=version)
+    problem = await ingress.IngressStep(SETTINGS).run(ctx)
+    assert problem is not None and (problem.status, problem.detail) == (400, detail)
+    assert ctx.error_type == "invalid-host"
+
+
+@pytest.mark.parametrize(("headers", "version"), [
+    ([], "1.0"), ([(b"host", b"api.waooaw.com")], "1.1"), ([(b"host", b"127.0.0.1:8000")], "1.1"),
+    ([(b"host", b"[::1]:443")], "1.1"), ([(b"host", b"[2001:db8::7]")], "1.1"),
+    ([(b"host", b"Plant-GW.example_internal:65535")], "1.1"),
+])
+async def test_good_host_passes(headers: list[tuple[bytes, bytes]], version: str) -> None:
+    ctx = ctx_for(headers, version=version)
+    assert await ingress.IngressStep(SETTINGS).run(ctx) is None
+
+
+# --- methods -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["TRACE", "TRACK", "CONNECT"])
+async def test_trace_track_connect_are_405_with_allow(method: str) -> None:
+    ctx = ctx_for([(b"host", b"gw")], method=method)
+    problem = await ingress.IngressStep(SETTINGS).run(ctx)
+    assert problem is not None and (problem.status, problem.kind) == (405, "method-not-allowed")
+    allow = dict(problem.headers)["allow"]
+    assert "GET" in allow and "TRACE" not in allow and "TRACK" not in allow
+
+
 # --- tokens ------------------------------------------------------------------------------------
 
 def _b64(raw: bytes) -> str:
