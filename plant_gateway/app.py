@@ -186,7 +186,8 @@ class GatewayApp:
         )
         body = BodySource(receive, self.max_body, has_body, self.audit_sample_cap)
         ctx.scratch["body_source"] = body
-        probe = ctx.path in ops.PROBES
+        # only a real probe (GET/HEAD) goes unaudited: ``TRACE /health`` is refused and audited
+        probe = ctx.path in ops.PROBES and ctx.method in ("GET", "HEAD")
         ran: list[Any] = []
         in_flight = metrics.IN_FLIGHT_COUNT
         in_flight.value += 1

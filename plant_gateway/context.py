@@ -53,6 +53,7 @@ class RequestContext:
     tracestate: str | None = None
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     is_websocket: bool = False
+    http_version: str = "1.1"
     started: float = field(default_factory=time.perf_counter)
     timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
     content_length: int | None = None

@@ -1,6 +1,7 @@
 """JSON logging for the gateway: one object per line, with the request's correlation id.
 
-Secrets never reach a log line: Authorization-like values are redacted by the formatter.
+Secrets never reach a log line: Authorization-like values and fields the audit log would mask
+(``redaction.sensitive_key``) are redacted by the formatter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+from plant_gateway.redaction import sensitive_key
 
 correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
@@ -28,12 +31,16 @@ def redact(value: Any) -> Any:
         return _SECRET_PATTERN.sub(r"\1[REDACTED]", value)
     if isinstance(value, dict):
         return {
-            k: "[REDACTED]" if any(s in str(k).lower() for s in _SECRET_KEYS) else redact(v)
+            k: "[REDACTED]" if _secret_key(str(k)) else redact(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
+
+
+def _secret_key(key: str) -> bool:
+    return any(s in key.lower() for s in _SECRET_KEYS) or sensitive_key(key)
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,7 +1,8 @@
 """Policy obligation ``mask_fields``: mask those keys of a JSON response before it is sent.
 
-Deny by default: a JSON body the gateway cannot read whole (too large, bad JSON, unknown encoding)
-is refused (502 ``bad-gateway``), never relayed unmasked. Other media types pass unchanged.
+Deny by default: a JSON body the gateway cannot read whole (too large, nested deeper than
+MAX_JSON_DEPTH, bad JSON, unknown encoding) is refused (502 ``bad-gateway``), never relayed
+unmasked. Other media types pass unchanged.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from plant_gateway import json_limits
 from plant_gateway.problems import Problem
+from plant_gateway.redaction import MASK
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
 
-MASK = "***"
 # response headers that describe the upstream's (unmasked) representation
 STALE_HEADERS = frozenset(
     {b"content-length", b"content-encoding", b"etag", b"content-md5", b"digest", b"content-range"}
@@ -82,12 +84,16 @@ def decode(body: bytes, encoding: str | None, limit: int) -> bytes:
     raise Unmaskable(f"a JSON body with Content-Encoding {coding!r} cannot be masked")
 
 
-def mask_body(body: bytes, fields: frozenset[str]) -> bytes:
+def mask_body(
+    body: bytes, fields: frozenset[str], max_depth: int = json_limits.MAX_DEPTH
+) -> bytes:
     """The body with the fields masked; an empty body stays empty. Raises Unmaskable."""
     if not body.strip():
         return body
     if fields is INVALID:
         raise Unmaskable("the policy's mask_fields obligation is malformed")
+    if json_limits.too_deep(body, max_depth):  # mask_value recurses once per level
+        raise Unmaskable(f"the backend's JSON nests deeper than {max_depth} levels")
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

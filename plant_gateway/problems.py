@@ -23,6 +23,7 @@ TITLES: dict[str, str] = {
     "trial-expired": "Trial Expired",
     "forbidden": "Forbidden",
     "not-found": "Not Found",
+    "method-not-allowed": "Method Not Allowed",
     "rate-limited": "Too Many Requests",
     "trial-limit-exceeded": "Trial Limit Exceeded",
     "budget-exceeded": "Budget Exceeded",

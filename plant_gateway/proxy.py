@@ -577,7 +577,8 @@ class Proxy:
                 raise masking.Unmaskable(f"the JSON body exceeds {limit} bytes")
             raw = await masking.read_capped(resp.chunks(), limit)
             encoding = _text(resp, b"content-encoding")
-            body = masking.mask_body(masking.decode(raw, encoding, limit), fields)
+            body = masking.mask_body(masking.decode(raw, encoding, limit), fields,
+                                     self.settings.max_json_depth)
         except masking.Unmaskable as exc:
             ctx.error_type = "mask-refused"
             return masking.refused(str(exc))

@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES")
     )
+    # JSON the gateway parses (tenant-bound bodies, audit capture, masked answers) nests at most
+    # this deep; the cap keeps every parser and walker far from Python's recursion limit
+    max_json_depth: int = Field(64, ge=1, le=200, validation_alias=env_alias("MAX_JSON_DEPTH"))
     # unset: 0 off Cloud Run; on Cloud Run (K_SERVICE set) the hops Google's front ends add
     trusted_proxy_hops: int | None = Field(
         None, ge=0, validation_alias=env_alias("TRUSTED_PROXY_HOPS")

@@ -3,6 +3,14 @@
 ``submit`` never blocks. A background writer batches by size or interval; when the database is
 unreachable, batches go to an append-only spool file and are replayed in order when it returns;
 rows that can never be inserted are quarantined to a dead-letter file, never retried forever.
+
+Rows are written as the writer role, which may only INSERT (migration 0002). Retention (the
+hourly ``gateway_audit_maintain``: partitions ahead, expired ones dropped) runs on a separate
+connection as the DSN's own login, never as the writer: the embedded server's owner, or the
+``DATABASE_URL`` login when that is the owner or a member of ``plant_audit_maintainer``. When
+``DATABASE_URL`` logs in as the writer itself, the gateway cannot run retention and says so
+once; pg_cron (scheduled by migration 0001) or ``plant-gateway audit retention`` with the
+owner's URL does it instead.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import asyncpg
 from plant_gateway.backends import audit_metrics as m
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
+    MAINTAINER_ROLE,
     NAMES,
     TABLE,
     WRITER_ROLE,
@@ -54,6 +63,11 @@ INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {INSERT_COLUMNS_SQL} FROM
 DEDUP_INSERT_SQL = INSERT_SQL + " ON CONFLICT DO NOTHING"
 MAINTENANCE_LOCK = 7_402_118_735
 MAINTENANCE_EVERY_S = 3600.0
+MAINTAIN_SQL = "SELECT gateway_audit_maintain($1, $2)"
+CAN_MAINTAIN_SQL = (
+    "SELECT has_function_privilege('gateway_audit_maintain(integer, integer)', 'EXECUTE')"
+)
+AHEAD_DAYS = 7  # daily partitions created ahead of time
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
 SCHEMA_MISSING = "audit table missing: run `plant-gateway db upgrade` on this database"
 CLOSE_DEADLINE_S = 10.0
@@ -183,6 +197,8 @@ class PostgresAuditSink:
     ) -> None:
         self.settings = settings
         self.dsn = dsn
+        # retention's login: never the writer's SET ROLE (see the module docstring)
+        self.maintenance_dsn = dsn
         self.embedded = embedded
         self.batch_size = settings.audit_batch_size
         self.interval = settings.audit_flush_interval_s
@@ -202,6 +218,7 @@ class PostgresAuditSink:
         self._retry_at = 0.0
         self._retry_s = RETRY_MIN_S
         self._last_error = ""
+        self._retention_note = ""  # why retention was last skipped (logged when it changes)
 
     # --- Dependency ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,6 +235,7 @@ class PostgresAuditSink:
         assert self.embedded is not None
         self.embedded.start()
         migrations.upgrade(self.embedded.dsn())
+        self.maintenance_dsn = self.embedded.dsn()  # the owner
         self.dsn = self.embedded.dsn(user=WRITER_ROLE)
 
     async def close(self) -> None:
@@ -472,26 +490,51 @@ class PostgresAuditSink:
             await asyncio.sleep(MAINTENANCE_EVERY_S)
 
     async def run_retention(self) -> int | None:
-        """Create partitions ahead and drop expired ones, unless pg_cron or a peer does it."""
-        conn = await self._connect()
+        """Create partitions ahead and drop expired ones, unless pg_cron or a peer does it, or
+        this login may not (then None, and one warning saying what to do instead)."""
+        if self.maintenance_dsn is None:
+            return None
+        conn = await asyncpg.connect(
+            self.maintenance_dsn, timeout=3.0, command_timeout=60.0,
+            server_settings={"application_name": "plant-gateway-audit-retention"},
+        )
         try:
-            has_cron = await conn.fetchval(
+            if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')"
-            )
-            if has_cron:
+            ):
+                return None
+            refusal = await _retention_refusal(conn)
+            if refusal:
+                self._skip_retention(refusal)
                 return None
             async with conn.transaction():
                 if not await conn.fetchval(
                     "SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK
                 ):
                     return None
-                return int(
-                    await conn.fetchval(
-                        "SELECT gateway_audit_maintain($1, 7)", self.settings.audit_retention_days
-                    )
+                dropped = await conn.fetchval(
+                    MAINTAIN_SQL, self.settings.audit_retention_days, AHEAD_DAYS
                 )
+            self._retention_note = ""
+            return int(dropped)
         finally:
             await conn.close()
+
+    def _skip_retention(self, why: str) -> None:
+        if why != self._retention_note:
+            log.warning("audit: retention not run by this gateway: %s; pg_cron or "
+                        "`plant-gateway audit retention` with the owner's URL must do it", why)
+        self._retention_note = why
+
+
+async def _retention_refusal(conn: asyncpg.Connection) -> str:
+    """Why this connection's login may not run retention, or "" when it may."""
+    user = await conn.fetchval("SELECT current_user")
+    if user == WRITER_ROLE:
+        return f"DATABASE_URL logs in as {WRITER_ROLE}, which may only insert"
+    if not await conn.fetchval(CAN_MAINTAIN_SQL):
+        return f"{user} is neither the audit table's owner nor a member of {MAINTAINER_ROLE}"
+    return ""
 
 
 def _readable(line: bytes) -> Any:

@@ -29,6 +29,8 @@ GENESIS = "0" * 64
 TABLE = "gateway_audit_logs"
 WRITER_ROLE = "plant_audit_writer"
 READER_ROLE = "plant_audit_reader"
+# may run gateway_audit_maintain (retention); granted to a login by the operator (migration 0002)
+MAINTAINER_ROLE = "plant_audit_maintainer"
 
 # (column, PostgreSQL type) in table order; row_hash is last and not part of the hash.
 COLUMNS: tuple[tuple[str, str], ...] = (

@@ -1,9 +1,12 @@
 # ruff: noqa: B008  (typer declares options as argument defaults)
-"""``plant-gateway audit``: query and tail the audit log under an RLS identity, verify hash chains.
+"""``plant-gateway audit``: query and tail the audit log under an RLS identity, verify hash chains,
+run retention.
 
 Reads go through the reader role with ``app.*`` settings chosen by ``--as-user``,
 ``--as-customer-admin`` or ``--as-admin`` (one is required); RLS decides what each identity
-sees. A database without the audit schema, or one that does not answer, is one line and exit 1.
+sees. A database without the audit schema, or one that does not answer, is one line and exit
+1. ``retention`` runs as the URL's own login, which must be the owner or a member of
+``plant_audit_maintainer``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any, TypeVar
 import asyncpg
 import typer
 
+from plant_gateway.backends.audit_postgres import AHEAD_DAYS, MAINTAIN_SQL
 from plant_gateway.backends.audit_schema import (
     GENESIS,
+    MAINTAINER_ROLE,
     NAMES,
     READER_ROLE,
     TABLE,
@@ -324,6 +329,36 @@ def verify_cmd(
         typer.echo(str(finding))
     typer.echo(f"{checked} rows checked, {len(findings)} problem(s)")
     raise typer.Exit(1 if findings else 0)
+
+
+@audit_app.command()
+def retention(
+    days: int = typer.Option(90, "--days", envvar="AUDIT_RETENTION_DAYS",
+                             help="keep this many days (at least 1)"),
+    ahead: int = typer.Option(AHEAD_DAYS, "--ahead", help="daily partitions to create ahead"),
+    database_url: str | None = URL_OPTION,
+    state_dir: Path = STATE_OPTION,
+) -> None:
+    """Create partitions ahead and drop those older than --days (the gateway's hourly job)."""
+
+    async def run(dsn: str) -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval(MAINTAIN_SQL, days, ahead))
+        finally:
+            await conn.close()
+
+    with database(database_url, state_dir) as dsn:
+        try:
+            dropped = asyncio.run(run(dsn))
+        except asyncpg.InvalidParameterValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except asyncpg.InsufficientPrivilegeError:
+            typer.echo("error: permission denied: run it as the audit table's owner or a "
+                       f"member of {MAINTAINER_ROLE}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"{dropped} partition(s) dropped; keeping {days} day(s), {ahead} ahead")
 
 
 def register(app: typer.Typer) -> None:

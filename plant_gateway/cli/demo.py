@@ -114,14 +114,21 @@ def _check_config(env: dict[str, str]) -> None:
         config_fail(str(exc))
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _block_stop_signals() -> None:
+    """sigwait only receives *blocked* signals: unblocked, SIGTERM killed this process without
+    the ``finally`` (gateway and backend left running) and a SIGINT sent to this process alone
+    went to Python's handler, never to sigwait (a hang). Blocked only after the children
+    started (they must not inherit the mask) and before "Ctrl-C to stop." is printed: a signal
+    sent as soon as that line is read used to arrive before the mask and kill the demo."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def _wait_for_stop() -> None:
-    """Return on SIGINT or SIGTERM. sigwait only receives *blocked* signals: unblocked, SIGTERM
-    killed this process without the ``finally`` (gateway and backend left running) and a SIGINT
-    sent to this process alone went to Python's handler, never to sigwait (a hang). Blocked
-    only now, after the children started: they must not inherit the mask."""
-    stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    signal.sigwait(stop)
+    """Return on SIGINT or SIGTERM (blocked by ``_block_stop_signals``)."""
+    signal.sigwait(STOP_SIGNALS)
 
 
 def demo(
@@ -158,6 +165,7 @@ def demo(
             typer.echo(f"# {label}\n{command}\n")
         if check:
             raise typer.Exit(1 if _run_checks(commands) else 0)
+        _block_stop_signals()
         typer.echo("Ctrl-C to stop.")
         _wait_for_stop()
     finally:

@@ -42,6 +42,10 @@ from plant_gateway.backends.audit_schema import (
     iso,
     load_json,
 )
+from plant_gateway.json_limits import MAX_DEPTH as MAX_JSON_DEPTH
+from plant_gateway.json_limits import too_deep
+from plant_gateway.redaction import MASK, redact, sensitive_key
+from plant_gateway.redaction import mask_text as _mask_text
 from plant_gateway.steps.auth import CACHED_IDENTITY
 
 if TYPE_CHECKING:
@@ -53,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("plant_gateway.audit")
 
 ID_NAMESPACE = uuid.UUID("6f1c3b52-52f4-4c55-9d1e-7b0f6c1d2a90")
-MASK = "***"
 REDACTED_HEADERS = frozenset({
     "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
     "x-cp-registration-key", "x-original-authorization", "x-governor-approval",
@@ -61,87 +64,12 @@ REDACTED_HEADERS = frozenset({
     "x-goog-iap-jwt-assertion", "x-serverless-authorization",
 })
 HEADER_WORDS = ("auth", "token", "secret", "key", "cookie", "password", "signature", "session")
-SENSITIVE_WORDS = frozenset({
-    "password", "passwd", "pwd", "passcode", "passphrase", "token", "secret", "otp", "totp",
-    "card", "cardnumber", "cvv", "cvc", "cvv2", "pan", "pin", "iban", "ssn", "apikey",
-    "authorization", "cookie", "signature", "credential", "credentials", "privatekey",
-})
-CODE_WORDS = frozenset({
-    "otp", "verification", "verify", "auth", "security", "sms", "mfa", "totp", "access",
-    "recovery", "backup", "one", "login", "confirmation", "reset", "pin",
-})
-PAIR_WORDS = (("account", "number"), ("account", "no"), ("account", "num"), ("routing", "number"),
-              ("registration", "key"), ("api", "key"), ("private", "key"), ("client", "secret"),
-              ("sort", "code"), ("bank", "account"), ("acct", "number"), ("acct", "no"))
-JWT_RE = re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
-DIGITS_RE = re.compile(r"(?:\d[ -]?){13,19}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_FULL = UUID_RE.fullmatch
 _TWO_UUIDS = re.compile(UUID_RE.pattern * 2).fullmatch
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 TEXT_CAP = 2000
 HEADER_CACHE_MAX = 2048
-
-
-def _words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
-    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
-
-
-@lru_cache(maxsize=4096)
-def sensitive_key(key: str) -> bool:
-    words = _words(key)
-    joined = "".join(words)
-    if not words:
-        return False
-    if joined in SENSITIVE_WORDS or any(w in SENSITIVE_WORDS for w in words):
-        return True
-    if "code" in words and (len(words) == 1 or any(w in CODE_WORDS for w in words)):
-        return True
-    return any(a in words and b in words for a, b in PAIR_WORDS) or "accountnumber" in joined
-
-
-def _luhn(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        n = int(ch)
-        if i % 2:
-            n = n * 2 - 9 if n > 4 else n * 2
-        total += n
-    return total % 10 == 0
-
-
-def _card(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group(0))
-    return MASK if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
-
-
-def _mask_text(value: str, secrets_: tuple[str, ...]) -> str:
-    """Mask known secrets, JWTs and card numbers in free text; the common case costs 2 scans."""
-    for s in secrets_:
-        if s and s in value:
-            return MASK
-    if "eyJ" in value:
-        value = JWT_RE.sub(MASK, value)
-    if len(value) >= 13 and DIGITS_RE.search(value) is not None:  # a card: 13 digits or more
-        value = DIGITS_RE.sub(_card, value)
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def redact(value: Any, secrets_: tuple[str, ...] = (), depth: int = 0) -> Any:
-    """Mask sensitive fields recursively (by key) and card numbers, JWTs, known keys (by value)."""
-    if depth > 32:
-        return MASK
-    if isinstance(value, dict):
-        return {
-            str(k): MASK if sensitive_key(str(k)) else redact(v, secrets_, depth + 1)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v, secrets_, depth + 1) for v in value]
-    if isinstance(value, str):
-        return _mask_text(value, secrets_)
-    return value
 
 
 def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str] | None:
@@ -156,15 +84,21 @@ def redact_headers(headers: Any, secrets_: tuple[str, ...]) -> dict[str, str] | 
 
 @lru_cache(maxsize=1024)
 def _hidden_header(lname: str) -> bool:
-    return lname in REDACTED_HEADERS or any(w in lname for w in HEADER_WORDS)
+    return lname in REDACTED_HEADERS or any(w in lname for w in HEADER_WORDS) \
+        or sensitive_key(lname)
 
 
-def body_json(raw: bytes | None, cap: int, secrets_: tuple[str, ...]) -> Any:
-    """The body as redacted JSON, or a small note when it is absent, too big or not JSON."""
+def body_json(
+    raw: bytes | None, cap: int, secrets_: tuple[str, ...], max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """The body as redacted JSON, or a small note when it is absent, too big, too deeply
+    nested (a parser would recurse past Python's limit) or not JSON."""
     if not raw:
         return None
     if len(raw) > cap:
         return {"_omitted": "too_large", "_size": len(raw)}
+    if too_deep(raw, max_depth):
+        return {"_omitted": "too_deep", "_size": len(raw)}
     try:
         parsed = load_json(raw)
     except (ValueError, UnicodeDecodeError):
@@ -240,6 +174,7 @@ class AuditRecorder:
         key = settings.cp_registration_key
         self.secret_values = (key.get_secret_value(),) if key is not None else ()
         self.body_cap = settings.audit_body_cap_bytes
+        self.max_json_depth = settings.max_json_depth
         self.capture_response_body = settings.audit_capture_response_body
         # row ids: a random UUIDv4-shaped prefix per recorder + a counter (unique, cheap)
         self._id_prefix = str(uuid.uuid4())[:24]
@@ -481,12 +416,14 @@ class AuditRecorder:
                     values[10] = _fragment(dump_json({"_omitted": "too_large",
                                                       "_size": source.received}))
         if body:
-            values[10] = _fragment(dump_json(body_json(body, self.body_cap, self.secret_values)))
+            values[10] = _fragment(dump_json(body_json(body, self.body_cap, self.secret_values,
+                                                       self.max_json_depth)))
         if ctx.response_headers:
             values[20] = self.headers_json(ctx.response_headers)
         if self.capture_response_body and ctx.response_body_sample:
             values[21] = _fragment(dump_json(
-                body_json(ctx.response_body_sample, self.body_cap, self.secret_values)
+                body_json(ctx.response_body_sample, self.body_cap, self.secret_values,
+                          self.max_json_depth)
             ))
 
     def query_json(self, query_string: str) -> Fragment | None:

@@ -1,15 +1,18 @@
 """Ingress: turn an ASGI scope into a RequestContext and refuse bad framing before any work.
 
 Request/correlation/causation ids, W3C ``traceparent``, client IP through trusted proxy hops,
-body limit (413) and duplicated or conflicting framing headers (400).
+body limit (413), duplicated or conflicting framing headers and a bad ``Host`` (400), and the
+methods that only echo or tunnel (``TRACE``, ``TRACK``, ``CONNECT``: 405).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway.context import RequestContext
@@ -26,6 +29,15 @@ SINGLE_HEADERS = (b"content-length", b"host", b"transfer-encoding")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _POOL_SIZE = 4096
+# TRACE/TRACK echo the request (headers with cookies and tokens included: cross-site tracing);
+# CONNECT would make the gateway a tunnel. None is forwarded.
+REFUSED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# Host = uri-host [":" port] (RFC 9110 §7.2): a DNS name or IPv4 address, or an IPv6 literal
+# in brackets. Percent-encoded and sub-delim characters, legal in a reg-name, name no real host.
+_HOST = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._~-]+))(?::([0-9]*))?")
+_BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+MAX_HOST = 261  # a 253-character DNS name and ":65535", or a bracketed IPv6 address and port
 
 
 class _RandomPool:
@@ -179,6 +191,7 @@ def context_from_scope(scope: MutableMapping[str, Any], settings: Settings) -> R
         tracestate=get("tracestate"),
         raw_headers=raw,
         is_websocket=is_ws,
+        http_version=scope.get("http_version", "1.1"),
     )
     ctx.upstream_path = path
     ctx.authorization = get("authorization")
@@ -186,6 +199,48 @@ def context_from_scope(scope: MutableMapping[str, Any], settings: Settings) -> R
     ctx.scratch["raw_path"] = raw_path.decode("latin-1") if raw_path else path
     ctx.scratch["peer_ip"] = peer
     return ctx
+
+
+def method_problem(method: str) -> Problem | None:
+    """405 (with ``Allow``) for the methods the gateway never forwards."""
+    if method not in REFUSED_METHODS:
+        return None
+    return Problem(405, "method-not-allowed", f"the gateway does not accept {method} requests",
+                   headers=[("allow", ALLOWED_METHODS)])
+
+
+def host_problem(host: str | None, http_version: str) -> str | None:
+    """Why a ``Host`` header is refused (RFC 9112 §3.2), or None."""
+    if host is None:
+        return "the Host header is required" if http_version == "1.1" else None
+    if not host:
+        return "the Host header is empty"
+    if len(host) > MAX_HOST:
+        return "the Host header is too long"
+    return _host_value_problem(host)
+
+
+@lru_cache(maxsize=1024)  # a gateway sees few distinct hosts; MAX_HOST bounds the memo's size
+def _host_value_problem(host: str) -> str | None:
+    if _BLANK_OR_CONTROL.search(host):
+        return "spaces or control characters in the Host header"
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return "the Host header is not a host name or address"
+    ipv6, _, port = match.groups()
+    if ipv6 is not None and not _is_ipv6(ipv6):
+        return "the Host header is not a host name or address"
+    if port is not None and not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+        return "invalid port in the Host header"
+    return None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def framing_problem(ctx: RequestContext, max_body: int) -> Problem | None:
@@ -200,6 +255,10 @@ def framing_problem(ctx: RequestContext, max_body: int) -> Problem | None:
     for name, count in counts.items():
         if count > 1:
             return Problem(400, "bad-request", f"duplicated {name.decode()} header")
+    reason = host_problem(ctx.headers.get("host"), ctx.http_version)
+    if reason is not None:
+        ctx.error_type = "invalid-host"  # like "invalid-header": a 400 whose cause is audited
+        return Problem(400, "bad-request", reason)
     cl = ctx.headers.get("content-length")
     te = ctx.headers.get("transfer-encoding")
     if cl is not None and te is not None:
@@ -291,7 +350,7 @@ class IngressStep:
         self.max_body = settings.max_body_bytes
 
     async def run(self, ctx: RequestContext) -> Problem | None:
-        return framing_problem(ctx, self.max_body)
+        return method_problem(ctx.method) or framing_problem(ctx, self.max_body)
 
 
 def build(settings: Settings, deps: Dependencies) -> IngressStep:

@@ -1,6 +1,8 @@
 """Tenant binding (spec §1.7): the token's customer id overwrites the caller-supplied one.
 
 Rules come from settings (query, path segment or JSON body); a rewritten body gets a true length.
+A body that is not a JSON object, or nests deeper than ``MAX_JSON_DEPTH``, is a 400 (audit
+``error_type`` ``invalid-body``), never a parser's ``RecursionError``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
+from plant_gateway import json_limits
 from plant_gateway.context import RequestContext
 from plant_gateway.problems import Problem, unauthorized
 from plant_gateway.routing import RouteSet, for_methods
@@ -34,14 +37,21 @@ def bind_path(path: str, segment: int, customer_id: str) -> str | None:
     return "/".join(parts)
 
 
-def bind_body(body: bytes, field: str, customer_id: str) -> bytes | None:
-    """The JSON object with ``field`` overwritten, or None if the body is not a JSON object."""
+def bind_body(
+    body: bytes, field: str, customer_id: str, max_depth: int = json_limits.MAX_DEPTH
+) -> bytes | None:
+    """The JSON object with ``field`` overwritten, or None if the body is not a JSON object.
+
+    Raises ``json_limits.TooDeep`` for a body nested deeper than ``max_depth``.
+    """
     if not body.strip():
         doc: object = {}
     else:
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            doc = json_limits.loads(body, max_depth)
+        except json_limits.TooDeep:
+            raise
+        except ValueError:  # UnicodeDecodeError is one
             return None
     if not isinstance(doc, dict):
         return None
@@ -49,11 +59,20 @@ def bind_body(body: bytes, field: str, customer_id: str) -> bytes | None:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def invalid_body(ctx: RequestContext, detail: str) -> Problem:
+    """A 400 like every refused request (kind ``bad-request``); the audit row names the cause."""
+    ctx.error_type = "invalid-body"
+    return Problem(400, "bad-request", detail)
+
+
 class TenantStep:
     name = "tenant"
 
-    def __init__(self, rules: list[TenantRule]) -> None:
+    def __init__(
+        self, rules: list[TenantRule], max_json_depth: int = json_limits.MAX_DEPTH
+    ) -> None:
         self.rules = rules
+        self.max_json_depth = max_json_depth
         self._compiled = [(RouteSet([for_methods(r.path, r.methods)]), r) for r in rules]
         # most requests match no rule at all
         self._any = RouteSet([for_methods(r.path, r.methods) for r in rules])
@@ -91,9 +110,12 @@ class TenantStep:
             body = await read_body(ctx)
             if isinstance(body, Problem):
                 return body
-            new_body = bind_body(body, rule.field, customer_id)
+            try:
+                new_body = bind_body(body, rule.field, customer_id, self.max_json_depth)
+            except json_limits.TooDeep as exc:
+                return invalid_body(ctx, str(exc))
             if new_body is None:
-                return Problem(400, "bad-request", "the body must be a JSON object")
+                return invalid_body(ctx, "the body must be a JSON object")
             ctx.body = new_body
             ctx.body_rewritten = True
         return None
@@ -102,4 +124,4 @@ class TenantStep:
 def build(settings: Settings, deps: Dependencies) -> TenantStep | None:
     if not settings.guard_on("tenant") or not settings.tenant_rules:
         return None
-    return TenantStep(list(settings.tenant_rules))
+    return TenantStep(list(settings.tenant_rules), settings.max_json_depth)

@@ -129,6 +129,10 @@ async def test_starts_and_reports_ready_without_revealing_urls(gw: Proc, backend
     assert status == 200 and body["status"] == "healthy"
     status, body, _ = await call(gw, "GET", "/api/health")
     assert status == 200 and backend.url not in str(body)
+    async with aiohttp.ClientSession() as s:
+        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):  # the gateway's own pages
+            async with s.get(gw.url + page) as r:
+                assert r.status == 200 and r.content_type == "text/html", page
     assert "HS shared secret" in gw.output() or "same HS secret" in gw.output()
 
 
@@ -138,6 +142,7 @@ async def test_cp_backend_customer_calls_use_the_service_key(gw: Proc) -> None:
                                  headers=key)
     assert status == 200 and body["path"] == "/api/v1/customers"
     sent = received(body)
+    assert sent["x-cp-registration-key"] == SERVICE_KEY  # the backend may check it too
     assert sent["authorization"] == f"Bearer {ID_TOKEN}"  # the backend's IAM wants an ID token
     assert "x-original-authorization" not in sent
     status, _, _ = await call(gw, "GET", "/api/v1/customers/lookup?email=a@b.c", headers=key)

@@ -15,6 +15,8 @@ from plant_gateway.cli.audit import verify
 from plant_gateway.migrations.adopt import LEGACY, LEGACY_INSTANCE
 from tests.fixtures.postgres import create_database, drop_database
 
+HEAD = "0002"  # our newest revision
+
 # The deployed table as the backend's revision 007 defines it (restated here, not copied).
 BACKEND_007 = """
 CREATE TABLE alembic_version (version_num varchar(32) NOT NULL PRIMARY KEY);
@@ -80,7 +82,7 @@ async def test_upgrade_adopts_the_backends_table_and_leaves_its_chain_alone(
 
         migrations.upgrade(dsn)
 
-        assert migrations.current(dsn) == "0001_audit_log"
+        assert migrations.current(dsn) == HEAD
         backend = await _fetch(dsn, "SELECT version_num FROM alembic_version")
         assert [r["version_num"] for r in backend] == ["007_gateway_audit_logs"]
         kept = await _fetch(dsn, f"SELECT count(*) AS n FROM {LEGACY}")
@@ -136,7 +138,7 @@ async def test_an_older_release_version_row_moves_to_our_table(pg_admin_dsn: str
         await conn.close()
         assert migrations.current(dsn) is None
         migrations.upgrade(dsn)
-        assert migrations.current(dsn) == "0001_audit_log"
+        assert migrations.current(dsn) == HEAD
         gone = await _fetch(dsn, "SELECT to_regclass('alembic_version') AS t")
         assert gone[0]["t"] is None
     finally:

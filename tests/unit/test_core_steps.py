@@ -29,9 +29,12 @@ SETTINGS = Settings(plant_backend_url="http://backend:9000", guards=["tenant"],
 
 def scope(path: str = "/api/v1/x", headers: list[tuple[bytes, bytes]] | None = None,
           method: str = "GET", raw_path: bytes | None = None, qs: bytes = b"") -> dict:
-    return {"type": "http", "method": method, "path": path, "raw_path": raw_path or path.encode(),
-            "query_string": qs, "headers": headers or [], "client": ("10.0.0.9", 5555),
-            "scheme": "http"}
+    headers = headers or []
+    if not any(name == b"host" for name, _ in headers):  # as every HTTP/1.1 client sends it
+        headers = [(b"host", b"gateway.test"), *headers]
+    return {"type": "http", "http_version": "1.1", "method": method, "path": path,
+            "raw_path": raw_path or path.encode(), "query_string": qs, "headers": headers,
+            "client": ("10.0.0.9", 5555), "scheme": "http"}
 
 
 def ctx_for(**kwargs):
