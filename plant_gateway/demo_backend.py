@@ -117,9 +117,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def validate(request: web.Request) -> web.Response:
-    """Customer enrichment: tokens containing ``bad`` are refused, ``nocust`` is 404."""
-    auth = request.headers.get("Authorization", "") or request.headers.get(
-        "X-Original-Authorization", ""
+    """Customer enrichment: tokens containing ``bad`` are refused, ``nocust`` is 404. The
+    caller's token is read from X-Original-Authorization first, as the Plant backend does."""
+    auth = request.headers.get("X-Original-Authorization", "") or request.headers.get(
+        "Authorization", ""
     )
     token = auth.removeprefix("Bearer ").strip()
     if not token or "bad" in token:
@@ -133,8 +134,22 @@ async def fast(request: web.Request) -> web.Response:
     return web.Response(body=b'{"ok":true}', content_type="application/json")
 
 
-def make_app(name: str) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
+def iam(token: str) -> Any:
+    """Cloud Run IAM in front of the service: only ``Authorization: Bearer <token>`` gets in."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return web.Response(status=403, text="<html>Forbidden</html>", content_type="text/html")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
+def make_app(name: str, iam_token: str | None = None) -> web.Application:
+    middlewares = [iam(iam_token)] if iam_token else []
+    app = web.Application(client_max_size=1024**3, middlewares=middlewares)
     app["name"] = name
     app.router.add_get("/fast", fast)
     app.router.add_get("/big", big)
@@ -154,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("BACKEND_PORT", "9000")))
     parser.add_argument("--name", default=os.environ.get("BACKEND_NAME", "production"))
+    parser.add_argument("--iam-token", help="act as an IAM-protected Cloud Run service")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(make_app(args.name, args.iam_token), host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Customer enrichment: the backend's ``/api/v1/auth/validate`` names a token's customer.
 
 Answers are cached per token digest until the token expires; one lookup in flight per token;
-a rejection (401/404) is an invalid token, any other failure is a dependency outage.
+a rejection (401/404) is an invalid token, any other failure is a dependency outage. With an
+IAM-protected backend (``PLANT_BACKEND_USE_ID_TOKEN``) the lookup carries the gateway's Google
+ID token in ``Authorization`` and the caller's token in ``X-Original-Authorization``, as every
+forwarded request does (the backend reads the caller's token there first).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from plant_gateway.backends.base import DependencyError, DependencyStatus
+from plant_gateway.proxy import IdTokenSource
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,12 @@ class CustomerEnricher:
 
     name = "customer_enrichment"
 
-    def __init__(self, backend_url: str, *, timeout_s: float, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, backend_url: str, *, timeout_s: float, cache_size: int = 10_000,
+        id_token: IdTokenSource | None = None,
+    ) -> None:
         self._url = backend_url.rstrip("/") + VALIDATE_PATH
+        self._id_token = id_token
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._cache: OrderedDict[str, tuple[float, Enrichment | None]] = OrderedDict()
         self._cache_size = max(cache_size, 1)
@@ -104,8 +112,8 @@ class CustomerEnricher:
 
     async def _fetch(self, token: str) -> Enrichment:
         self.lookups += 1
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         try:
+            headers = await self._headers(token)
             async with self._ensure_session().get(
                 self._url, headers=headers, allow_redirects=False
             ) as response:
@@ -117,6 +125,15 @@ class CustomerEnricher:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DependencyError(f"customer lookup failed: {type(exc).__name__}") from None
         return _parse(body)
+
+
+    async def _headers(self, token: str) -> dict[str, str]:
+        caller = f"Bearer {token}"
+        if self._id_token is None:
+            return {"Authorization": caller, "Accept": "application/json"}
+        gateway = await self._id_token.get(self._ensure_session())
+        return {"Authorization": f"Bearer {gateway}", "X-Original-Authorization": caller,
+                "Accept": "application/json"}
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

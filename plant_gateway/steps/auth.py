@@ -30,6 +30,7 @@ from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentReject
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.proxy import IdTokenSource
 from plant_gateway.routing import RouteSet, for_methods
 from plant_gateway.steps.admit import submit
 
@@ -418,10 +419,12 @@ def build(settings: Settings, deps: Dependencies) -> AuthStep | None:
         keys = deps.keys = create(settings)
     enricher = None
     if settings.customer_enrichment and settings.guard_on("tenant") and settings.tenant_rules:
+        audience = settings.plant_backend_audience or settings.plant_backend_url
         enricher = CustomerEnricher(
             settings.plant_backend_url,
             timeout_s=settings.enrichment_timeout_s,
             cache_size=settings.jwt_claims_cache_size,
+            id_token=IdTokenSource(audience) if settings.plant_backend_use_id_token else None,
         )
         deps.extra.append(enricher)
     return AuthStep(settings, keys, deps.counters, enricher)

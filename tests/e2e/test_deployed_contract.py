@@ -23,7 +23,14 @@ from aiohttp import web
 
 from plant_gateway import migrations
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.processes import JWT_SECRET, Proc, free_port, mint_token, start_gateway
+from tests.fixtures.processes import (
+    JWT_SECRET,
+    Proc,
+    free_port,
+    mint_token,
+    start_backend,
+    start_gateway,
+)
 from tests.integration.test_audit_adoption import BACKEND_007
 from tests.integration.test_policy_remote import OpaServer
 
@@ -68,6 +75,14 @@ def plant_db(postgres_dsn: str) -> Iterator[str]:
     migrations.upgrade(dsn)
     yield dsn
     drop_database(dsn)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Proc]:
+    """The Plant backend as deployed: IAM lets in only the gateway's ID token."""
+    proc = start_backend("production", args=("--iam-token", ID_TOKEN))
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +206,15 @@ async def test_tenant_routes_bind_the_tokens_customer(gw: Proc) -> None:
     status, body, _ = await call(gw, "POST", "/api/v1/hired-agents/h-1/finalize",
                                  json={"customer_id": other}, headers=auth)
     assert status == 200 and CUSTOMER in body["body"] and other not in body["body"]
+
+
+async def test_cp_token_without_customer_is_enriched_through_iam(gw: Proc) -> None:
+    """CP access tokens carry no customer_id: the gateway asks the backend (with its ID token,
+    the caller's token in X-Original-Authorization) and binds the answer."""
+    cp = mint_token(roles=["user"], token_type="access")
+    status, body, _ = await call(gw, "GET", "/api/v1/receipts?customer_id=someone-else",
+                                 headers={"Authorization": f"Bearer {cp}"})
+    assert status == 200 and body["query"] == "customer_id=cust-demo-1"
 
 
 async def test_pp_admin_without_customer_reaches_unbound_routes(gw: Proc) -> None:
