@@ -27,18 +27,28 @@ if TYPE_CHECKING:
 PROBES = frozenset({"/health", "/api/health", "/ready", "/metrics"})
 DOCS_PAGES = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
 OPS_PATHS = PROBES | DOCS_PAGES | {"/openapi.json"}
-# the deployed body, less the backend URL it used to reveal (spec §8)
+# the deployed body, less the backend URL it used to reveal (docs/MIGRATING.md, defects)
 HEALTH_BODY = b'{"status":"healthy","service":"plant-gateway"}'
 
 CHECK_TIMEOUT_S = 3.0
 JSON = b"application/json"
 
-DOCS_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Plant Gateway API</title></head>
-<body><h1>Plant Gateway API</h1>
-<p>The OpenAPI document of the backend, as served through this gateway:
-<a href="/openapi.json">/openapi.json</a>.</p>
-<p>Every route except the public ones needs <code>Authorization: Bearer &lt;JWT&gt;</code>.</p>
+# Interactive docs over /openapi.json, as the deployed gateway served them (Swagger UI and
+# ReDoc from the jsDelivr CDN); the browser loads the scripts, the gateway serves two small pages.
+SWAGGER_UI_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Plant API - Docs</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head><body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>
+SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui",
+                 oauth2RedirectUrl: window.location.origin + "/docs/oauth2-redirect"});
+</script></body></html>
+"""
+REDOC_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Plant API - ReDoc</title></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
 </body></html>
 """
 
@@ -132,9 +142,10 @@ async def handle(
         return OpsResponse(200, metrics.render(), metrics.CONTENT_TYPE.encode())
     if ctx.path == "/openapi.json":
         return await openapi(ctx, settings, proxy)
-    if ctx.path == "/docs/oauth2-redirect":
-        return OpsResponse(200, OAUTH2_REDIRECT_HTML.encode(), b"text/html; charset=utf-8")
-    return OpsResponse(200, DOCS_HTML.encode(), b"text/html; charset=utf-8")
+    page = {"/docs/oauth2-redirect": OAUTH2_REDIRECT_HTML, "/redoc": REDOC_HTML}.get(
+        ctx.path, SWAGGER_UI_HTML
+    )
+    return OpsResponse(200, page.encode(), b"text/html; charset=utf-8")
 
 
 def cors_headers(settings: Settings, origin: str | None) -> list[tuple[bytes, bytes]]:

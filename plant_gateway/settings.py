@@ -129,7 +129,7 @@ def default_tiers() -> dict[str, RateTier]:
     return {
         # a screen of the mobile app or portal fires 10-30 calls at once: room for a few
         "trial": RateTier(limit=100, burst=40),
-        "paid": RateTier(limit=1000, burst=50),
+        "paid": RateTier(limit=1000, burst=100),
         "governor": RateTier(limit=10000, burst=200),
         "enterprise": RateTier(limit=10000, burst=200),
         "anonymous": RateTier(limit=600, burst=30),

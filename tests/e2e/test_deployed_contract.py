@@ -145,9 +145,12 @@ async def test_starts_and_reports_ready_without_revealing_urls(gw: Proc, backend
     status, body, _ = await call(gw, "GET", "/api/health")
     assert status == 200 and backend.url not in str(body)
     async with aiohttp.ClientSession() as s:
-        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):  # the gateway's own pages
+        pages = {"/docs": "SwaggerUIBundle", "/redoc": "<redoc spec-url=\"/openapi.json\"",
+                 "/docs/oauth2-redirect": "swaggerUIRedirectOauth2"}
+        for page, marker in pages.items():  # the gateway's own pages, no token needed
             async with s.get(gw.url + page) as r:
                 assert r.status == 200 and r.content_type == "text/html", page
+                assert marker in await r.text(), page
     assert "HS shared secret" in gw.output() or "same HS secret" in gw.output()
 
 
