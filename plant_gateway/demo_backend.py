@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    web.run_app(make_app(args.name, args.iam_token), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(make_app(args.name, args.iam_token), host=args.host, port=args.port, print=None,
+                access_log=None)
 
 
 if __name__ == "__main__":
