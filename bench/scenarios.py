@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from bench import configs
 from bench.procs import Server, free_port
@@ -31,8 +32,10 @@ class Services:
     postgres_admin_dsn: str = POSTGRES_ADMIN_DSN
 
     def database_url(self, run_id: str) -> str:
-        base = self.postgres_admin_dsn.rsplit("/", 1)[0]
-        return f"{base}/plant_bench_{run_id}"
+        """The admin DSN with another database name; host, port, user and query (a socket
+        directory in ``?host=``) kept as they are."""
+        parts = urlsplit(self.postgres_admin_dsn)
+        return urlunsplit(parts._replace(path=f"/plant_bench_{run_id}"))
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,10 @@ def prepare_real_services(services: Services, run_id: str) -> str | None:
 
 
 def _host(url: str) -> str:
-    return url.split("@")[-1].split("://")[-1].split("/")[0]
+    """Where a URL points, without credentials: ``host:port``, or the socket directory."""
+    parts = urlsplit(url)
+    socket_dir = parse_qs(parts.query).get("host")
+    return socket_dir[0] if socket_dir else (parts.netloc.rsplit("@", 1)[-1] or "localhost")
 
 
 def _migrate(services: Services, run_id: str) -> str | None:

@@ -103,3 +103,18 @@ def test_notes_show_each_runs_rate_and_the_spread() -> None:
     lines = _notes(cast(RunResult, SimpleNamespace(rows=[repeated, single])))
     assert "- (3, 1w) req/s of each run: 12,000 / 9,600 (spread 20%)" in lines
     assert not any("2w" in line for line in lines)  # one run: no spread to show
+
+
+def test_bench_database_url_keeps_a_socket_dsn() -> None:
+    """Without a local server the tests hand the bench an embedded server's socket DSN."""
+    from bench.scenarios import Services, _host
+
+    socket_dsn = "postgresql://postgres@/postgres?host=/tmp/pg-sock&port=5433"
+    assert Services(postgres_admin_dsn=socket_dsn).database_url("r1") == (
+        "postgresql://postgres@/plant_bench_r1?host=/tmp/pg-sock&port=5433"
+    )
+    tcp = "postgresql://postgres:pw@127.0.0.1:5432/postgres"
+    assert Services(postgres_admin_dsn=tcp).database_url("r1") == (
+        "postgresql://postgres:pw@127.0.0.1:5432/plant_bench_r1"
+    )
+    assert _host(socket_dsn) == "/tmp/pg-sock" and _host(tcp) == "127.0.0.1:5432"
