@@ -1,4 +1,4 @@
-"""Forwarding (spec §1.7): one connection pool per upstream, streaming both ways, header hygiene.
+"""Forwarding: one connection pool per upstream, streaming both ways, header hygiene.
 
 HTTP requests go through the lean client of ``upstream_client`` (the request head is built as
 bytes straight from the client's raw headers); WebSockets, the ID-token fetch and health checks

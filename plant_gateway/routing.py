@@ -5,7 +5,8 @@ tolerated), as an anchored prefix when it ends in ``*`` (``/a/*`` also matches `
 segment that is just ``*`` stands for exactly one path segment
 (``/api/v1/hired-agents/*/finalize``). A method list limits the pattern to those methods; a
 leading ``!`` excludes what it matches from the whole set. Nothing ever matches by suffix
-(spec §8: any path ending in ``/docs`` skipped authentication on the deployed gateway).
+(docs/MIGRATING.md, defects: any path ending in ``/docs`` skipped authentication on the
+deployed gateway).
 """
 
 from __future__ import annotations

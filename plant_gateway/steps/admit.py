@@ -4,7 +4,7 @@ Auth (revocation, ``token_version``), rate limit, trial quota and budget do not 
 counters store themselves: each *enqueues* its ``CounterOp`` on the request's ``CounterBatch``
 (``ctx.scratch[BATCH]``) with a *resolver* that turns the op's result into ``Problem | None``.
 The ``admit`` step, last before ``tenant``, runs the batch with ``Counters.execute`` (Redis: one
-pipeline) and resolves the results in step order, so the first refusal in the order of spec §1
+pipeline) and resolves the results in step order, so the first refusal in pipeline order
 wins (auth → rate limit → quota → budget), as if the steps had run one by one. When a step in
 between refuses (policy 403, a 503), the app calls ``settle``: the pending ops run and an
 earlier refusal (a revoked token → 401) takes precedence over the later one.

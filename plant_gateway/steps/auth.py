@@ -1,4 +1,4 @@
-"""Authentication step (spec §1.3): verify the bearer JWT and fill ``ctx.identity``.
+"""Authentication step: verify the bearer JWT and fill ``ctx.identity``.
 
 Signature and claims are checked once per token (cached by digest until ``exp``); revocation
 and ``token_version`` are checked on every request (in the pipeline as an op of the request's one

@@ -1,4 +1,4 @@
-"""Budget guard (spec §1.6): agent daily, platform monthly and optional customer monthly caps.
+"""Budget guard: agent daily, platform monthly and optional customer monthly caps.
 
 Check-and-charge is one atomic backend op before forwarding (in the pipeline it rides in the
 request's one counters round trip, see ``steps/admit.py``); ``after`` settles the real cost

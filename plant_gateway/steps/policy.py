@@ -1,4 +1,4 @@
-"""Policy step (spec §1.5): build the policy input, ask the engine once, enforce the decision.
+"""Policy step: build the policy input, ask the engine once, enforce the decision.
 
 Python derives resource and action from the request; every rule lives in ``policies/`` (Rego).
 """
@@ -92,7 +92,7 @@ def _split_path(path: str) -> tuple[str, str | None, str | None, str]:
 
 
 def derive_action(method: str, resource: str, verb: str | None) -> str:
-    """CRUD action from the method and verb, then the named sensitive actions of spec §1.5."""
+    """CRUD action from the method and verb, then the named sensitive actions (policy data)."""
     method = method.upper()
     write = method not in READ_METHODS
     if verb in EXPORT_WORDS or resource in EXPORT_WORDS:

@@ -1,4 +1,4 @@
-"""Rate limiting (spec §1.4): per principal tier, per client IP on public and brute-force routes.
+"""Rate limiting: per principal tier, per client IP on public and brute-force routes.
 
 The algorithm is GCRA (generic cell rate algorithm), chosen over a sliding window because it is
 exact with one small key per principal (a sliding-window log needs one entry per request —

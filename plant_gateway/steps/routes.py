@@ -1,9 +1,10 @@
 """Routing: hostile paths (400), path rewrites, public and brute-force routes, service keys.
 
 Route patterns (``plant_gateway.routing``) match exactly, by anchored prefix or one-segment
-wildcard, optionally per method, never by suffix (spec §8). A service-key route is reached with
-the service key only (``X-CP-Registration-Key``), as on the deployed gateway: the backend trusts
-those calls as coming from the platform's own backends, so a user's JWT does not open them.
+wildcard, optionally per method, never by suffix (docs/MIGRATING.md). A service-key route is
+reached with the service key only (``X-CP-Registration-Key``), as on the deployed gateway: the
+backend trusts those calls as coming from the platform's own backends, so a user's JWT does not
+open them.
 """
 
 from __future__ import annotations

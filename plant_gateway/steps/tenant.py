@@ -1,4 +1,4 @@
-"""Tenant binding (spec §1.7): the token's customer id overwrites the caller-supplied one.
+"""Tenant binding: the token's customer id overwrites the caller-supplied one.
 
 Rules come from settings (query, path segment or JSON body); a rewritten body gets a true length.
 A body that is not a JSON object, or nests deeper than ``MAX_JSON_DEPTH``, is a 400 (audit

@@ -1,4 +1,4 @@
-"""Trial task quota (spec §1.5): at most ``TRIAL_DAILY_TASKS`` tasks per trial user per UTC day.
+"""Trial task quota: at most ``TRIAL_DAILY_TASKS`` tasks per trial user per UTC day.
 
 A task is what the policy decision marks with the ``count_trial_task`` obligation; when the
 decision carries no obligations at all, a create/execute call on ``agents``/``tasks``.

@@ -1,5 +1,5 @@
 # ruff: noqa: E501
-"""Audit log (spec §3): partitioned gateway_audit_logs, RLS policies, roles, retention function.
+"""Audit log: partitioned gateway_audit_logs, RLS policies, roles, retention function.
 
 Revision 0001. Idempotent DDL (IF NOT EXISTS / guarded DO blocks) so a re-run is harmless.
 """
@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS gateway_audit_logs (
     action                  text,
     resource                text,
     resource_id             text,
-    -- not in spec §3: the raw user id as the token gave it (user_id is NULL when it is no UUID)
+    -- beyond the documented columns: the raw user id as the token gave it (user_id is NULL when it is no UUID)
     user_ref                text,
     -- tamper evidence: one hash chain per gateway instance
     instance_id             text NOT NULL,
@@ -80,7 +80,7 @@ INDEXES = [
     'CREATE INDEX IF NOT EXISTS idx_gal_user_timestamp ON gateway_audit_logs (user_id, "timestamp" DESC)',
     "CREATE INDEX IF NOT EXISTS idx_gal_customer_timestamp ON gateway_audit_logs"
     ' (customer_id, "timestamp" DESC) WHERE customer_id IS NOT NULL',
-    # not one of the twelve of spec §3: lets `audit verify` walk each chain in order
+    # not one of the twelve documented indexes: lets `audit verify` walk each chain in order
     "CREATE INDEX IF NOT EXISTS idx_gal_chain ON gateway_audit_logs (instance_id, seq)",
 ]
 
