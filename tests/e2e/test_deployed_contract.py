@@ -87,7 +87,7 @@ def backend() -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def deployed_opa() -> Iterator[OpaServer]:
-    server = OpaServer(FIXTURES)
+    server = OpaServer(FIXTURES, token=ID_TOKEN)  # IAM-protected like the deployed OPA
     yield server
     server.stop()
 

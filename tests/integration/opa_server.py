@@ -24,13 +24,16 @@ class ServerState(TypedDict):
     decisions: int
 
 
-def make_app(policy_dir: Path) -> web.Application:
+def make_app(policy_dir: Path, token: str | None = None) -> web.Application:
+    """``token``: act as the deployed OPA behind Cloud Run IAM (only that bearer token gets in)."""
     app = web.Application()
     state: ServerState = {"mode": "ok", "hits": 0, "decisions": 0}
     sources = load_sources(policy_dir)
     compiled: dict[str, CompiledBundle] = {}
 
     async def data(request: web.Request) -> web.Response:
+        if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
+            return web.json_response({"code": "unauthorized"}, status=401)
         state["decisions"] += 1
         mode = state["mode"]
         if mode == "slow":
@@ -76,8 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--policy-dir", type=Path, required=True)
+    parser.add_argument("--token", help="require this bearer token (Cloud Run IAM stand-in)")
     args = parser.parse_args()
-    web.run_app(make_app(args.policy_dir), host="127.0.0.1", port=args.port, print=None)
+    web.run_app(make_app(args.policy_dir, args.token), host="127.0.0.1", port=args.port,
+                print=None)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,13 @@ def free_port() -> int:
 
 
 class OpaServer:
-    def __init__(self, policy_dir: Path = ROOT / "policies") -> None:
+    def __init__(self, policy_dir: Path = ROOT / "policies", token: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / "tests/integration/opa_server.py"), "--port",
-             str(self.port), "--policy-dir", str(policy_dir)],
+             str(self.port), "--policy-dir", str(policy_dir),
+             *(("--token", token) if token else ())],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.time() + 20
