@@ -109,6 +109,15 @@ class Counters(Dependency, Protocol):
         """Give back one unit a ``daily_quota(key, limit, now)`` call counted (refunds)."""
         ...
 
+    async def approval_consume(self, approval_id: str, ttl_s: int) -> bool:
+        """Mark a Governor approval used, atomically across instances: True for its first use
+        only. The mark lives ``ttl_s`` seconds (past the approval's own expiry)."""
+        ...
+
+    async def approval_release(self, approval_id: str) -> None:
+        """Undo an ``approval_consume`` whose request was refused after all (refunds)."""
+        ...
+
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
         """Run ``ops`` in ONE round trip (Redis: one non-transactional pipeline).
 
@@ -122,7 +131,9 @@ class Counters(Dependency, Protocol):
 class CounterOp:
     """One counters call to run in a batch: ``kind`` names the ``Counters`` method."""
 
-    kind: str  # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota
+    # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota,
+    # approval_consume, approval_release
+    kind: str
     args: tuple[Any, ...]
 
 
