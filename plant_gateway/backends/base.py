@@ -177,6 +177,45 @@ class PolicyEngine(Dependency, Protocol):
     async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]: ...
 
 
+# --- Governor approvals: the platform's records ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    """An approval the platform minted, as its approvals API answers it."""
+
+    approval_id: str
+    action: str
+    agent_id: str | None = None
+    customer_id: str | None = None
+    expires_ns: int | None = None  # None: the platform set no expiry
+
+    def as_input(self) -> dict[str, Any]:
+        """``input.approval`` for the policy (policies/governor.rego judges it)."""
+        return {"id": self.approval_id, "verified": True, "action": self.action,
+                "agent_id": self.agent_id, "customer_id": self.customer_id,
+                "expires_ns": self.expires_ns}
+
+
+@dataclass(frozen=True, slots=True)
+class NotVerified:
+    """The platform does not vouch for the id: ``unknown`` (404) or ``refused`` (the caller's
+    token may not read approvals: 401/403)."""
+
+    reason: str
+
+
+class Approvals(Dependency, Protocol):
+    """Looks an approval id up on the platform, with the caller's own Authorization header.
+
+    Raises ``DependencyError`` when the platform does not answer (the request is refused, 503).
+    """
+
+    async def lookup(
+        self, approval_id: str, authorization: str | None
+    ) -> ApprovalRecord | NotVerified: ...
+
+
 # --- feature flags -------------------------------------------------------------------------
 
 
