@@ -182,8 +182,10 @@ class GovernorApprovals:
         field, then the platform's record) to the input and decide again at each step."""
         if "approval" not in policy_input:
             found = await body_id(ctx, self.max_json_depth)
-            if found is None or isinstance(found, Problem):
-                return found or decision
+            if isinstance(found, Problem):
+                return found
+            if found is None:
+                return decision  # no approval named: the redirect stands
             add_approval(policy_input, ctx, {"id": found})
             decision = await decide(policy_input)
             if not needs_approval(decision):
@@ -197,7 +199,7 @@ class GovernorApprovals:
     ) -> dict[str, Any] | Problem:
         assert self.approvals is not None
         approval_id = policy_input["approval"]["id"]
-        found = ctx.scratch[NOTE]
+        found = ctx.scratch.get(NOTE) or note(ctx, approval_id, "input")
         try:
             result = await self.approvals.lookup(approval_id, ctx.authorization)
         except DependencyError as exc:
