@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.base import AuditSink, Counters, Dependency, Flags, PolicyEngine
+    from plant_gateway.backends.base import (
+        Approvals,
+        AuditSink,
+        Counters,
+        Dependency,
+        Flags,
+        PolicyEngine,
+    )
     from plant_gateway.settings import Settings
 
 
@@ -21,10 +28,13 @@ class Dependencies:
     policy: PolicyEngine | None = None
     keys: Any = None  # plant_gateway.backends.keys.KeySource
     audit_sink: AuditSink | None = None
+    approvals: Approvals | None = None  # APPROVALS_URL: the platform's Governor approvals
     extra: list[Dependency] = field(default_factory=list)
 
     def all(self) -> list[Dependency]:
-        items: list[Any] = [self.counters, self.flags, self.policy, self.keys, self.audit_sink]
+        items: list[Any] = [
+            self.counters, self.flags, self.policy, self.keys, self.audit_sink, self.approvals,
+        ]
         return [d for d in items if d is not None] + list(self.extra)
 
 
@@ -33,7 +43,7 @@ async def create_dependencies(settings: Settings) -> Dependencies:
 
     Guards switched off in settings get no backend; nothing is started here (see ``start_all``).
     """
-    from plant_gateway.backends import audit_postgres, counters, flags, keys, policy
+    from plant_gateway.backends import approvals, audit_postgres, counters, flags, keys, policy
 
     return Dependencies(
         settings=settings,
@@ -42,6 +52,7 @@ async def create_dependencies(settings: Settings) -> Dependencies:
         policy=policy.create(settings) if settings.guard_on("policy") else None,
         keys=keys.create(settings) if settings.guard_on("auth") else None,
         audit_sink=audit_postgres.create(settings) if settings.guard_on("audit") else None,
+        approvals=approvals.create(settings) if settings.guard_on("policy") else None,
     )
 
 

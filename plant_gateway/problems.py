@@ -28,6 +28,8 @@ TITLES: dict[str, str] = {
     "trial-limit-exceeded": "Trial Limit Exceeded",
     "budget-exceeded": "Budget Exceeded",
     "governor-approval-required": "Governor Approval Required",
+    "approval-already-used": "Approval Already Used",
+    "approvals-unavailable": "Approvals Unavailable",
     "policy-unavailable": "Policy Engine Unavailable",
     "dependency-unavailable": "Dependency Unavailable",
     "bad-gateway": "Bad Gateway",

@@ -296,6 +296,11 @@ class Settings(BaseSettings):
     approval_ui_url: str = Field(
         "https://approvals.waooaw.com/approve", validation_alias=env_alias("APPROVAL_UI_URL")
     )
+    # the platform's approvals API (PP: .../api/pp/approvals); unset: only the policy's data
+    approvals_url: str | None = Field(None, validation_alias=env_alias("APPROVALS_URL"))
+    approvals_timeout_s: float = Field(
+        2.0, gt=0, validation_alias=env_alias("APPROVALS_TIMEOUT_S")
+    )
 
     # --- counters (rate limit, trial quota, budget, revocation) -------------------------------
     redis_url: SecretStr | None = Field(None, validation_alias=env_alias("REDIS_URL"))
@@ -435,7 +440,9 @@ class Settings(BaseSettings):
             raise ValueError("'*' is not allowed: list the allowed origins explicitly")
         return value
 
-    @field_validator("plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url")
+    @field_validator(
+        "plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url", "approvals_url"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):

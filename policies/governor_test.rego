@@ -102,3 +102,87 @@ test_approval_used_sets_expiry if {
 		with data.plant.config.approvals as approvals_until(at(60))
 	e == now + 60
 }
+
+# --- approvals verified with the platform (input.approval from the approvals API) ------------
+
+record(fields) := object.union(
+	{"id": "APR-1", "verified": true, "action": "export_data", "agent_id": "agent-1", "customer_id": "cust-1", "expires_ns": at(60)},
+	fields,
+)
+
+pp_admin := {"user_id": "u-9", "roles": ["admin"], "governor_agent_id": null, "customer_id": null}
+
+test_verified_record_passes_a_request_naming_no_agent if {
+	governor.approval_used with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({}) with input.now_ns as at(0)
+	e := governor.approval_expires_ns with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({}) with input.now_ns as at(0)
+	e == now + 60
+}
+
+test_unverified_record_refused if {
+	governor.approval_required with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({"verified": false}) with input.now_ns as at(0)
+}
+
+test_record_fields_without_verified_refused if {
+	governor.approval_required with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as {"id": "APR-1", "action": "export_data"}
+		with input.now_ns as at(0)
+}
+
+test_record_for_other_action_refused if {
+	governor.approval_required with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({"action": "delete_agent"}) with input.now_ns as at(0)
+}
+
+test_action_names_match_by_normalised_name_or_alias if {
+	governor.action_matches with input.action as "export_data" with input.approval as record({"action": " Export-Data "})
+	governor.action_matches with input.action as "export_data" with input.approval as record({"action": "export data"})
+	governor.action_matches with input.action as "delete_agent" with input.approval as record({"action": "agent.delete"})
+}
+
+test_action_names_never_match_by_prefix if {
+	not governor.action_matches with input.action as "delete_agent" with input.approval as record({"action": "delete"})
+	not governor.action_matches with input.action as "export_data" with input.approval as record({"action": "export"})
+	not governor.action_matches with input.action as "export_data" with input.approval as record({"action": "export_data_all"})
+	not governor.action_matches with input.action as "export_data" with input.approval as record({"action": 7})
+}
+
+test_record_for_other_agent_refused if {
+	governor.approval_required with input.jwt as pp_admin with input.action as "delete_agent"
+		with input.resource as "agents" with input.resource_id as "agent-2"
+		with input.approval as record({"action": "delete_agent"}) with input.now_ns as at(0)
+}
+
+test_record_for_this_agent_passes if {
+	governor.approval_used with input.jwt as pp_admin with input.action as "delete_agent"
+		with input.resource as "agents" with input.resource_id as "agent-1"
+		with input.approval as record({"action": "delete_agent"}) with input.now_ns as at(0)
+}
+
+test_token_agent_must_match_the_record if {
+	governor.agent_mismatch with input.jwt as object.union(pp_admin, {"agent_id": "agent-9"})
+		with input.resource as "audit" with input.approval as record({})
+	not governor.agent_mismatch with input.jwt as object.union(pp_admin, {"agent_id": "agent-1"})
+		with input.resource as "audit" with input.approval as record({})
+}
+
+test_record_for_other_customer_refused if {
+	governor.customer_mismatch with input.jwt as pp_admin with input.resource as "customers"
+		with input.resource_id as "cust-2" with input.approval as record({})
+	governor.customer_mismatch with input.jwt as object.union(pp_admin, {"customer_id": "cust-3"})
+		with input.resource as "audit" with input.approval as record({})
+	not governor.customer_mismatch with input.jwt as pp_admin with input.resource as "customers"
+		with input.resource_id as "cust-1" with input.approval as record({})
+}
+
+test_expired_record_refused if {
+	governor.approval_required with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({}) with input.now_ns as at(60)
+}
+
+test_record_without_expiry_passes if {
+	governor.approval_used with input.jwt as pp_admin with input.action as "export_data"
+		with input.resource as "audit" with input.approval as record({"expires_ns": null}) with input.now_ns as at(0)
+}

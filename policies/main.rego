@@ -117,6 +117,17 @@ approval_expiry := governor.approval_expires_ns if {
 	governor.approval_used
 }
 
+# The request passes on the strength of an approval: the gateway consumes it (single use).
+default approval_used := false
+
+approval_used if {
+	governor_on
+	allow
+	governor.approval_used
+}
+
+approval_expires_ns := approval_expiry if approval_used else := null
+
 # Without an approval in the input only the trial can bound it (the usual, cheaper case).
 valid_until_ns := trial_expiry if {
 	not input.approval
@@ -138,4 +149,6 @@ decision := object.union(outcome, {
 	"obligations": obligations,
 	"policies": policies,
 	"valid_until_ns": valid_until_ns,
+	"approval_used": approval_used,
+	"approval_expires_ns": approval_expires_ns,
 })

@@ -94,3 +94,22 @@ test_sandbox_flag_off_routes_to_production if {
 	d.target_backend == "production"
 	d.policies == ["plant.gateway", "plant.gateway.budget", "plant.gateway.governor", "plant.gateway.rbac", "plant.gateway.trial"]
 }
+
+test_decision_says_when_it_relied_on_an_approval if {
+	d := gateway.decision with input.jwt as paid(["admin"])
+		with input.resource as "audit" with input.action as "export_data" with input.now_ns as at(0)
+		with input.approval as {"id": "APR-1", "verified": true, "action": "export_data", "expires_ns": at(60)}
+	d.allow == true
+	d.approval_used == true
+	d.approval_expires_ns == now + 60
+	d.valid_until_ns == now + 60
+}
+
+test_decision_without_approval_used if {
+	d := gateway.decision with input.jwt as paid(["admin"])
+		with input.resource as "audit" with input.action as "export_data" with input.now_ns as at(0)
+		with input.approval as {"id": "APR-1", "verified": false}
+	d.status == 307
+	d.approval_used == false
+	d.approval_expires_ns == null
+}

@@ -109,6 +109,15 @@ class Counters(Dependency, Protocol):
         """Give back one unit a ``daily_quota(key, limit, now)`` call counted (refunds)."""
         ...
 
+    async def approval_consume(self, approval_id: str, ttl_s: int) -> bool:
+        """Mark a Governor approval used, atomically across instances: True for its first use
+        only. The mark lives ``ttl_s`` seconds (past the approval's own expiry)."""
+        ...
+
+    async def approval_release(self, approval_id: str) -> None:
+        """Undo an ``approval_consume`` whose request was refused after all (refunds)."""
+        ...
+
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
         """Run ``ops`` in ONE round trip (Redis: one non-transactional pipeline).
 
@@ -122,7 +131,9 @@ class Counters(Dependency, Protocol):
 class CounterOp:
     """One counters call to run in a batch: ``kind`` names the ``Counters`` method."""
 
-    kind: str  # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota
+    # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota,
+    # approval_consume, approval_release
+    kind: str
     args: tuple[Any, ...]
 
 
@@ -164,6 +175,45 @@ class PolicyEngine(Dependency, Protocol):
     """
 
     async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]: ...
+
+
+# --- Governor approvals: the platform's records ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    """An approval the platform minted, as its approvals API answers it."""
+
+    approval_id: str
+    action: str
+    agent_id: str | None = None
+    customer_id: str | None = None
+    expires_ns: int | None = None  # None: the platform set no expiry
+
+    def as_input(self) -> dict[str, Any]:
+        """``input.approval`` for the policy (policies/governor.rego judges it)."""
+        return {"id": self.approval_id, "verified": True, "action": self.action,
+                "agent_id": self.agent_id, "customer_id": self.customer_id,
+                "expires_ns": self.expires_ns}
+
+
+@dataclass(frozen=True, slots=True)
+class NotVerified:
+    """The platform does not vouch for the id: ``unknown`` (404) or ``refused`` (the caller's
+    token may not read approvals: 401/403)."""
+
+    reason: str
+
+
+class Approvals(Dependency, Protocol):
+    """Looks an approval id up on the platform, with the caller's own Authorization header.
+
+    Raises ``DependencyError`` when the platform does not answer (the request is refused, 503).
+    """
+
+    async def lookup(
+        self, approval_id: str, authorization: str | None
+    ) -> ApprovalRecord | NotVerified: ...
 
 
 # --- feature flags -------------------------------------------------------------------------

@@ -91,6 +91,8 @@ class MemoryCounters:
             "budget_charge": self._budget_charge,
             "budget_adjust": self._budget_adjust,
             "release_quota": self._release_quota,
+            "approval_consume": self._approval_consume,
+            "approval_release": self._approval_release,
         }
 
     # --- Dependency ---------------------------------------------------------------------
@@ -280,6 +282,23 @@ class MemoryCounters:
         used = self._get(full_key)
         if used:
             self._set(full_key, used - 1, day_ttl(now))
+
+    # --- Governor approvals: single use ---------------------------------------------------
+    async def approval_consume(self, approval_id: str, ttl_s: int) -> bool:
+        return self._approval_consume(approval_id, ttl_s)
+
+    def _approval_consume(self, approval_id: str, ttl_s: int) -> bool:
+        key = "ap:" + approval_id
+        if self._get(key) is not None:
+            return False
+        self._set(key, 1, max(1, ttl_s))
+        return True
+
+    async def approval_release(self, approval_id: str) -> None:
+        self._approval_release(approval_id)
+
+    def _approval_release(self, approval_id: str) -> None:
+        self._data.pop("ap:" + approval_id, None)
 
     # --- batches ----------------------------------------------------------------------------
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:

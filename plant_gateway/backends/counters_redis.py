@@ -15,6 +15,8 @@ key                                     value                                   
 ``P {budget}:customer:<id>:<YYYYMM>``   customer spend this UTC month (µUSD)      month end + 1 d
 ``revoked_access:<jti>``                written by the backend or the CLI         token ``exp``
 ``token_version:<user_id>``             written by the backend or the CLI         none
+``P approval:{<approval id>}``          ``1``: this Governor approval was used     approval expiry
+                                                                                  + 1 d
 ======================================  ========================================  ===============
 
 The budget keys share one tag (``{budget}``) because the platform budget is global: one script
@@ -22,8 +24,9 @@ checks and charges platform, agent and customer atomically, so that slot is the 
 (``bench/counters_bench.py``, ``bench/counters_cluster_bench.py`` measure it). The two
 backend-written keys are read exactly as the backend names them (prefixes ``REVOKED_PREFIX``
 / ``TOKEN_VERSION_PREFIX``), so they carry no tag and are read with plain GETs, pipelined in
-one round trip. Scripts are loaded at start-up and run by SHA; a ``NOSCRIPT`` reply (a
-restarted or failed-over Redis) reloads them once.
+one round trip. An approval is consumed with ``SET … NX EX`` (atomic on its own, no script
+needed) and released (a refused request) with ``DEL``. Scripts are loaded at start-up and run
+by SHA; a ``NOSCRIPT`` reply (a restarted or failed-over Redis) reloads them once.
 Every guard call is an op planned as commands plus a reply parser; ``execute(ops)`` sends the
 ops of one request (revocation, token_version, rate limit, quota, budget) in ONE pipeline.
 
@@ -275,6 +278,12 @@ class RedisCounters:
     async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
         await self._one(CounterOp("budget_adjust", (charge, delta_usd)))
 
+    async def approval_consume(self, approval_id: str, ttl_s: int) -> bool:
+        return await self._one(CounterOp("approval_consume", (approval_id, ttl_s)))  # type: ignore[no-any-return]
+
+    async def approval_release(self, approval_id: str) -> None:
+        await self._one(CounterOp("approval_release", (approval_id,)))
+
     # --- batches: every op is a plan (commands + a reply parser); one pipeline runs them all --
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
         """All ``ops`` in one non-transactional pipeline: ONE round trip.
@@ -401,6 +410,20 @@ class RedisCounters:
             )
 
         return [_evalsha("budget", keys, budget_args(request, now))], parse
+
+    def approval_key(self, approval_id: str) -> str:
+        return f"{self.prefix}approval:{{{approval_id}}}"
+
+    def _plan_approval_consume(self, approval_id: str, ttl_s: int) -> Plan:
+        command = ("SET", self.approval_key(approval_id), "1", "NX", "EX", max(1, int(ttl_s)))
+
+        def parse(replies: list[Any]) -> bool:
+            return replies[0] is not None  # "OK" when set, nil when the key was there
+
+        return [command], parse
+
+    def _plan_approval_release(self, approval_id: str) -> Plan:
+        return [("DEL", self.approval_key(approval_id))], _none
 
     def _plan_budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> Plan:
         now = self.clock()

@@ -12,7 +12,9 @@ earlier refusal (a revoked token → 401) takes precedence over the later one.
 Side effects of refused requests: ops of one batch run unconditionally (their keys live in
 different hash slots, so no script can see another's verdict); a quota unit or a budget charge
 taken by an op *after* the refusing one is refunded in one more round trip (only on that rare
-path). Rate-limit units consumed before a later refusal stay consumed, as they did before.
+path). Rate-limit units consumed before a later refusal stay consumed, as they did before. A
+Governor approval (``approval_consume``, enqueued by the policy step) is only used by a request
+that gets through: it is released whenever the request is refused, before or after its op.
 
 Steps built outside a pipeline with an ``admit`` step (unit tests, tools) are not ``batched``:
 they run their op at once, one round trip each, with the same resolver.
@@ -61,13 +63,17 @@ class CounterBatch:
     def add(self, op: CounterOp, resolve: Resolver) -> None:
         self.pending.append((op, resolve))
 
-    async def flush(self) -> Problem | None:
-        """Run every pending op in one round trip; the first refusal in order, or None."""
+    async def flush(self, refused: bool = False) -> Problem | None:
+        """Run every pending op in one round trip; the first refusal in order, or None.
+
+        ``refused``: a step refused the request anyway (``settle``), so nothing is kept that
+        only a request that gets through may take (an approval).
+        """
         pending, self.pending = self.pending, []
         if not pending:
             return None
         results = await execute(self.counters, [op for op, _ in pending])
-        problem, refunds = resolve_in_order(pending, results)
+        problem, refunds = resolve_in_order(pending, results, refused)
         if refunds:
             await refund(self.counters, refunds)
         return problem
@@ -88,15 +94,28 @@ class CounterBatch:
 
 
 def resolve_in_order(
-    pending: list[tuple[CounterOp, Resolver]], results: list[Any]
+    pending: list[tuple[CounterOp, Resolver]], results: list[Any], refused: bool = False
 ) -> tuple[Problem | None, list[CounterOp | None]]:
-    """The first refusal of ``pending`` in order, and the refunds of the ops after it."""
+    """The first refusal of ``pending`` in order, and the refunds it calls for: what the ops
+    after it took, and approvals consumed before it. ``refused``: the request is refused
+    anyway (another step), so approvals consumed by any op are released."""
+    stop, problem = len(pending), None
     for i, ((_, resolve), result) in enumerate(zip(pending, results, strict=True)):
         problem = resolve(result)
         if problem is not None:
-            later = zip((op for op, _ in pending[i + 1 :]), results[i + 1 :], strict=True)
-            return problem, [refund_op(op, res) for op, res in later]
-    return None, []
+            stop = i
+            break
+    if problem is None and not refused:
+        return None, []
+    refunds = [refund_op(op, res) for (op, _), res in zip(pending[stop + 1 :], results[stop + 1 :],
+                                                         strict=True)]
+    for (op, resolve), result in zip(pending[:stop], results[:stop], strict=True):
+        if op.kind == "approval_consume" and result is True:
+            refunds.append(refund_op(op, result))
+            undo = getattr(resolve, "refunded", None)
+            if undo is not None:
+                undo()  # the resolver already counted it as used: keep its account true
+    return problem, refunds
 
 
 async def execute(counters: Counters, ops: list[CounterOp]) -> list[Any]:
@@ -138,7 +157,7 @@ async def settle(ctx: RequestContext, problem: Problem) -> Problem:
     batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
     if batch is None:
         return problem
-    earlier = await batch.flush()
+    earlier = await batch.flush(refused=True)
     return earlier or problem
 
 
@@ -152,6 +171,8 @@ def refund_op(op: CounterOp, result: Any) -> CounterOp | None:
         key, _limit, now = op.args
         if now is not None:
             return CounterOp("release_quota", (key, now))
+    if op.kind == "approval_consume" and result is True:
+        return CounterOp("approval_release", (op.args[0],))
     return None
 
 

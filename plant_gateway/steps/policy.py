@@ -1,6 +1,8 @@
 """Policy step: build the policy input, ask the engine once, enforce the decision.
 
 Python derives resource and action from the request; every rule lives in ``policies/`` (Rego).
+A decision asking for Governor approval is completed by ``plant_gateway.governor`` (approval id
+from the body, the platform's record) and decided again; an approval it relied on is consumed.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from plant_gateway import governor
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
 from plant_gateway.steps.auth import cached_identity
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.base import PolicyEngine
+    from plant_gateway.backends.base import Approvals, Counters, PolicyEngine
     from plant_gateway.deps import Dependencies
     from plant_gateway.settings import Settings
 
-APPROVAL_HEADER = "x-governor-approval-id"
 FLAG_NAMES = {
     "rbac": "enable_rbac",
     "trial_mode": "enable_trial_mode",
@@ -188,11 +190,13 @@ def build_input(
     flags: Any,
     jwt_docs: JwtInputCache | None = None,
     static_flags: dict[str, bool] | None = None,
+    approval_id: str | None = None,
 ) -> dict[str, Any]:
     """The input document; fills ``ctx.resource/action/resource_id`` on the way.
 
     With ``jwt_docs`` the ``jwt`` part is shared by the requests of one token: read-only.
     ``static_flags``: the flags of a backend whose values never depend on the request.
+    ``approval_id``: the approval the request names (``governor.header_id``).
     """
     resource, resource_id, verb, template = split_path(ctx.upstream_path or ctx.path)
     action = derive_action(ctx.method, resource, verb)
@@ -212,9 +216,8 @@ def build_input(
         "flags": flags_input(flags, ctx) if static_flags is None else dict(static_flags),
         "now_ns": time.time_ns(),
     }
-    approval = ctx.header(APPROVAL_HEADER)
-    if approval:
-        doc["approval"] = {"id": approval[:200]}
+    if approval_id is not None:
+        governor.add_approval(doc, ctx, {"id": approval_id})
     return doc
 
 
@@ -276,7 +279,10 @@ def unavailable(reason: str) -> Problem:
 class PolicyStep:
     name = "policy"
 
-    def __init__(self, settings: Settings, engine: PolicyEngine | None, flags: Any) -> None:
+    def __init__(
+        self, settings: Settings, engine: PolicyEngine | None, flags: Any,
+        counters: Counters | None = None, approvals: Approvals | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.flags = flags
@@ -286,27 +292,53 @@ class PolicyStep:
             self.static_flags = {
                 key: bool(flags.enabled(flag, None)) for key, flag in FLAG_NAMES.items()
             }
+        # an approval is consumed on the request's counter batch (``admit`` sets ``batched``)
+        self.counters = counters
+        self.batched = False
+        self.governor = governor.GovernorApprovals(approvals, counters, settings.max_json_depth)
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         if ctx.is_public:
             return None
+        approval_id = governor.header_id(ctx)
+        if isinstance(approval_id, Problem):
+            return approval_id
         policy_input = build_input(
-            ctx, self.settings, self.flags, self.jwt_docs, self.static_flags
+            ctx, self.settings, self.flags, self.jwt_docs, self.static_flags, approval_id
         )
         if self.engine is None:
             return unavailable("no policy engine is configured")
-        started = time.perf_counter()
+        ctx.policy_latency_ms = 0.0
         try:
-            decision = await self.engine.decide(policy_input)
+            decision = await self.decide(ctx, policy_input)
+            if governor.needs_approval(decision):
+                completed = await self.governor.complete(
+                    ctx, policy_input, decision, lambda doc: self.decide(ctx, doc)
+                )
+                if isinstance(completed, Problem):
+                    ctx.policy_decision = governor.with_note(ctx, decision)
+                    return completed
+                decision = completed
         except DependencyError as exc:
-            ctx.policy_latency_ms = (time.perf_counter() - started) * 1000.0
             ctx.error_message = str(exc)
             return unavailable("engine error, timeout or undefined decision")
-        ctx.policy_latency_ms = (time.perf_counter() - started) * 1000.0
-        return self.apply(ctx, decision)
+        problem = self.apply(ctx, decision)
+        if problem is None and decision.get("approval_used") is True:
+            return await self.governor.consume(ctx, decision, self.batched)
+        return problem
+
+    async def decide(self, ctx: RequestContext, policy_input: dict[str, Any]) -> dict[str, Any]:
+        """One evaluation; its time is added to ``ctx.policy_latency_ms``."""
+        assert self.engine is not None
+        started = time.perf_counter()
+        try:
+            return await self.engine.decide(policy_input)
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000.0
+            ctx.policy_latency_ms = (ctx.policy_latency_ms or 0.0) + elapsed
 
     def apply(self, ctx: RequestContext, decision: dict[str, Any]) -> Problem | None:
-        ctx.policy_decision = decision
+        ctx.policy_decision = governor.with_note(ctx, decision)
         policies = decision.get("policies")
         ctx.policies_evaluated = [str(p) for p in policies] if isinstance(policies, list) else []
         ctx.policy_decision_id = decision.get("decision_id")
@@ -320,4 +352,7 @@ class PolicyStep:
 def build(settings: Settings, deps: Dependencies) -> PolicyStep | None:
     if not settings.guard_on("policy"):
         return None
-    return PolicyStep(settings, deps.policy, getattr(deps, "flags", None))
+    return PolicyStep(
+        settings, deps.policy, getattr(deps, "flags", None),
+        counters=deps.counters, approvals=getattr(deps, "approvals", None),
+    )

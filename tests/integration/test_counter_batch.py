@@ -14,10 +14,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-from plant_gateway.backends.base import BudgetRequest, Counters
+from plant_gateway.backends.approvals import StaticApprovals
+from plant_gateway.backends.base import ApprovalRecord, BudgetRequest, Counters
 from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.backends.keys import create as create_keys
+from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.problems import Problem
 from plant_gateway.settings import RateTier, Settings
@@ -25,6 +27,7 @@ from plant_gateway.steps import Step
 from plant_gateway.steps.admit import AdmitStep, settle
 from plant_gateway.steps.auth import AuthStep
 from plant_gateway.steps.budget import BudgetStep
+from plant_gateway.steps.policy import PolicyStep
 from plant_gateway.steps.rate_limit import RateLimitStep
 from plant_gateway.steps.trial_quota import TrialQuotaStep
 from tests.fixtures.redis import RedisServer
@@ -213,3 +216,75 @@ async def test_failed_batch_keeps_each_guards_fail_mode(
             assert time.monotonic() - started < 5, "no recovery without a restart"
     finally:
         await counters.close()
+
+
+# --- Governor approvals: consumed in the batch, released when the request is refused ----------
+
+
+@pytest.fixture(scope="module")
+def engine() -> LocalPolicyEngine:
+    return LocalPolicyEngine(settings_for(None, ""), watch=False)
+
+
+def approval_chain(
+    counters: Counters, engine: LocalPolicyEngine, approvals: StaticApprovals
+) -> list[Step]:
+    s: Settings = counters.settings  # type: ignore[attr-defined]
+    return chain(counters, PolicyStep(s, engine, None, counters=counters, approvals=approvals))
+
+
+def export_ctx(token: str, approval_id: str) -> RequestContext:
+    ctx = context(token, path="/api/v1/audit/export")
+    ctx.authorization = ctx.headers["authorization"]
+    ctx.headers["x-approval-id"] = approval_id
+    return ctx
+
+
+def platform(approval_id: str) -> StaticApprovals:
+    expires = time.time_ns() + 3600 * 10**9
+    return StaticApprovals({approval_id: ApprovalRecord(approval_id, "export_data",
+                                                        expires_ns=expires)})
+
+
+async def test_an_approval_lets_one_request_through_across_instances(
+    counters: Counters, engine: LocalPolicyEngine, redis_prefix: str
+) -> None:
+    approval_id = f"APR-{redis_prefix.strip(':')}"
+    first = approval_chain(counters, engine, platform(approval_id))
+    second_instance: Any = counters
+    if isinstance(counters, RedisCounters):  # another gateway on the same Redis
+        second_instance = RedisCounters(counters.settings, counters.settings.effective_redis_url
+                                        or "")
+        await second_instance.start()
+    try:
+        second = approval_chain(second_instance, engine, platform(approval_id))
+        admin = mint(user_id="u-pp-admin", roles=["admin"], governor_agent_id=None)
+        assert await run_chain(first, export_ctx(admin, approval_id)) is None
+        again = export_ctx(admin, approval_id)
+        problem = await run_chain(second, again)
+        assert problem is not None and (problem.status, problem.kind) == (
+            409, "approval-already-used")
+        assert again.policy_decision is not None
+        assert again.policy_decision["approval"]["consumed"] is False
+    finally:
+        if second_instance is not counters:
+            await second_instance.close()
+
+
+async def test_a_request_refused_by_the_budget_does_not_use_its_approval(
+    counters: Counters, engine: LocalPolicyEngine, redis_prefix: str
+) -> None:
+    approval_id = f"APR-budget-{redis_prefix.strip(':')}"
+    s: Settings = counters.settings  # type: ignore[attr-defined]
+    broke = s.model_copy(update={"platform_monthly_budget_usd": COST / 2})
+    steps = approval_chain(counters, engine, platform(approval_id))
+    steps[-2] = BudgetStep(broke, counters)  # every charge is over the platform budget
+    steps[-1].bind(steps)  # type: ignore[attr-defined]
+    admin = mint(user_id="u-pp-admin-2", roles=["admin"])
+    refused = export_ctx(admin, approval_id)
+    problem = await run_chain(steps, refused)
+    assert problem is not None and problem.kind == "budget-exceeded"
+    assert refused.policy_decision is not None
+    assert refused.policy_decision["approval"]["released"] is True
+    assert await run_chain(approval_chain(counters, engine, platform(approval_id)),
+                           export_ctx(admin, approval_id)) is None  # still usable once

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.base import BudgetRequest
+from plant_gateway.backends.base import BudgetRequest, CounterOp
 from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.settings import Settings
@@ -202,3 +202,37 @@ async def test_revocation_and_token_version_visible_to_all_instances(instances: 
     assert await b.is_revoked("jti-1")
     assert await b.auth_state("jti-1", "user-1") == (True, 2)
     assert await b.auth_state("jti-2", None) == (False, None)
+
+
+async def test_an_approval_is_consumed_once_across_instances(instances: Factory) -> None:
+    a, b = instances(), instances()
+    results = await asyncio.gather(
+        *((a if i % 2 else b).approval_consume("APR-once", 600) for i in range(20))
+    )
+    assert sorted(results) == [False] * 19 + [True]
+    assert await b.approval_consume("APR-other", 600)  # ids are independent
+    [batched] = await a.execute([CounterOp("approval_consume", ("APR-once", 600))])
+    assert batched is False
+
+
+async def test_a_released_approval_can_be_used_again(instances: Factory) -> None:
+    a, b = instances(), instances()
+    assert await a.approval_consume("APR-refused", 600)
+    await b.approval_release("APR-refused")
+    assert await b.approval_consume("APR-refused", 600)
+    assert not await a.approval_consume("APR-refused", 600)
+
+
+async def test_a_consumed_approval_is_kept_for_its_ttl(
+    instances: Factory, clock: FakeClock
+) -> None:
+    c = instances()
+    assert await c.approval_consume("APR-ttl", 120)
+    if isinstance(c, RedisCounters):  # Redis expires keys on its own clock: read the TTL
+        ttl = await c.client.ttl(c.approval_key("APR-ttl"))
+        assert 0 < ttl <= 120
+        return
+    clock.now += 119
+    assert not await c.approval_consume("APR-ttl", 120)
+    clock.now += 2
+    assert await c.approval_consume("APR-ttl", 120)

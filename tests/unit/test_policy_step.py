@@ -148,12 +148,14 @@ def test_decision_key_tells_apart_values_that_compare_equal() -> None:
 
 
 def test_input_carries_flags_and_approval() -> None:
-    ctx = make_ctx("DELETE", "/api/v1/agents/7", ident(["user"]),
-                   **{"x-governor-approval-id": "ap-1"})
-    doc = build_input(ctx, make_settings(), Flags({"enable_rbac", "enable_sandbox_routing"}))
+    ctx = make_ctx("DELETE", "/api/v1/agents/7", ident(["user"]))
+    doc = build_input(ctx, make_settings(), Flags({"enable_rbac", "enable_sandbox_routing"}),
+                      approval_id="ap-1")
     assert doc["flags"] == {"rbac": False, "trial_mode": True, "governor_approval": True,
                             "sandbox_routing": False}
     assert doc["approval"] == {"id": "ap-1"}
+    assert doc["resource_id"] == "7"  # the agent a record must name
+    assert "approval" not in build_input(ctx, make_settings(), None)
     assert (ctx.resource, ctx.action, ctx.resource_id) == ("agents", "delete_agent", "7")
     assert "jti" not in doc["jwt"] and doc["jwt"]["roles"] == ["user"]
 
