@@ -12,18 +12,26 @@ Failure rules (why each exists):
   which the writer's ON CONFLICT retry absorbs;
 - rows written while the sink refuses requests (the refusals themselves) may use the last
   ``headroom`` bytes of the cap; a reserve file of that size is deleted to make the room real
-  when the file system itself is full before the cap.
+  when the file system itself is full before the cap;
+- the blocks of replayed rows are given back as the replay moves on (a hole punched in the
+  file), not only once the whole file is replayed: rows that keep arriving during a replay
+  would otherwise fill the disk behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
+import sys
 from pathlib import Path
 
 OFFSET_FORMAT = b"%020d\n"  # fixed width: every rewrite lands on the same bytes
+RECLAIM_MIN = 16 * 1024  # punch holes in steps of at least this (whole pages)
+PAGE = 4096
+_FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
 
 
 class SpoolFull(Exception):
@@ -46,7 +54,9 @@ class Spool:
         try:
             if lock:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.size = os.fstat(self.fd).st_size
+            stat = os.fstat(self.fd)
+            self.size = stat.st_size
+            self.used = min(stat.st_size, stat.st_blocks * 512)  # bytes on disk (holes: none)
             self.offset = min(_read_offset(self.offset_path), self.size)
             if lock:
                 self._cut_torn_tail()
@@ -55,7 +65,8 @@ class Spool:
             os.close(self.fd)
             raise
         self._offset_fd: int | None = None
-        self._disk_full = False  # the reserve was given up: until drained, refusals only
+        self._disk_full = False  # the reserve was given up: until space is back, refusals only
+        self.punched = 0  # the file's blocks before this offset were given back
         if lock:  # the offset file's block is taken now, while the disk has room
             with contextlib.suppress(OSError):
                 self._persist_offset()
@@ -77,7 +88,7 @@ class Spool:
         data = b"".join(rows)
         if self.max_bytes:
             limit = self.max_bytes if reserved else self.max_bytes - self.headroom
-            if self.size + len(data) > limit:
+            if self.used + len(data) > limit:
                 raise SpoolFull(f"full: AUDIT_SPOOL_MAX_BYTES={self.max_bytes}")
         if not reserved and self._disk_full:
             raise SpoolFull("No space left on device; what the reserve freed is for refusals")
@@ -89,6 +100,7 @@ class Spool:
             self._disk_full = True  # ordinary rows: not into the reserve's space
             self._write(data)  # the reserve's blocks are free now
         self.size += len(data)
+        self.used += len(data)
         self.pending += len(rows)
 
     def _write(self, data: bytes) -> None:
@@ -180,6 +192,18 @@ class Spool:
         self.offset = new_offset
         self._persist_offset()
 
+    def reclaim(self) -> int:
+        """Give the blocks of replayed rows (whole pages before the offset) back to the disk,
+        and set the reserve aside again if it was given up; the bytes freed."""
+        end = self.offset - self.offset % PAGE
+        if end - self.punched < RECLAIM_MIN or not _punch_hole(self.fd, self.punched, end):
+            return 0
+        freed, self.punched = end - self.punched, end
+        self.used = max(0, self.used - freed)
+        if self._disk_full and self.make_reserve():
+            self._disk_full = False
+        return freed
+
     def reset_if_drained(self) -> bool:
         """Once every row is stored, empty the file (its space goes back to the disk) and set
         the reserve aside again. True if it did."""
@@ -197,7 +221,7 @@ class Spool:
                 self.offset = stored
                 raise
         os.ftruncate(self.fd, 0)
-        self.size = 0
+        self.size = self.used = self.punched = 0
         self._disk_full = False
         self.make_reserve()
         return True
@@ -233,3 +257,28 @@ def _read_offset(path: Path) -> int:
         return max(0, int(path.read_bytes().strip() or 0))
     except (OSError, ValueError):
         return 0
+
+
+_fallocate: object = None  # libc's fallocate, looked up once; False where there is none
+
+
+def _punch_hole(fd: int, start: int, end: int) -> bool:
+    """Free the blocks of ``[start, end)`` without moving what follows (Linux fallocate;
+    False on a system or file system without it: the space then comes back when the file is
+    emptied)."""
+    global _fallocate
+    if _fallocate is None:
+        try:
+            func = ctypes.CDLL(None, use_errno=True).fallocate
+            func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _fallocate = func if sys.platform.startswith("linux") else False
+        except (OSError, AttributeError):
+            _fallocate = False
+    if _fallocate is False:
+        return False
+    if _fallocate(fd, _FALLOC_PUNCH_HOLE, start, end - start) == 0:  # type: ignore[operator]
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(code, os.strerror(code))

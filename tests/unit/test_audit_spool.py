@@ -133,6 +133,11 @@ FULL_DISK_CHILD = textwrap.dedent("""
         out["ordinary_after"] = True
     except SpoolFull as exc:
         out["ordinary_after"] = "reserved" if "reserve" in str(exc) else str(exc)
+    lines, offset = spool.read(60)              # a replay under way: its blocks come back
+    spool.advance(offset, len(lines))
+    out["reclaimed"] = spool.reclaim()
+    spool.append([rows[902]])                    # ordinary rows fit again, the reserve is back
+    out["after_reclaim"] = spool.reserve_path.exists()
     lines, offset = spool.read(10_000)
     spool.advance(offset, len(lines))
     out["reset"] = spool.reset_if_drained()
@@ -169,4 +174,28 @@ def test_a_full_file_system_never_tears_a_line_or_loses_the_offset(tmp_path: Pat
     assert 60 <= out["appended"] < 130  # ~56 KiB of 512-byte rows: the disk, not the loop
     assert out["file_intact"] and out["offset_saved"] and out["reserved_row"]
     assert out["ordinary_after"] == "reserved"  # the freed reserve is for refusals only
+    assert out["reclaimed"] >= 16 * 1024 and out["after_reclaim"] is True
     assert out["reset"] is True and out["after_reset"] == 3
+
+
+def test_replayed_rows_give_their_blocks_back_before_the_file_is_drained(tmp_path: Path) -> None:
+    """Rows arriving while the replay runs keep the file from ever being empty: the replayed
+    part is punched out (its bytes stop counting against the cap), the rest reads as before."""
+    path = tmp_path / "s.jsonl"
+    spool = Spool(path, max_bytes=400_000, headroom=0)
+    spool.append([_row(i, 1000) for i in range(300)])
+    with pytest.raises(SpoolFull):
+        spool.append([_row(i, 1000) for i in range(300, 401)])
+    lines, offset = spool.read(200)
+    spool.advance(offset, len(lines))
+    freed = spool.reclaim()
+    assert freed >= 196_000 and spool.used == 300_000 - freed
+    assert path.stat().st_size == 300_000 and path.stat().st_blocks * 512 < 120_000
+    spool.append([_row(i, 1000) for i in range(300, 401)])  # fits now
+    spool.close()
+    again = Spool(path)
+    try:
+        assert again.pending == 201 and again.used < 220_000
+        assert [json.loads(line)[0] for line in again.read(2)[0]] == [200, 201]
+    finally:
+        again.close()
