@@ -185,6 +185,9 @@ class PostgresAuditSink:
         # refusals): ~4 MiB, a few thousand refusal rows, at the default cap
         self.headroom = self.spool_max // 16
         self.close_budget_s = settings.audit_flush_s
+        # rows the queue takes past AUDIT_QUEUE_MAX when even the spool's headroom is gone:
+        # room for the requests in flight when the sink starts refusing
+        self.slack = max(self.batch_size, settings.audit_queue_max // 10)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.instance_id)
         self.spool_dir = Path(settings.state_dir) / "audit-spool"
         self.spool_path = self.spool_dir / f"{safe}-{os.getpid()}.jsonl"
@@ -304,15 +307,30 @@ class PostgresAuditSink:
         self._overflow(row)
 
     def _overflow(self, row: bytes) -> None:
-        """A row the queue cannot take (full, or closing): to the spool, into its headroom once
-        ordinary rows no longer fit (these are the refusals); else counted lost."""
-        if not self._spool_rows([row], reserved=bool(self.spool_error) or self._closing):
+        """A row the queue cannot take (full, or closing). It belongs to a request already
+        answered (refused or, at the moment the sink starts refusing, in flight), so it may
+        use what is kept back: the spool's headroom, then the queue's slack; else it is
+        counted lost. A failed ordinary append is what starts the refusals."""
+        if not (self._spool_rows([row], clears=False)
+                or self._spool_rows([row], reserved=True) or self._into_slack(row)):
             self._lose(1)
         self._update_refusing()
 
+    def _into_slack(self, row: bytes) -> bool:
+        rows = self.queue.rows
+        if self._closing or len(rows) >= self.queue.maxsize + self.slack:
+            return False
+        rows.append(row)
+        return True
+
     def _update_refusing(self) -> None:
-        """Rows cannot be secured once the queue is full and the spool refuses them too."""
-        stuck = bool(self.spool_error) and len(self.queue.rows) >= self.queue.maxsize
+        """Rows cannot be secured once the queue is full and the spool refuses them too; that
+        ends when the spool takes rows again or the queue has room for a tenth of it (not one
+        row: refusals would flicker on and off while the writer catches up)."""
+        queued, limit = len(self.queue.rows), self.queue.maxsize
+        if "secure" in self.conditions:
+            limit -= max(1, limit // 10)
+        stuck = bool(self.spool_error) and queued >= limit
         if stuck:
             what = ("requests refused with 503 audit-unavailable" if self.on_loss == "refuse"
                     else "requests served without their rows (AUDIT_ON_LOSS=serve)")
@@ -510,12 +528,13 @@ class PostgresAuditSink:
             self.spool = Spool(self.spool_path, self.spool_max, self.headroom)
             self.spool.make_reserve()
             m.SPOOL_PENDING.inc(self.spool.pending)
-            m.SPOOL_BYTES.set(self.spool.size)
+            m.SPOOL_BYTES.set(self.spool.used)
         return self.spool
 
-    def _spool_rows(self, rows: list[bytes], reserved: bool = False) -> bool:
+    def _spool_rows(self, rows: list[bytes], reserved: bool = False, clears: bool = True) -> bool:
         """Append rows to the disk spool; False (the reason kept in ``spool_error``) if it
-        cannot take them. ``reserved`` rows may use the headroom."""
+        cannot take them. ``reserved`` rows may use the headroom. One row squeezed into the
+        last free bytes (``clears=False``) does not mean the spool is writable again."""
         if not rows:
             return True
         try:
@@ -524,11 +543,11 @@ class PostgresAuditSink:
         except Exception as exc:  # noqa: BLE001 - full, a failing disk, or a bug: never raised
             self._spool_failed(exc)
             return False
-        if not reserved:
+        if clears and not reserved:
             self._spool_ok()
         m.ROWS_SPOOLED.inc(len(rows))
         m.SPOOL_PENDING.inc(len(rows))
-        m.SPOOL_BYTES.set(spool.size)
+        m.SPOOL_BYTES.set(spool.used)
         self.stats["spooled"] += len(rows)
         self._spooled.set()
         return True
@@ -644,12 +663,23 @@ class PostgresAuditSink:
                 self._set_condition("offset", None)
             except OSError as exc:
                 self._offset_failed(exc)
+            self._reclaim(spool)
             if spool is self.spool:
                 m.SPOOL_PENDING.dec(len(lines))
             m.ROWS_REPLAYED.inc(written)
             self.stats["replayed"] += written
             moved = True
         return moved
+
+    def _reclaim(self, spool: Spool) -> None:
+        """Replayed rows' blocks back to the disk while the replay goes on (rows that keep
+        arriving would otherwise fill it behind the replay)."""
+        try:
+            if spool.reclaim() and spool is self.spool:
+                m.SPOOL_BYTES.set(spool.used)
+                self._spool_ok()  # space is back; the next failing append would say so
+        except OSError as exc:  # nothing lost: the space comes back when the file is emptied
+            self._set_condition("reclaim", f"cannot free replayed spool space ({exc.strerror})")
 
     def _offset_failed(self, exc: OSError) -> None:
         """The read offset could not be saved: nothing is lost (it moves on in memory); a
