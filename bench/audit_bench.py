@@ -117,7 +117,7 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
             recorder.record(c)
         t_record = time.process_time() - t0
         # writer alone: the rows are built; submit them as requests would and time the drain
-        conn = await sink._writer()
+        conn = await sink._conn(sink.writer)  # idle: nothing is queued yet
         backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
         server0 = server_cpu_s(backend_pid)
         wal0 = await conn.fetchval("SELECT pg_current_wal_lsn()::text")

@@ -380,11 +380,12 @@ class Settings(BaseSettings):
     audit_on_loss: Literal["refuse", "serve"] = Field(
         "refuse", validation_alias=env_alias("AUDIT_ON_LOSS")
     )
-    # Cap of the disk spool, per worker process. 64 MiB holds ~60,000 rows of ~1 KiB (about
-    # 10 minutes of a database outage at 100 req/s). On Cloud Run the file system is memory
-    # counted against the instance's 512 MiB: the gateway's ~120 MiB, a full in-memory queue
-    # and 64 MiB of spool still leave room, while a spool allowed to fill the memory would
-    # get the instance killed and every spooled row with it.
+    # Cap of the disk spool, per worker process. 64 MiB holds 45,000-90,000 rows (0.7-1.5 KiB
+    # each): 8-15 minutes of a database outage at 100 req/s. On Cloud Run the file system is
+    # memory counted against the instance's 512 MiB: the gateway's ~120 MiB (RSS measured
+    # under load), a full queue (100,000 rows, ~70-150 MiB) and 64 MiB of spool stay under
+    # ~340 MiB, whereas a spool allowed to fill the memory would get the instance killed, and
+    # every spooled row with it (refusing requests is the better failure).
     audit_spool_max_bytes: int = Field(
         64 * 1024 * 1024, ge=64 * 1024, validation_alias=env_alias("AUDIT_SPOOL_MAX_BYTES")
     )

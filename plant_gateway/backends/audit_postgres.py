@@ -334,8 +334,8 @@ class PostgresAuditSink:
         if stuck:
             what = ("requests refused with 503 audit-unavailable" if self.on_loss == "refuse"
                     else "requests served without their rows (AUDIT_ON_LOSS=serve)")
-            self._set_condition("secure", f"rows cannot be secured (database down, queue "
-                                          f"full, spool {self.spool_error}): {what}")
+            self._set_condition("secure", f"rows cannot be secured (queue full, spool: "
+                                          f"{self.spool_error}): {what}")
         else:
             self._set_condition("secure", None)
             self._set_condition("loss", None)
