@@ -69,6 +69,7 @@ async def test_replay_runs_continuously_in_order_on_its_own_connection(
             record(recorder, ids, 10)
             flowing += 10
             await asyncio.sleep(0.01)
+        assert flowing > 0  # the spool was not drained before new rows were taken
         record(recorder, ids, 100)
         assert await until(lambda: settled(sink))
         assert sink.spool is not None and sink.spool.size == 0  # drained, file emptied
