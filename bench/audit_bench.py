@@ -117,7 +117,7 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
             recorder.record(c)
         t_record = time.process_time() - t0
         # writer alone: the rows are built; submit them as requests would and time the drain
-        conn = await sink._writer()
+        conn = await sink._conn(sink.writer)  # idle: nothing is queued yet
         backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
         server0 = server_cpu_s(backend_pid)
         wal0 = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
@@ -138,7 +138,7 @@ async def run(dsn: str, rows: int, batch: int, sink_class: type[PostgresAuditSin
         total = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         print(f"rows={rows} batch={batch} written={sink.stats['written']} "
-              f"spooled={sink.stats['spooled']} dropped={sink.stats['dropped']}")
+              f"spooled={sink.stats['spooled']} lost={sink.stats['lost']}")
         print(f"record() CPU on the request path: GET {t_get / len(gets) * 1e6:.1f} us/row, "
               f"POST with a JSON body {t_record / rows * 1e6:.1f} us/row (build+redact+hash)")
         print(f"writer CPU in this process: {cpu / rows * 1e6:.1f} us/row "

@@ -32,6 +32,7 @@ TITLES: dict[str, str] = {
     "approvals-unavailable": "Approvals Unavailable",
     "policy-unavailable": "Policy Engine Unavailable",
     "dependency-unavailable": "Dependency Unavailable",
+    "audit-unavailable": "Audit Log Unavailable",
     "bad-gateway": "Bad Gateway",
     "upstream-unavailable": "Upstream Unavailable",
     "gateway-timeout": "Gateway Timeout",
@@ -76,3 +77,16 @@ def unauthorized(kind: str, detail: str) -> Problem:
     error = "invalid_request" if kind in request_errors else "invalid_token"
     challenge = f'Bearer realm="plant-gateway", error="{error}"'
     return Problem(401, kind, detail, headers=[("www-authenticate", challenge)])
+
+
+# Retry-After of an audit refusal: the writer retries the database at least every 5 s
+AUDIT_RETRY_AFTER_S = 5
+
+
+def audit_unavailable() -> Problem:
+    """The 503 for a request whose audit row could not be secured (``AUDIT_ON_LOSS=refuse``)."""
+    return Problem(
+        503, "audit-unavailable",
+        "the audit log cannot record requests right now; the request was not processed",
+        headers=[("retry-after", str(AUDIT_RETRY_AFTER_S))],
+    )

@@ -1,7 +1,8 @@
 """Prometheus metrics of the audit writer (process-wide; one set per worker process).
 
-``plant_audit_rows_dropped_total`` must stay 0: a row is dropped only if it can be neither
-written nor spooled to disk.
+``plant_audit_rows_lost_total`` stays 0 unless a row could be neither written, queued nor
+spooled; with ``AUDIT_ON_LOSS=refuse`` only the rows of requests already under way (and
+refusals beyond the spool's headroom) can be lost. The 0/1 gauges say why the sink is degraded.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ ROWS_SPOOLED = Counter(
 ROWS_REPLAYED = Counter(
     "plant_audit_rows_replayed_total", "Spooled audit rows replayed", registry=REGISTRY
 )
-ROWS_DROPPED = Counter(
-    "plant_audit_rows_dropped_total", "Audit rows lost (must stay 0)", registry=REGISTRY
+ROWS_LOST = Counter(
+    "plant_audit_rows_lost_total",
+    "Audit rows neither written, queued nor spooled (requests served or refused without a row)",
+    registry=REGISTRY,
 )
 ROWS_DEAD = Counter(
     "plant_audit_rows_dead_lettered_total", "Audit rows that can never be inserted (quarantined)",
@@ -34,5 +37,25 @@ WRITE_LATENCY = Histogram(
     "plant_audit_write_latency_seconds",
     "Time to write one batch to PostgreSQL",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "plant_audit_spool_bytes", "Size of the disk spool (its cap is AUDIT_SPOOL_MAX_BYTES)",
+    registry=REGISTRY,
+)
+DATABASE_UP = Gauge(
+    "plant_audit_database_up", "1 while the audit database takes rows", registry=REGISTRY
+)
+SPOOL_WRITABLE = Gauge(
+    "plant_audit_spool_writable", "1 while the disk spool takes rows (0: full or failing)",
+    registry=REGISTRY,
+)
+REFUSING = Gauge(
+    "plant_audit_refusing",
+    "1 while requests are refused with 503 audit-unavailable (rows cannot be secured)",
+    registry=REGISTRY,
+)
+TASK_RESTARTS = Counter(
+    "plant_audit_task_restarts_total", "Times the writer or replay task failed and was restarted",
     registry=REGISTRY,
 )

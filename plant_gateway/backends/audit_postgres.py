@@ -1,8 +1,18 @@
 """The audit sink: rows queued in memory, written to PostgreSQL in COPY batches, spooled on outage.
 
 ``submit`` never blocks. A background writer batches by size or interval; when the database is
-unreachable, batches go to an append-only spool file and are replayed in order when it returns;
-rows that can never be inserted are quarantined to a dead-letter file, never retried forever.
+unreachable, batches go to the disk spool (``audit_spool``), which a second task replays, oldest
+first, on a connection of its own, all the time (new rows keep going straight to the table; the
+hash chains are ordered by ``seq``, not by arrival). Rows that can never be inserted are
+quarantined to a dead-letter file, never retried forever.
+
+Never a silent drop: when the database is down and the spool cannot take rows (full disk, I/O
+error, ``AUDIT_SPOOL_MAX_BYTES``), batches stay queued in memory; once the queue is full too the
+sink sets ``refusing`` and the request path answers 503 ``audit-unavailable`` (``AUDIT_ON_LOSS=
+refuse``, the default) instead of serving requests without rows; with ``serve`` they are served
+and their rows counted in ``plant_audit_rows_lost_total``. Every such state is logged once when
+it starts and once when it ends, shown in ``/ready`` and in the metrics, and left by itself.
+The writer and replay tasks are supervised: an unexpected error is logged and the task restarts.
 
 Rows are written as the writer role, which may only INSERT (migration 0002). Retention (the
 hourly ``gateway_audit_maintain``: partitions ahead, expired ones dropped) runs on a separate
@@ -17,15 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -39,6 +49,7 @@ from plant_gateway.backends.audit_schema import (
     from_wire,
     upgrade_line,
 )
+from plant_gateway.backends.audit_spool import Spool, SpoolFull
 from plant_gateway.backends.base import DependencyStatus
 
 if TYPE_CHECKING:
@@ -63,6 +74,7 @@ INSERT_SQL = f"INSERT INTO {TABLE} ({COLS_SQL}) SELECT {INSERT_COLUMNS_SQL} FROM
 DEDUP_INSERT_SQL = INSERT_SQL + " ON CONFLICT DO NOTHING"
 MAINTENANCE_LOCK = 7_402_118_735
 MAINTENANCE_EVERY_S = 3600.0
+RETENTION_RETRY_S = 60.0  # retention failed (database down at start): not an hour later
 MAINTAIN_SQL = "SELECT gateway_audit_maintain($1, $2)"
 CAN_MAINTAIN_SQL = (
     "SELECT has_function_privilege('gateway_audit_maintain(integer, integer)', 'EXECUTE')"
@@ -70,7 +82,11 @@ CAN_MAINTAIN_SQL = (
 AHEAD_DAYS = 7  # daily partitions created ahead of time
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
 SCHEMA_MISSING = "audit table missing: run `plant-gateway db upgrade` on this database"
-CLOSE_DEADLINE_S = 10.0
+CLOSE_RESERVE_S = 0.5  # of the close budget: spool what is left, close the connections
+REPLAY_BATCHES = 20  # batches per replay turn (the spool file is re-read from the offset)
+ORPHAN_BATCHES = 200  # per orphaned spool per scan; a longer one is scanned again at once
+ORPHAN_SCAN_S = 30.0  # spools of exited processes sharing the state directory
+STALL_MIN_S = 0.05
 # SQLSTATE classes that say "the database or its setup is the problem", never the row
 OUTAGE_CLASSES = ("08", "28", "3D", "53", "55", "57", "58", "XX", "42501", "42P01", "42883")
 
@@ -126,69 +142,29 @@ class RowQueue:
         return [rows.popleft() for _ in range(limit)]
 
 
-class Spool:
-    """An append-only JSON-lines file with a persisted read offset; held under an flock."""
+class Channel:
+    """One connection to the table and its outage state. The writer (new rows) and the replay
+    (spooled rows) have one each: asyncpg runs one operation per connection at a time, and a
+    replay sharing the writer's connection failed with "another operation is in progress"."""
 
-    def __init__(self, path: Path, lock: bool = True) -> None:
-        self.path = path
-        self.offset_path = path.with_suffix(".offset")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: IO[bytes] = path.open("ab")
-        if lock:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.offset = int(self.offset_path.read_text() or 0) if self.offset_path.exists() else 0
-        self.pending = self._count_pending()
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conn: asyncpg.Connection | None = None
+        self.lock = asyncio.Lock()
+        self.retry_at = 0.0
+        self.retry_s = RETRY_MIN_S
 
-    @classmethod
-    def try_claim(cls, path: Path) -> Spool | None:
-        try:
-            return cls(path)
-        except BlockingIOError:
-            return None
+    def ready(self) -> bool:
+        """Whether to try the database now (not while backing off after an outage)."""
+        return time.monotonic() >= self.retry_at
 
-    def _count_pending(self) -> int:
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
-            return sum(1 for _ in fh)
-
-    def append(self, rows: list[bytes]) -> None:
-        self._fh.write(b"".join(rows))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.pending += len(rows)
-
-    def read(self, limit: int) -> tuple[list[bytes], int]:
-        """Up to ``limit`` lines from the offset and the offset after them."""
-        lines: list[bytes] = []
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
-            while len(lines) < limit:
-                line = fh.readline()
-                if not line.endswith(b"\n"):
-                    break  # EOF (or a torn last line, read again later)
-                lines.append(line)
-            return lines, fh.tell() if lines else self.offset
-
-    def advance(self, new_offset: int, rows: int) -> None:
-        self.pending = max(0, self.pending - rows)
-        if self.pending == 0 and new_offset >= self.path.stat().st_size:
-            self._fh.truncate(0)
-            new_offset = 0
-        self.offset = new_offset
-        tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(new_offset))
-        tmp.replace(self.offset_path)
-
-    def close(self, remove_if_empty: bool = False) -> None:
-        empty = self.pending == 0
-        self._fh.close()
-        if remove_if_empty and empty:
-            self.path.unlink(missing_ok=True)
-            self.offset_path.unlink(missing_ok=True)
+    def wait_s(self) -> float:
+        return max(0.0, self.retry_at - time.monotonic())
 
 
 class PostgresAuditSink:
-    """The one audit sink (see module docstring). ``stats`` mirrors the metrics per instance."""
+    """The one audit sink (see module docstring). ``stats`` mirrors the metrics per instance;
+    ``refusing`` is the flag the request path reads (``steps/ingress.py``)."""
 
     name = "audit"
 
@@ -203,31 +179,49 @@ class PostgresAuditSink:
         self.batch_size = settings.audit_batch_size
         self.interval = settings.audit_flush_interval_s
         self.queue = RowQueue(settings.audit_queue_max)
+        self.on_loss = settings.audit_on_loss
+        self.spool_max = settings.audit_spool_max_bytes
+        # the last 1/16 of the cap is kept for rows written while rows cannot be secured (the
+        # refusals): ~4 MiB, a few thousand refusal rows, at the default cap
+        self.headroom = self.spool_max // 16
+        self.close_budget_s = settings.audit_flush_s
+        # rows the queue takes past AUDIT_QUEUE_MAX when even the spool's headroom is gone:
+        # room for the requests in flight when the sink starts refusing
+        self.slack = max(self.batch_size, settings.audit_queue_max // 10)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.instance_id)
         self.spool_dir = Path(settings.state_dir) / "audit-spool"
         self.spool_path = self.spool_dir / f"{safe}-{os.getpid()}.jsonl"
         self.dead_path = Path(settings.state_dir) / "audit-deadletter.jsonl"
-        self.stats = {"written": 0, "spooled": 0, "replayed": 0, "dropped": 0, "dead": 0}
+        self.stats = {"written": 0, "spooled": 0, "replayed": 0, "lost": 0, "dead": 0}
         self.spool: Spool | None = None
-        self._conn: asyncpg.Connection | None = None
+        self.writer = Channel("writer")
+        self.replayer = Channel("replay")
         self._probe: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._maint_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._wakeup = asyncio.Event()  # set when a full batch is queued, or on close
-        self._retry_at = 0.0
-        self._retry_s = RETRY_MIN_S
-        self._last_error = ""
+        self._spooled = asyncio.Event()  # set when rows reach the spool: wakes the replay
+        self.refusing = False  # read on every request: a plain attribute, kept current here
+        self.spool_error = ""  # why the spool refused its last ordinary append ("": it did not)
+        self.conditions: dict[str, str] = {}  # degraded states now, each logged when it starts
+        self._last_failure = ""  # the last task failure logged (a repeat is only counted)
         self._retention_note = ""  # why retention was last skipped (logged when it changes)
 
     # --- Dependency ------------------------------------------------------------------------
     async def start(self) -> None:
         if self.embedded is not None:
             await asyncio.to_thread(self._start_embedded)
-        self.spool = Spool(self.spool_path)
-        m.SPOOL_PENDING.inc(self.spool.pending)
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
-        self._maint_task = asyncio.create_task(self._maintenance(), name="audit-retention")
+        try:
+            self._open_spool()
+        except Exception as exc:  # noqa: BLE001 - retried when rows need the spool
+            self._spool_failed(exc)
+        m.SPOOL_WRITABLE.set(0 if self.spool_error else 1)
+        m.REFUSING.set(0)
+        self._tasks = [
+            asyncio.create_task(self._supervise("writer", self._run), name="audit-writer"),
+            asyncio.create_task(self._supervise("replay", self._replay), name="audit-replay"),
+            asyncio.create_task(self._maintenance(), name="audit-retention"),
+        ]
 
     def _start_embedded(self) -> None:
         from plant_gateway import migrations
@@ -239,29 +233,34 @@ class PostgresAuditSink:
         self.dsn = self.embedded.dsn(user=WRITER_ROLE)
 
     async def close(self) -> None:
+        """Flush within ``audit_flush_s`` (the end of ``SHUTDOWN_GRACE_S``): the queue to the
+        table, else to the spool; the spool replayed while time is left (on Cloud Run it dies
+        with the instance). What remains stays on disk for the next start, or is counted lost."""
+        deadline = time.monotonic() + self.close_budget_s
         self._closing = True
         self._wakeup.set()
-        if self._maint_task is not None:
-            self._maint_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maint_task
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_DEADLINE_S)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-        self._spool_rows(self._drain_queue())
-        for conn in (self._conn, self._probe):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2.0)
-        self._conn = self._probe = None
+        self._spooled.set()
+        writer, replay, maintenance = self._tasks or (None, None, None)
+        await _finish(maintenance, 0.0)
+        await _finish(writer, deadline - CLOSE_RESERVE_S)
+        await _finish(replay, deadline - CLOSE_RESERVE_S)
+        leftover = self._drain_queue()
+        if leftover and not self._spool_rows(leftover, reserved=True):
+            self._lose(len(leftover))
+        await self._close_connections(deadline)
         if self.spool is not None:
             self.spool.close(remove_if_empty=True)
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+
+    async def _close_connections(self, deadline: float) -> None:
+        conns = [c for c in (self.writer.conn, self.replayer.conn, self._probe) if c is not None]
+        self.writer.conn = self.replayer.conn = self._probe = None
+        for conn in conns:
+            try:
+                await asyncio.wait_for(conn.close(), max(0.05, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a hung server: drop the socket
+                conn.terminate()
 
     async def check(self) -> DependencyStatus:
         started = time.perf_counter()
@@ -275,16 +274,23 @@ class PostgresAuditSink:
         except Exception as exc:  # noqa: BLE001 - any failure means "down"
             self._probe = None
             ok, detail = False, f"database unreachable ({type(exc).__name__})"
+        notes = [detail] if detail else []
         pending = self.spool.pending if self.spool else 0
         if pending:
-            detail = (detail + "; " if detail else "") + f"{pending} rows spooled to disk"
-        # The spool keeps every row while the database is down, so an outage alone does not take
-        # the gateway out of service: required only if the spool is unusable too.
+            notes.append(f"{pending} rows spooled to disk")
+        if self.spool_error:
+            notes.append(f"disk spool cannot take rows ({self.spool_error})")
+        if "secure" in self.conditions:
+            notes.append(self.conditions["secure"])
+        if self.stats["lost"]:
+            notes.append(f"{self.stats['lost']} rows lost since start")
+        # A database outage alone does not take the gateway out of service (the spool keeps
+        # the rows); refusing requests does.
         return DependencyStatus(
             name="postgres_audit",
-            ok=ok,
-            required=self.spool is None,
-            detail=detail,
+            ok=ok and not self.spool_error and "secure" not in self.conditions,
+            required=self.refusing,
+            detail="; ".join(notes),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
@@ -298,20 +304,92 @@ class PostgresAuditSink:
             if len(rows) == self.batch_size:
                 self._wakeup.set()
             return
-        self._spool_rows([row])
+        self._overflow(row)
 
-    # --- writer loop -----------------------------------------------------------------------
-    async def _run(self) -> None:
+    def _overflow(self, row: bytes) -> None:
+        """A row the queue cannot take (full, or closing). It belongs to a request already
+        answered (refused or, at the moment the sink starts refusing, in flight), so it may
+        use what is kept back: the spool's headroom, then the queue's slack; else it is
+        counted lost. A failed ordinary append is what starts the refusals."""
+        if not (self._spool_rows([row], clears=False)
+                or self._spool_rows([row], reserved=True) or self._into_slack(row)):
+            self._lose(1)
+        self._update_refusing()
+
+    def _into_slack(self, row: bytes) -> bool:
+        rows = self.queue.rows
+        if self._closing or len(rows) >= self.queue.maxsize + self.slack:
+            return False
+        rows.append(row)
+        return True
+
+    def _update_refusing(self) -> None:
+        """Rows cannot be secured once the queue is full and the spool refuses them too; that
+        ends when the spool takes rows again or the queue has room for a tenth of it (not one
+        row: refusals would flicker on and off while the writer catches up)."""
+        queued, limit = len(self.queue.rows), self.queue.maxsize
+        if "secure" in self.conditions:
+            limit -= max(1, limit // 10)
+        stuck = bool(self.spool_error) and queued >= limit
+        if stuck:
+            what = ("requests refused with 503 audit-unavailable" if self.on_loss == "refuse"
+                    else "requests served without their rows (AUDIT_ON_LOSS=serve)")
+            self._set_condition("secure", f"rows cannot be secured (queue full, spool: "
+                                          f"{self.spool_error}): {what}")
+        else:
+            self._set_condition("secure", None)
+            self._set_condition("loss", None)
+        self.refusing = stuck and self.on_loss == "refuse"
+        m.REFUSING.set(1 if self.refusing else 0)
+
+    def _lose(self, count: int) -> None:
+        m.ROWS_LOST.inc(count)
+        self.stats["lost"] += count
+        self._set_condition("loss", f"{self.stats['lost']} rows lost since start: neither the "
+                                    "database, the queue nor the spool could take them")
+
+    def _set_condition(self, name: str, detail: str | None) -> None:
+        """A degraded state: logged once when it starts and once when it ends."""
+        before = self.conditions.get(name)
+        if detail is None:
+            if before is not None:
+                del self.conditions[name]
+                log.info("audit: recovered: %s", before)
+        else:
+            self.conditions[name] = detail
+            if before is None:  # losing rows is an error; the rest is degraded, not failing
+                level = logging.ERROR if name in ("secure", "loss") else logging.WARNING
+                log.log(level, "audit: %s", detail)
+
+    # --- writer ----------------------------------------------------------------------------
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a background task for the sink's life: an unexpected error is logged (once per
+        kind) and counted, and the task starts again. The writer dying took every later row."""
         while True:
+            try:
+                await body()
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen I/O error
+                m.TASK_RESTARTS.inc()
+                failure = f"{name}: {type(exc).__name__}: {exc}"
+                if failure != self._last_failure:
+                    log.exception("audit: the %s task failed; restarting it", name)
+                self._last_failure = failure
+                if self._closing:
+                    return
+                await asyncio.sleep(RETRY_MIN_S)
+
+    async def _run(self) -> None:
+        """The writer: queue -> table; on an outage -> spool; when the spool cannot take them
+        either, the rows stay queued (and a full queue makes the sink refuse requests)."""
+        while not (self._closing and self.queue.empty()):
             batch = await self._collect()
-            if batch:
-                await self._handle(batch)
-            if self.spool is not None and self.spool.pending and time.monotonic() >= self._retry_at:
-                await self._drain_spool(self.spool, max_batches=20)
-            if self._closing and self.queue.empty():
-                break
-        if self.spool is not None and self.spool.pending:
-            await self._drain_spool(self.spool, max_batches=1000)
+            stored = await self._handle(batch) if batch else True
+            self._update_refusing()
+            if not stored:
+                if self._closing:
+                    return  # close() spools what is left, or counts it
+                await asyncio.sleep(min(RETRY_MAX_S, max(STALL_MIN_S, self.writer.wait_s())))
 
     async def _collect(self) -> list[bytes]:
         """The next batch: ``batch_size`` rows as soon as they are queued, else what the
@@ -325,17 +403,24 @@ class PostgresAuditSink:
         m.QUEUE_DEPTH.set(self.queue.qsize())
         return batch
 
-    async def _handle(self, batch: list[bytes]) -> None:
-        if self.spool is not None and self.spool.pending:
-            self._spool_rows(batch)  # keep order: older spooled rows go first
-            return
+    async def _handle(self, batch: list[bytes]) -> bool:
+        """Write the batch, else spool it, else put it back at the head of the queue (False)."""
         try:
-            await self._write(batch)
-        except Outage:
-            self._spool_rows(batch)
-        except asyncio.CancelledError:
-            self._spool_rows(batch)
+            if self.writer.ready():
+                with contextlib.suppress(Outage):
+                    await self._write(self.writer, batch)
+                    return True
+            if self._spool_rows(batch):
+                return True
+        except BaseException:  # cancelled by close()'s deadline, or a bug: the rows stay queued
+            self._hold(batch)
             raise
+        self._hold(batch)
+        return False
+
+    def _hold(self, batch: list[bytes]) -> None:
+        self.queue.rows.extendleft(reversed(batch))
+        m.QUEUE_DEPTH.set(self.queue.qsize())
 
     def _drain_queue(self) -> list[bytes]:
         rows = self.queue.take(len(self.queue.rows))
@@ -363,95 +448,127 @@ class PostgresAuditSink:
                             WRITER_ROLE, exc.sqlstate)
         return conn
 
-    async def _writer(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await self._connect()
-            await self._conn.execute(STAGE_DDL)
-        return self._conn
+    async def _conn(self, channel: Channel) -> asyncpg.Connection:
+        if channel.conn is None or channel.conn.is_closed():
+            conn = await self._connect()
+            try:
+                await conn.execute(STAGE_DDL)
+            except BaseException:
+                conn.terminate()
+                raise
+            channel.conn = conn
+        return channel.conn
 
-    async def _write(self, rows: list[bytes], dedup: bool = False) -> int:
-        """Write lines; quarantine bad ones; raise Outage if the database cannot take them."""
+    async def _write(self, channel: Channel, rows: list[bytes]) -> int:
+        """Write lines on the channel's connection; quarantine bad ones; raise Outage if the
+        database cannot take them."""
         if not rows:
             return 0
+        async with channel.lock:
+            return await self._copy(channel, rows, dedup=False)
+
+    async def _copy(self, channel: Channel, rows: list[bytes], dedup: bool) -> int:
         started = time.perf_counter()
         try:
-            conn = await self._writer()
+            conn = await self._conn(channel)
             async with conn.transaction():
                 # a memoryview: asyncpg would take plain bytes for a file path
                 data = memoryview(b"".join(rows))
                 await conn.copy_to_table(STAGE, source=data, **COPY_OPTIONS)
                 await conn.execute(DEDUP_INSERT_SQL if dedup else INSERT_SQL)
+        except asyncio.CancelledError:
+            self._drop_conn(channel)  # mid-COPY: the connection's state is unknown
+            raise
         except Exception as exc:
             if not dedup and isinstance(exc, asyncpg.UniqueViolationError):
-                return await self._write(rows, dedup=True)
+                return await self._copy(channel, rows, dedup=True)
             if _is_outage(exc):
-                await self._mark_outage(exc)
+                self._mark_outage(channel, exc)
                 raise Outage(str(exc)) from exc
-            return await self._bisect(rows, exc)
+            return await self._bisect(channel, rows, exc)
         m.WRITE_LATENCY.observe(time.perf_counter() - started)
-        self._retry_s = RETRY_MIN_S
+        self._channel_up(channel)
         m.ROWS_WRITTEN.inc(len(rows))
         self.stats["written"] += len(rows)
         return len(rows)
 
-    async def _bisect(self, rows: list[bytes], exc: Exception) -> int:
+    async def _bisect(self, channel: Channel, rows: list[bytes], exc: Exception) -> int:
         """A batch was refused for its data: split it until the bad rows are isolated."""
         if len(rows) == 1:
             self._dead_letter(_readable(rows[0]), f"{type(exc).__name__}: {exc}")
             return 0
         half = len(rows) // 2
-        written = await self._write(rows[:half], dedup=True)
-        return written + await self._write(rows[half:], dedup=True)
+        written = await self._copy(channel, rows[:half], dedup=True)
+        return written + await self._copy(channel, rows[half:], dedup=True)
 
-    async def _mark_outage(self, exc: BaseException) -> None:
-        self._last_error = type(exc).__name__
+    def _mark_outage(self, channel: Channel, exc: BaseException) -> None:
         hint = f" ({SCHEMA_MISSING})" if isinstance(exc, asyncpg.UndefinedTableError) else ""
-        log.warning(
-            "audit: database unavailable (%s)%s; spooling to disk", self._last_error, hint
-        )
-        if self._conn is not None:
+        self._set_condition("database", f"database unavailable ({type(exc).__name__}){hint}; "
+                                        "rows go to the disk spool")
+        m.DATABASE_UP.set(0)
+        self._drop_conn(channel)
+        channel.retry_at = time.monotonic() + channel.retry_s
+        channel.retry_s = min(RETRY_MAX_S, channel.retry_s * 2)
+
+    def _channel_up(self, channel: Channel) -> None:
+        channel.retry_s = RETRY_MIN_S
+        m.DATABASE_UP.set(1)
+        self._set_condition("database", None)
+
+    @staticmethod
+    def _drop_conn(channel: Channel) -> None:
+        if channel.conn is not None:
             with contextlib.suppress(Exception):
-                self._conn.terminate()
-        self._conn = None
-        self._retry_at = time.monotonic() + self._retry_s
-        self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+                channel.conn.terminate()
+        channel.conn = None
 
     # --- spool and dead letters ------------------------------------------------------------------
-    def _spool_rows(self, rows: list[bytes]) -> None:
+    def _open_spool(self) -> Spool:
+        if self.spool is None:
+            self.spool = Spool(self.spool_path, self.spool_max, self.headroom)
+            self.spool.make_reserve()
+            m.SPOOL_PENDING.inc(self.spool.pending)
+            m.SPOOL_BYTES.set(self.spool.used)
+        return self.spool
+
+    def _spool_rows(self, rows: list[bytes], reserved: bool = False, clears: bool = True) -> bool:
+        """Append rows to the disk spool; False (the reason kept in ``spool_error``) if it
+        cannot take them. ``reserved`` rows may use the headroom. One row squeezed into the
+        last free bytes (``clears=False``) does not mean the spool is writable again."""
         if not rows:
-            return
+            return True
         try:
-            if self.spool is None:
-                self.spool = Spool(self.spool_path)
-            self.spool.append(rows)
-        except Exception:  # noqa: BLE001 - last resort: count the loss loudly
-            log.exception("audit: %d rows could be neither written nor spooled", len(rows))
-            m.ROWS_DROPPED.inc(len(rows))
-            self.stats["dropped"] += len(rows)
-            return
+            spool = self._open_spool()
+            spool.append(rows, reserved)
+        except Exception as exc:  # noqa: BLE001 - full, a failing disk, or a bug: never raised
+            self._spool_failed(exc)
+            return False
+        if clears and not reserved:
+            self._spool_ok()
         m.ROWS_SPOOLED.inc(len(rows))
         m.SPOOL_PENDING.inc(len(rows))
+        m.SPOOL_BYTES.set(spool.used)
         self.stats["spooled"] += len(rows)
+        self._spooled.set()
+        return True
 
-    async def _drain_spool(self, spool: Spool, max_batches: int) -> None:
-        for _ in range(max_batches):
-            lines, new_offset = spool.read(self.batch_size)
-            if not lines:
-                return
-            rows: list[bytes] = []
-            for line in lines:
-                try:
-                    rows.append(upgrade_line(line))
-                except (ValueError, TypeError, KeyError):
-                    self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
-            try:
-                written = await self._write(rows)
-            except Outage:
-                return
-            spool.advance(new_offset, len(lines))
-            m.SPOOL_PENDING.dec(len(lines))
-            m.ROWS_REPLAYED.inc(written)
-            self.stats["replayed"] += written
+    def _spool_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, SpoolFull):
+            reason = str(exc)
+        elif isinstance(exc, OSError) and exc.errno:
+            reason = os.strerror(exc.errno)
+        else:
+            reason = type(exc).__name__
+        self.spool_error = reason
+        m.SPOOL_WRITABLE.set(0)
+        self._set_condition("spool", f"disk spool cannot take rows ({reason}); rows wait in "
+                                     "memory until the database or the spool takes them")
+
+    def _spool_ok(self) -> None:
+        if self.spool_error:
+            self.spool_error = ""
+            m.SPOOL_WRITABLE.set(1)
+            self._set_condition("spool", None)
 
     def _dead_letter(self, row: Any, reason: str) -> None:
         log.error("audit: row quarantined to %s: %s", self.dead_path, reason[:200])
@@ -461,13 +578,120 @@ class PostgresAuditSink:
             with self.dead_path.open("a") as fh:
                 fh.write(json.dumps(entry, default=str) + "\n")
         except OSError:
-            m.ROWS_DROPPED.inc()
-            self.stats["dropped"] += 1
+            self._lose(1)
         m.ROWS_DEAD.inc()
         self.stats["dead"] += 1
 
-    # --- orphaned spools and retention ------------------------------------------------------------
-    async def _replay_orphans(self) -> None:
+    # --- replay ------------------------------------------------------------------------------
+    async def _replay(self) -> None:
+        """Spooled rows -> table, oldest first, on the replay's own connection, for as long as
+        the sink runs (and during close while time is left); orphaned spools too."""
+        await self._touch(self.replayer)
+        orphans_at = time.monotonic()
+        while not (self._closing and not (self.replayer.ready() and self._pending())):
+            moved = False
+            if self.replayer.ready():
+                moved = await self._replay_own()
+                if not self._closing and self.replayer.ready() \
+                        and time.monotonic() >= orphans_at:
+                    more = await self._replay_orphans()
+                    orphans_at = time.monotonic() + (0.0 if more else ORPHAN_SCAN_S)
+                    moved = moved or more
+            if not moved:
+                if self._closing:
+                    return  # no backoff waits within the close budget: the rows stay on disk
+                await self._wait_for_rows(orphans_at)
+
+    def _pending(self) -> int:
+        return self.spool.pending if self.spool is not None else 0
+
+    async def _wait_for_rows(self, orphans_at: float) -> None:
+        """Until rows are spooled or, never before the backoff ends, rows are waiting (own
+        spool) or the next orphan scan is due."""
+        self._spooled.clear()
+        due = 0.0 if self._pending() else orphans_at - time.monotonic()
+        timeout = max(STALL_MIN_S, self.replayer.wait_s(), due)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._spooled.wait(), timeout)
+
+    async def _touch(self, channel: Channel) -> None:
+        """Connect now: ``/ready`` and the metrics know the database's state from the start."""
+        async with channel.lock:
+            try:
+                await self._conn(channel)
+            except Exception as exc:
+                if not _is_outage(exc):
+                    raise
+                self._mark_outage(channel, exc)
+            else:
+                self._channel_up(channel)
+
+    async def _replay_own(self) -> bool:
+        spool = self.spool
+        if spool is None:
+            return False
+        moved = await self._drain_spool(spool, REPLAY_BATCHES) if spool.pending else False
+        try:
+            if spool.reset_if_drained():
+                m.SPOOL_BYTES.set(0)
+                self._set_condition("offset", None)
+                self._spool_ok()  # its space is back; the next failing append would say so
+                log.info("audit: spool replayed: every spooled row is in the table")
+        except OSError as exc:
+            self._offset_failed(exc)
+        return moved
+
+    async def _drain_spool(self, spool: Spool, max_batches: int) -> bool:
+        """Up to ``max_batches`` batches from the spool's offset into the table; True if any."""
+        moved = False
+        for _ in range(max_batches):
+            lines, new_offset = spool.read(self.batch_size)
+            if not lines:
+                break
+            rows: list[bytes] = []
+            for line in lines:
+                try:
+                    rows.append(upgrade_line(line))
+                except (ValueError, TypeError, KeyError):
+                    self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
+            try:
+                written = await self._write(self.replayer, rows)
+            except Outage:
+                break
+            try:
+                spool.advance(new_offset, len(lines))
+                self._set_condition("offset", None)
+            except OSError as exc:
+                self._offset_failed(exc)
+            self._reclaim(spool)
+            if spool is self.spool:
+                m.SPOOL_PENDING.dec(len(lines))
+            m.ROWS_REPLAYED.inc(written)
+            self.stats["replayed"] += written
+            moved = True
+        return moved
+
+    def _reclaim(self, spool: Spool) -> None:
+        """Replayed rows' blocks back to the disk while the replay goes on (rows that keep
+        arriving would otherwise fill it behind the replay)."""
+        try:
+            if spool.reclaim() and spool is self.spool:
+                m.SPOOL_BYTES.set(spool.used)
+                self._spool_ok()  # space is back; the next failing append would say so
+        except OSError as exc:  # nothing lost: the space comes back when the file is emptied
+            self._set_condition("reclaim", f"cannot free replayed spool space ({exc.strerror})")
+
+    def _offset_failed(self, exc: OSError) -> None:
+        """The read offset could not be saved: nothing is lost (it moves on in memory); a
+        restart may resend rows, which the writer's ON CONFLICT retry absorbs."""
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        self._set_condition("offset", f"cannot save the spool's read offset ({why}); a restart "
+                                      "may resend stored rows (deduplicated)")
+
+    async def _replay_orphans(self) -> bool:
+        """Replay spools of exited processes (a restart, another worker); True if one still
+        has rows after its turn (too long for one turn, or the database went away)."""
+        more = False
         for path in sorted(self.spool_dir.glob("*.jsonl")):
             if path == self.spool_path:
                 continue
@@ -475,19 +699,26 @@ class PostgresAuditSink:
             if orphan is None:
                 continue  # a live process owns it
             try:
-                await self._drain_spool(orphan, max_batches=10_000)
+                await self._drain_spool(orphan, ORPHAN_BATCHES)
+                more = more or bool(orphan.pending)  # rescanned once the backoff allows
             finally:
                 orphan.close(remove_if_empty=True)
+        return more
 
+    # --- retention ---------------------------------------------------------------------------
     async def _maintenance(self) -> None:
+        """Retention a second after start, then hourly; a failure is retried a minute later."""
         await asyncio.sleep(1.0)
         while not self._closing:
+            delay = MAINTENANCE_EVERY_S
             try:
-                await self._replay_orphans()
                 await self.run_retention()
-            except Exception as exc:  # noqa: BLE001 - retried at the next tick
-                log.warning("audit: maintenance failed: %s", type(exc).__name__)
-            await asyncio.sleep(MAINTENANCE_EVERY_S)
+                self._set_condition("retention", None)
+            except Exception as exc:  # noqa: BLE001 - retried
+                self._set_condition("retention", f"retention failed ({type(exc).__name__}); "
+                                                 "retried every minute")
+                delay = RETENTION_RETRY_S
+            await asyncio.sleep(delay)
 
     async def run_retention(self) -> int | None:
         """Create partitions ahead and drop expired ones, unless pg_cron or a peer does it, or
@@ -525,6 +756,18 @@ class PostgresAuditSink:
             log.warning("audit: retention not run by this gateway: %s; pg_cron or "
                         "`plant-gateway audit retention` with the owner's URL must do it", why)
         self._retention_note = why
+
+
+async def _finish(task: asyncio.Task[None] | None, until: float) -> None:
+    """Let a task end by itself until ``until`` (monotonic), then cancel it."""
+    if task is None or task.done():
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), max(0.0, until - time.monotonic()))
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _retention_refusal(conn: asyncpg.Connection) -> str:

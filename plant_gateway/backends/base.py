@@ -237,4 +237,10 @@ class RowSink(Protocol):
 
 
 class AuditSink(Dependency, RowSink, Protocol):
-    """A ``RowSink`` that persists the rows in the background."""
+    """A ``RowSink`` that persists the rows in the background.
+
+    ``refusing`` is True while it cannot secure new rows and requests must be refused
+    (``AUDIT_ON_LOSS=refuse``); the request path reads it once per request.
+    """
+
+    refusing: bool

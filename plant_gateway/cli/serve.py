@@ -129,7 +129,9 @@ def _run(uvicorn: Any, settings: Settings, worker_count: int) -> None:
             "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
             workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
             log_config=None, access_log=False, proxy_headers=False, server_header=False,
-            date_header=False, timeout_graceful_shutdown=10,
+            date_header=False,
+            # the start of SHUTDOWN_GRACE_S; the audit flush (lifespan shutdown) gets the rest
+            timeout_graceful_shutdown=settings.connection_drain_s,
         )
     except SystemExit as exc:
         if exc.code == STARTUP_FAILURE:  # already logged as one line (app.lifespan, uvicorn)

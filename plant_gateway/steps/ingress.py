@@ -2,7 +2,9 @@
 
 Request/correlation/causation ids, W3C ``traceparent``, client IP through trusted proxy hops,
 body limit (413), duplicated or conflicting framing headers and a bad ``Host`` (400), and the
-methods that only echo or tunnel (``TRACE``, ``TRACK``, ``CONNECT``: 405).
+methods that only echo or tunnel (``TRACE``, ``TRACK``, ``CONNECT``: 405). First of all, a
+request whose audit row could not be secured is refused (503 ``audit-unavailable``, see
+``backends/audit_postgres.py``): one attribute read while the audit sink is healthy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway.context import RequestContext
-from plant_gateway.problems import Problem
+from plant_gateway.problems import Problem, audit_unavailable
 
 if TYPE_CHECKING:
     from plant_gateway.deps import Dependencies
@@ -343,15 +345,23 @@ async def read_body(ctx: RequestContext) -> bytes | Problem:
     return ctx.body
 
 
+class _NoAuditSink:
+    refusing = False
+
+
 class IngressStep:
     name = "ingress"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, audit: Any = None) -> None:
         self.max_body = settings.max_body_bytes
+        # anything with a ``refusing`` flag (the audit sink); without one, never refused
+        self.audit = audit if hasattr(audit, "refusing") else _NoAuditSink()
 
     async def run(self, ctx: RequestContext) -> Problem | None:
+        if self.audit.refusing:  # no request without its row (AUDIT_ON_LOSS=refuse)
+            return audit_unavailable()
         return method_problem(ctx.method) or framing_problem(ctx, self.max_body)
 
 
 def build(settings: Settings, deps: Dependencies) -> IngressStep:
-    return IngressStep(settings)
+    return IngressStep(settings, deps.audit_sink)

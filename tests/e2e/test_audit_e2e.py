@@ -319,7 +319,7 @@ async def test_database_outage_mid_load_still_exactly_n_rows(
         metrics = await _metrics(gw)
     finally:
         gw.stop()
-    assert metrics.get("plant_audit_rows_dropped_total") == 0.0
+    assert metrics.get("plant_audit_rows_lost_total") == 0.0
     assert metrics.get("plant_audit_rows_replayed_total", 0.0) > 0
 
 

@@ -41,7 +41,7 @@ async def test_database_outage_mid_load_loses_and_duplicates_nothing(
         await asyncio.sleep(0.05)
     await sink.close()
     assert sink.stats["replayed"] > 0
-    assert sink.stats["dropped"] == 0 and sink.stats["dead"] == 0
+    assert sink.stats["lost"] == 0 and sink.stats["dead"] == 0
     assert await count_ids(controlled_pg.admin_dsn, ids) == (N, N)
 
 

@@ -30,7 +30,7 @@ async def test_every_submitted_row_is_written_exactly_once(audit_db: str, tmp_pa
         recorder.record(ctx)
     await sink.close()
     assert await count_ids(audit_db, ids) == (N, N)
-    assert sink.stats["dropped"] == 0 and sink.stats["dead"] == 0
+    assert sink.stats["lost"] == 0 and sink.stats["dead"] == 0
 
 
 async def test_rows_that_can_never_be_inserted_are_quarantined_not_requeued(
@@ -207,7 +207,7 @@ async def test_a_batch_repeating_stored_rows_is_written_without_duplicates(
     await sink.close()
     ids = [c.correlation_id for c in first] + [fresh.correlation_id]
     assert await count_ids(audit_db, ids) == (6, 6)
-    assert sink.stats["dead"] == 0 and sink.stats["dropped"] == 0
+    assert sink.stats["dead"] == 0 and sink.stats["lost"] == 0
 
 
 async def test_roles_needing_quotes_are_stored_exactly_and_verify(
