@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
 
+from plant_gateway import events
 from plant_gateway.backends import audit_metrics as m
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
@@ -219,6 +220,7 @@ class PostgresAuditSink:
         self._retry_s = RETRY_MIN_S
         self._last_error = ""
         self._retention_note = ""  # why retention was last skipped (logged when it changes)
+        self.health = events.dependency("audit_database")  # one line per outage and recovery
 
     # --- Dependency ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -390,6 +392,7 @@ class PostgresAuditSink:
             return await self._bisect(rows, exc)
         m.WRITE_LATENCY.observe(time.perf_counter() - started)
         self._retry_s = RETRY_MIN_S
+        self.health.up()
         m.ROWS_WRITTEN.inc(len(rows))
         self.stats["written"] += len(rows)
         return len(rows)
@@ -406,9 +409,7 @@ class PostgresAuditSink:
     async def _mark_outage(self, exc: BaseException) -> None:
         self._last_error = type(exc).__name__
         hint = f" ({SCHEMA_MISSING})" if isinstance(exc, asyncpg.UndefinedTableError) else ""
-        log.warning(
-            "audit: database unavailable (%s)%s; spooling to disk", self._last_error, hint
-        )
+        self.health.down(f"{self._last_error}{hint}; spooling audit rows to disk")
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.terminate()

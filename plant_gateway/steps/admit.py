@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 BATCH = "counter_batch"
 BATCHED_GUARDS = ("auth", "rate_limit", "budget")  # trial_quota rides on rate_limit's switch
+# the guard that enqueued each kind of op: the request log names it when its op refused
+GUARD_OF_OP = {"auth_state": "auth", "rate_limit": "rate_limit", "daily_quota": "trial_quota",
+               "budget_charge": "budget"}
 # A resolver gets the op's result, the DependencyError of a failed store, or (a store bug)
 # another exception, and answers with the request's refusal or None.
 Resolver = Callable[[Any], Problem | None]
@@ -52,11 +55,12 @@ Resolver = Callable[[Any], Problem | None]
 class CounterBatch:
     """The pending ops of one request, in step order, with their resolvers."""
 
-    __slots__ = ("counters", "pending")
+    __slots__ = ("counters", "pending", "refused_by")
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self.pending: list[tuple[CounterOp, Resolver]] = []
+        self.refused_by: str | None = None  # the guard whose op refused (GUARD_OF_OP)
 
     def add(self, op: CounterOp, resolve: Resolver) -> None:
         self.pending.append((op, resolve))
@@ -67,7 +71,7 @@ class CounterBatch:
         if not pending:
             return None
         results = await execute(self.counters, [op for op, _ in pending])
-        problem, refunds = resolve_in_order(pending, results)
+        problem, refunds = self.resolve(pending, results)
         if refunds:
             await refund(self.counters, refunds)
         return problem
@@ -84,7 +88,17 @@ class CounterBatch:
             results = run_now(ops)
         except Exception as exc:  # noqa: BLE001 - handed to the resolvers, see execute()
             results = failed(ops, exc)
-        return resolve_in_order(pending, results)
+        return self.resolve(pending, results)
+
+    def resolve(
+        self, pending: list[tuple[CounterOp, Resolver]], results: list[Any]
+    ) -> tuple[Problem | None, list[CounterOp | None]]:
+        """``resolve_in_order``, remembering which guard's op refused."""
+        problem, refunds = resolve_in_order(pending, results)
+        if problem is not None:
+            kind = pending[len(pending) - len(refunds) - 1][0].kind
+            self.refused_by = GUARD_OF_OP.get(kind, "admit")
+        return problem, refunds
 
 
 def resolve_in_order(
@@ -139,6 +153,8 @@ async def settle(ctx: RequestContext, problem: Problem) -> Problem:
     if batch is None:
         return problem
     earlier = await batch.flush()
+    if earlier is not None:
+        ctx.refused_by = batch.refused_by
     return earlier or problem
 
 
@@ -184,10 +200,13 @@ class AdmitStep:
             return None
         outcome = batch.flush_now()
         if outcome is None:
-            return await batch.flush()
-        problem, refunds = outcome
-        if refunds:
-            await refund(self.counters, refunds)
+            problem = await batch.flush()
+        else:
+            problem, refunds = outcome
+            if refunds:
+                await refund(self.counters, refunds)
+        if problem is not None:
+            ctx.refused_by = batch.refused_by
         return problem
 
 
