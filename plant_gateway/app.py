@@ -5,6 +5,7 @@ One request = one RequestContext; the first Problem is the answer; the audit see
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -95,10 +96,12 @@ class GatewayApp:
         self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
         self.max_body = settings.max_body_bytes
         self.proxy = Proxy(settings)
+        self.forward = self.proxy.forward  # in a CLIENT span when tracing is on
         self.audit: Any = NoAudit()
         self.audit_sample_cap = 0  # request body bytes kept for the audit row
         self.guards: list[str] = []
         self.request_log = RequestLog(settings)
+        self.tracing: Any = None  # plant_gateway.tracing.Tracing when TRACE_SAMPLE_RATE > 0
 
     # --- lifespan ------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -107,11 +110,18 @@ class GatewayApp:
         await start_all(self.deps)
         await self.proxy.start()
         try:
+            self.tracing = build_tracing(self.settings)
+            if self.tracing is not None:
+                self.deps.policy = self.tracing.wrap_policy(self.deps.policy)
             self.pipeline = build_pipeline(self.settings, self.deps)
         except Exception:
             await self.shutdown()
             raise
         self.steps = [(s, hasattr(s, "after")) for s in self.pipeline]
+        if self.tracing is not None:
+            self.steps = [(self.tracing.wrap_step(s, self.deps.counters), a)
+                          for s, a in self.steps]
+            self.forward = self.tracing.wrap_forward(self.proxy.forward, self.proxy)
         self.audit = build_audit_recorder(self.settings, self.deps)
         if not isinstance(self.audit, NoAudit):
             self.audit_sample_cap = self.settings.audit_body_cap_bytes
@@ -135,6 +145,8 @@ class GatewayApp:
             await self.proxy.close()
             if self.deps is not None:
                 await close_all(self.deps)
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)  # exports what is queued
         finally:
             await metrics.stop_sharing()  # last: the audit flush above still counts
         log.info("gateway stopped", extra={"event": "stopped"})
@@ -195,6 +207,8 @@ class GatewayApp:
         ran: list[Any] = []
         in_flight = metrics.IN_FLIGHT_COUNT
         in_flight.value += 1
+        if self.tracing is not None and not probe:
+            self.tracing.begin(ctx, ctx.path if ops.is_ops_route(ctx.method, ctx.path) else None)
         try:
             if ops.is_ops_route(ctx.method, ctx.path):
                 await self.ops_route(ctx, tracker)
@@ -232,7 +246,7 @@ class GatewayApp:
                 ctx.refused_by = ctx.refused_by or step.name  # admit/settle name their guard
                 break
         if problem is None:
-            problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx))
+            problem = await self.forward(ctx, body, send, self.common_headers(ctx))
         if problem is not None:
             await self.send_problem(ctx, send, problem)
 
@@ -258,6 +272,8 @@ class GatewayApp:
         except Exception:
             log.exception("audit record failed")
         self.request_log.record(ctx, status, elapsed, sent)
+        if self.tracing is not None:
+            self.tracing.end(ctx, status)
 
     async def ops_route(self, ctx: RequestContext, send: Tracker) -> None:
         assert self.deps is not None
@@ -351,3 +367,12 @@ def factory() -> GatewayApp:
     configure_logging(settings.log_level, settings.google_cloud_project)
     return create_app(settings, tune_runtime=True)
 
+
+def build_tracing(settings: Settings) -> Any:
+    """The Tracing of ``settings``, or None: with tracing off the SDK is not even imported."""
+    if settings.trace_sample_rate <= 0:
+        return None
+    from plant_gateway.tracing import Tracing, quiet_exporter_logs
+
+    quiet_exporter_logs(settings.log_level)
+    return Tracing(settings)

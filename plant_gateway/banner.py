@@ -77,6 +77,13 @@ def keys(settings: Settings) -> str:
     return ", ".join(found)
 
 
+def tracing(settings: Settings) -> str:
+    if settings.trace_sample_rate <= 0:
+        return "off"
+    endpoint = where(settings.otel_exporter_otlp_endpoint)
+    return f"OTLP {endpoint}, sample rate {settings.trace_sample_rate:g}"
+
+
 def describe(settings: Settings, guards: list[str], policy_engine: Any = None) -> dict[str, Any]:
     """The structured fields of the start-up line."""
     return {
@@ -93,6 +100,7 @@ def describe(settings: Settings, guards: list[str], policy_engine: Any = None) -
         },
         "upstreams": {"production": where(settings.plant_backend_url),
                       "sandbox": where(settings.sandbox_url)},
+        "tracing": tracing(settings),
         "request_log_sample_rate": settings.request_log_sample_rate,
         "gateway_type": settings.gateway_type,
         "environment": settings.environment,
@@ -105,5 +113,5 @@ def message(fields: dict[str, Any]) -> str:
     return (
         f"gateway started on {fields['host']}:{fields['port']} ({workers} worker"
         f"{'s' if workers != 1 else ''}); guards: {', '.join(fields['guards']) or 'none'}; "
-        f"{backends}"
+        f"{backends}; tracing: {fields['tracing']}"
     )

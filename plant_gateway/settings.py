@@ -388,6 +388,18 @@ class Settings(BaseSettings):
     google_cloud_project: str | None = Field(
         None, validation_alias=env_alias("GOOGLE_CLOUD_PROJECT")
     )
+    # 0: tracing off, no OpenTelemetry object is built; else the share of new traces recorded
+    # (parent-based: a caller's sampled traceparent is recorded, an unsampled one is not)
+    trace_sample_rate: float = Field(
+        0.0, ge=0, le=1, validation_alias=env_alias("TRACE_SAMPLE_RATE")
+    )
+    otel_exporter_otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318", validation_alias=env_alias("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OTLP/HTTP collector; spans go to <endpoint>/v1/traces",
+    )
+    otel_service_name: str = Field(
+        "plant-gateway", validation_alias=env_alias("OTEL_SERVICE_NAME")
+    )
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("gateway_type", mode="before")
@@ -449,6 +461,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url",
+        "otel_exporter_otlp_endpoint",
     )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:

@@ -20,6 +20,7 @@ def test_embedded_defaults() -> None:
     assert fields["backends"]["counters"] == "in-process"
     assert fields["backends"]["audit"].startswith("embedded PostgreSQL (")
     assert fields["backends"]["policy"] == "in-process Rego"
+    assert fields["tracing"] == "off"
     message = banner.message(fields)
     assert message.startswith("gateway started on 0.0.0.0:8123 (1 worker); guards: auth, audit")
 
@@ -29,11 +30,13 @@ def test_real_services_are_named_without_credentials(tmp_path: Path) -> None:
         redis_url="redis://:redis-pass@cache.internal:6380/0",
         database_url="postgresql://writer:db-pass@db.internal:5432/plant",
         opa_service_url="http://opa.internal:8181", workers=4, state_dir=tmp_path,
+        trace_sample_rate=0.05, otel_exporter_otlp_endpoint="http://collector:4318",
     ), ["auth"])
     backends = fields["backends"]
     assert backends["counters"] == "Redis redis://cache.internal:6380/0"
     assert backends["audit"] == "PostgreSQL postgresql://db.internal:5432/plant"
     assert backends["policy"] == "remote OPA http://opa.internal:8181"
+    assert fields["tracing"] == "OTLP http://collector:4318, sample rate 0.05"
     assert "pass" not in repr(fields) and "(4 workers)" in banner.message(fields)
 
 
