@@ -118,20 +118,28 @@ class JsonFormatter(logging.Formatter):
 class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The one stderr handler; ``write_line`` lets the request log skip the LogRecord."""
 
-    def write_line(self, line: str) -> None:
+    def write_line(self, line: bytes) -> None:
+        """One ready-made line (ending in a newline), as bytes: straight to the binary buffer
+        when the stream has one (every record is flushed, so nothing waits in the text layer)."""
         with self.lock:  # type: ignore[union-attr]
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            stream = self.stream
+            raw = getattr(stream, "buffer", None)
+            if raw is None:
+                stream.write(line.decode())
+                stream.flush()
+            else:
+                raw.write(line)
+                raw.flush()
 
 
 _handler: JsonHandler | None = None
 
 
-def write_line(line: str) -> None:
-    """Write one ready-made JSON line where the log records go (stderr)."""
+def write_line(line: bytes) -> None:
+    """Write one ready-made JSON line (bytes, newline included) where the records go."""
     handler = _handler
     if handler is None:
-        sys.stderr.write(line + "\n")
+        sys.stderr.write(line.decode())
     else:
         handler.write_line(line)
 

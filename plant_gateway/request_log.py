@@ -64,7 +64,8 @@ class RequestLog:
         if not level:
             return
         try:
-            self.write(orjson.dumps(self.line(ctx, status, total_ms, sent, level)).decode())
+            line = self.line(ctx, status, total_ms, sent, level)
+            self.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
         except Exception:  # noqa: BLE001 - a log line must never fail a request
             self.logger.exception("request log line failed")
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from plant_gateway.settings import Settings
     from plant_gateway.steps import Step
 
-TOKEN_KEY = "otel_token"  # ctx.scratch: the context token to detach when the request ends
+CONTEXT_KEY = "otel_context"  # ctx.scratch: an OpenTelemetry Context holding the server span
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                            "TRACE", "PATCH"})
 PLUMBING = frozenset({"ingress", "routes"})  # steps without a span of their own
@@ -105,7 +105,9 @@ class Tracing:
     def begin(self, ctx: RequestContext, route: str | None = None) -> None:
         """Start the request's SERVER span; ``ctx.traceparent`` becomes its context.
 
-        Only a recording span is kept (``ctx.scratch[SPAN_KEY]``) and made current.
+        Only a recording span is kept (``ctx.scratch[SPAN_KEY]``); child spans name it as their
+        parent explicitly (no context attach per span: the SDK's contextvar dance is the most
+        expensive part of a span).
         """
         parent = _propagator.extract(ctx.headers) if "traceparent" in ctx.headers else None
         method = ctx.method if ctx.method in KNOWN_METHODS else "_OTHER"
@@ -118,7 +120,7 @@ class Tracing:
             return
         span.set_attributes(self.server_attributes(ctx, method, route))
         ctx.scratch[SPAN_KEY] = span
-        ctx.scratch[TOKEN_KEY] = otel_context.attach(trace.set_span_in_context(span))
+        ctx.scratch[CONTEXT_KEY] = trace.set_span_in_context(span)
 
     def server_attributes(
         self, ctx: RequestContext, method: str, route: str | None
@@ -127,12 +129,9 @@ class Tracing:
             "http.request.method": method,
             "url.scheme": ctx.scheme,
             "url.path": mask_text(ctx.path, self.secrets),
-            "network.protocol.name": "http",
             "network.protocol.version": ctx.http_version,
             "client.address": ctx.client_ip,
-            "network.peer.address": ctx.scratch.get("peer_ip", ctx.client_ip),
             "plant.correlation_id": ctx.correlation_id,
-            "plant.request_id": ctx.request_id,
         }
         if method == "_OTHER":
             attributes["http.request.method_original"] = ctx.method[:64]
@@ -155,7 +154,6 @@ class Tracing:
         span = ctx.scratch.get(SPAN_KEY)
         if span is None:
             return
-        otel_context.detach(ctx.scratch.pop(TOKEN_KEY))
         span.set_attribute("http.response.status_code", status)
         ident = ctx.identity
         if ident is not None and ident.user_id:
@@ -185,7 +183,8 @@ class Tracing:
         secrets = self.secrets
 
         async def traced(ctx: RequestContext, *args: Any) -> Problem | None:
-            if SPAN_KEY not in ctx.scratch:
+            parent = ctx.scratch.get(CONTEXT_KEY)
+            if parent is None:
                 return await forward(ctx, *args)
             upstream = proxy.upstream(ctx.target_backend)
             method = ctx.method if ctx.method in KNOWN_METHODS else "_OTHER"
@@ -198,20 +197,30 @@ class Tracing:
                 "network.protocol.version": "1.1",
                 "plant.upstream": upstream.name,
             }
-            with tracer.start_as_current_span(
-                method, kind=SpanKind.CLIENT, attributes=attributes
-            ) as span:
-                saved = ctx.traceparent
-                sc = span.get_span_context()
-                ctx.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
-                try:
-                    problem = await forward(ctx, *args)
-                finally:
-                    ctx.traceparent = saved
-                client_outcome(span, ctx, problem)
-                return problem
+            span = tracer.start_span(method, parent, SpanKind.CLIENT, attributes)
+            saved = ctx.traceparent
+            sc = span.get_span_context()
+            ctx.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+            try:
+                problem = await forward(ctx, *args)
+            except BaseException as exc:
+                failed(span, exc)
+                raise
+            finally:
+                ctx.traceparent = saved
+            client_outcome(span, ctx, problem)
+            span.end()
+            return problem
 
         return traced
+
+
+def failed(span: Any, exc: BaseException) -> None:
+    """End a span that an exception (a bug, a cancelled request) went through."""
+    span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR))
+    span.end()
 
 
 def client_outcome(span: Any, ctx: RequestContext, problem: Problem | None) -> None:
@@ -229,7 +238,11 @@ def client_outcome(span: Any, ctx: RequestContext, problem: Problem | None) -> N
 
 
 class TracedStep:
-    """A pipeline step with a span around ``run``: ``guard <name>``, ``counters`` for admit."""
+    """A pipeline step with a span around ``run``: ``guard <name>``, ``counters`` for admit.
+
+    Only the policy guard's span is made current (its engine's ``policy decision`` span finds
+    its parent there); the others name the server span as their parent.
+    """
 
     def __init__(self, step: Step, tracer: trace.Tracer, counters: Any = None) -> None:
         self.step = step
@@ -238,30 +251,39 @@ class TracedStep:
         after = getattr(step, "after", None)
         if after is not None:
             self.after = after  # the app runs ``after`` hooks of the steps that have one
-        self.attributes: dict[str, Any] = {"plant.guard": step.name}
+        self.attributes: dict[str, Any] | None = None
         self.kind = SpanKind.INTERNAL
         self.span_name = f"guard {step.name}"
+        self.current = step.name == "policy"
         if step.name == "admit":
             self.span_name, self.attributes = "counters", counter_attributes(counters)
             if self.attributes.get("db.system.name"):
                 self.kind = SpanKind.CLIENT
 
     async def run(self, ctx: RequestContext) -> Problem | None:
-        if SPAN_KEY not in ctx.scratch:
+        parent = ctx.scratch.get(CONTEXT_KEY)
+        if parent is None:
             return await self.step.run(ctx)
-        with self.tracer.start_as_current_span(
-            self.span_name, kind=self.kind, attributes=self.attributes
-        ) as span:
-            if self.name == "admit":
-                batch = ctx.scratch.get("counter_batch")
-                span.set_attribute("plant.counters.ops", len(batch.pending) if batch else 0)
+        span = self.tracer.start_span(self.span_name, parent, self.kind, self.attributes)
+        if self.name == "admit":
+            batch = ctx.scratch.get("counter_batch")
+            span.set_attribute("plant.counters.ops", len(batch.pending) if batch else 0)
+        token = otel_context.attach(trace.set_span_in_context(span, parent)) \
+            if self.current else None
+        try:
             problem = await self.step.run(ctx)
-            if problem is not None:
-                span.set_attribute("plant.outcome", "refused")
-                span.set_attribute("plant.problem", problem.kind)
-                if problem.status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-            return problem
+        except BaseException as exc:
+            failed(span, exc)
+            raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        if problem is not None:
+            span.set_attributes({"plant.outcome": "refused", "plant.problem": problem.kind})
+            if problem.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        return problem
 
 
 def counter_attributes(counters: Any) -> dict[str, Any]:
@@ -287,14 +309,17 @@ class TracedPolicy:
     async def decide(self, policy_input: dict[str, Any]) -> dict[str, Any]:
         if not trace.get_current_span().is_recording():
             return await self.engine.decide(policy_input)  # type: ignore[no-any-return]
-        with self.tracer.start_as_current_span(
-            "policy decision", kind=self.kind, attributes=self.attributes
-        ) as span:
+        span = self.tracer.start_span("policy decision", None, self.kind, self.attributes)
+        try:
             decision: dict[str, Any] = await self.engine.decide(policy_input)
-            span.set_attribute("plant.policy.allow", decision.get("allow") is True)
-            if decision.get("kind"):
-                span.set_attribute("plant.policy.kind", str(decision["kind"]))
-            return decision
+        except BaseException as exc:
+            failed(span, exc)
+            raise
+        span.set_attribute("plant.policy.allow", decision.get("allow") is True)
+        if decision.get("kind"):
+            span.set_attribute("plant.policy.kind", str(decision["kind"]))
+        span.end()
+        return decision
 
 
 def redacted_query(query: str, secrets: tuple[str, ...]) -> str:

@@ -112,7 +112,7 @@ def test_start_up_narrators_are_quiet_unless_debug(captured: io.StringIO) -> Non
 
 
 def test_write_line_shares_the_handler(captured: io.StringIO) -> None:
-    gw_logging.write_line('{"a":1}')
+    gw_logging.write_line(b'{"a":1}\n')
     logging.getLogger("plant_gateway.app").warning("after")
     first, second = captured.getvalue().splitlines()
     assert first == '{"a":1}' and json.loads(second)["message"] == "after"

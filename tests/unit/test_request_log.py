@@ -40,7 +40,8 @@ class Sink:
     def __init__(self) -> None:
         self.lines: list[dict[str, Any]] = []
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: bytes) -> None:
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
         self.lines.append(json.loads(line))
 
 
