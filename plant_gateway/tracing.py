@@ -11,6 +11,7 @@ trip, the policy decision and a CLIENT span for the upstream call, whose context
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -79,7 +80,10 @@ class Tracing:
             "service.version": __version__,
             "deployment.environment.name": settings.environment,
         })
-        sampler = ParentBased(TraceIdRatioBased(settings.trace_sample_rate))
+        # begin() draws new traces at the rate and passes over unsampled callers, so what
+        # reaches the SDK is recorded; ParentBased still refuses an unsampled remote parent
+        self.rate = settings.trace_sample_rate
+        sampler = ParentBased(ALWAYS_ON)
         self.provider = TracerProvider(resource=resource, sampler=sampler)
         if exporter is None:
             exporter = OTLPSpanExporter(
@@ -103,13 +107,24 @@ class Tracing:
 
     # --- the server span -----------------------------------------------------------------
     def begin(self, ctx: RequestContext, route: str | None = None) -> None:
-        """Start the request's SERVER span; ``ctx.traceparent`` becomes its context.
+        """Start the request's SERVER span if it is sampled; ``ctx.traceparent`` becomes its
+        context. An unsampled request costs no SDK call: the caller's unsampled
+        ``traceparent`` goes on as ingress propagated it, and a new trace not drawn (at
+        ``rate``) leaves with the ``00`` flags (a trace of its own: nobody upstream to agree
+        with, so a random draw samples as well as the trace-id ratio would).
 
         Only a recording span is kept (``ctx.scratch[SPAN_KEY]``); child spans name it as their
         parent explicitly (no context attach per span: the SDK's contextvar dance is the most
         expensive part of a span).
         """
-        parent = _propagator.extract(ctx.headers) if "traceparent" in ctx.headers else None
+        parent = None
+        if continues_caller(ctx):
+            if ctx.traceparent[53:55] not in SAMPLED_FLAGS:  # type: ignore[index]
+                return
+            parent = _propagator.extract(ctx.headers)
+        elif self.rate < 1.0 and random.random() >= self.rate:  # noqa: S311
+            ctx.traceparent = ctx.traceparent[:53] + "00"  # type: ignore[index]
+            return
         method = ctx.method if ctx.method in KNOWN_METHODS else "_OTHER"
         span = self.tracer.start_span(
             f"{method} {route}" if route else method, context=parent, kind=SpanKind.SERVER,
@@ -200,7 +215,7 @@ class Tracing:
             span = tracer.start_span(method, parent, SpanKind.CLIENT, attributes)
             saved = ctx.traceparent
             sc = span.get_span_context()
-            ctx.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+            ctx.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
             try:
                 problem = await forward(ctx, *args)
             except BaseException as exc:
@@ -221,6 +236,17 @@ def failed(span: Any, exc: BaseException) -> None:
     span.set_attribute("error.type", type(exc).__qualname__)
     span.set_status(Status(StatusCode.ERROR))
     span.end()
+
+
+SAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(256) if n & 1)
+
+
+def continues_caller(ctx: RequestContext) -> bool:
+    """Whether ingress kept the caller's trace (a valid ``traceparent``): same trace id."""
+    incoming = ctx.headers.get("traceparent")
+    tp = ctx.traceparent
+    return incoming is not None and tp is not None and len(tp) == 55 \
+        and incoming.strip().lower()[3:35] == tp[3:35]
 
 
 def client_outcome(span: Any, ctx: RequestContext, problem: Problem | None) -> None:
