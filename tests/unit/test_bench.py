@@ -103,3 +103,13 @@ def test_notes_show_each_runs_rate_and_the_spread() -> None:
     lines = _notes(cast(RunResult, SimpleNamespace(rows=[repeated, single])))
     assert "- (3, 1w) req/s of each run: 12,000 / 9,600 (spread 20%)" in lines
     assert not any("2w" in line for line in lines)  # one run: no spread to show
+
+
+def test_gateway_env_pairs_and_the_tracing_shortcut() -> None:
+    from bench.__main__ import gateway_env
+
+    assert gateway_env(["LOG_LEVEL=INFO", "A=b=c"], None) == (("LOG_LEVEL", "INFO"), ("A", "b=c"))
+    assert gateway_env([], 0.5) == (
+        ("TRACE_SAMPLE_RATE", "0.5"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "{backend}"))
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        gateway_env(["LOG_LEVEL"], None)
