@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PostgreSQL DSN allowed to CREATE DATABASE (scenario 5)")
     p.add_argument("--full-guards", default="auth,rate_limit,policy,budget,tenant,audit",
                    help="guards of the full-chain scenarios 4 and 5 (to cost guards one by one)")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment of the gateway scenarios (repeatable), e.g. "
+                        "LOG_LEVEL=INFO; '{backend}' in a value is the backend's URL")
+    p.add_argument("--trace-sample-rate", type=float,
+                   help="TRACE_SAMPLE_RATE of the gateway scenarios; spans are exported over "
+                        "OTLP/HTTP to the static backend, which answers 200 to every POST")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the gateway scenarios (bench/results/profile-*.md)")
     p.add_argument("--no-install", action="store_true", help="do not apt/pip install tools")
@@ -69,7 +75,22 @@ def options_from(args: argparse.Namespace) -> Options:
         services=Services(args.redis_url, args.postgres_admin_url),
         profile_dir=RESULTS if args.profile else None,
         full_guards=tuple(g.strip() for g in args.full_guards.split(",") if g.strip()),
+        gateway_env=gateway_env(args.gateway_env, args.trace_sample_rate),
     )
+
+
+def gateway_env(pairs: list[str], trace_rate: float | None) -> tuple[tuple[str, str], ...]:
+    """``--gateway-env`` pairs, plus the tracing settings ``--trace-sample-rate`` stands for."""
+    out: list[tuple[str, str]] = []
+    if trace_rate is not None:
+        out += [("TRACE_SAMPLE_RATE", f"{trace_rate:g}"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "{backend}")]
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--gateway-env {pair!r}: expected NAME=VALUE")
+        out.append((name.strip(), value))
+    return tuple(out)
 
 
 def _exit_on_sigterm() -> None:

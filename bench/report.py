@@ -307,6 +307,8 @@ def markdown(result: RunResult) -> str:
         f"- Backend: {result.backend_note}",
         f"- Full chain (4, 5): guards {', '.join(opts.full_guards)}; HS256 dev secret; "
         "limits and budgets set high enough never to reject allowed traffic",
+        *(["- Gateway environment added: "
+           + ", ".join(f"`{k}={v}`" for k, v in opts.gateway_env)] if opts.gateway_env else []),
         f"- Duration of the whole run: {result.finished - result.started:.0f} s; 1-min load "
         f"average at start / end: {' / '.join(f'{x:.2f}' for x in result.load_avg)} "
         "(anything else running on the machine competes with the servers and wrk)"

@@ -55,6 +55,8 @@ class Options:
     profile_dir: Path | None = None
     services: Services = field(default_factory=Services)
     full_guards: tuple[str, ...] = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
+    # extra environment of every gateway scenario (``--gateway-env``, ``--trace-sample-rate``)
+    gateway_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -155,7 +157,7 @@ def _run_all(options: Options, result: RunResult, workdir: Path, run_id: str, sa
     try:
         for index, workers in enumerate(options.workers):
             ctx = Context(result.tools, workdir, base_url, workers, run_id, options.services,
-                          json.dumps(list(options.full_guards)))
+                          json.dumps(list(options.full_guards)), options.gateway_env)
             for scenario in selected:
                 why = _skip_reason(scenario, result.tools, gateway_ok, gateway_why, real_why)
                 if why:

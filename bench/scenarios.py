@@ -76,6 +76,7 @@ class Context:
     run_id: str
     services: Services = Services()
     full_guards: str = ALL_GUARDS_JSON
+    gateway_env: tuple[tuple[str, str], ...] = ()  # (name, value); "{backend}" = backend URL
 
 
 def gateway_available() -> tuple[bool, str]:
@@ -184,6 +185,7 @@ def _gateway_env(ctx: Context, prefix: Path, port: int) -> dict[str, str]:
         "RATE_TIERS": RATE_TIERS,
         "AGENT_DAILY_BUDGET_USD": "1000000000",
         "PLATFORM_MONTHLY_BUDGET_USD": "1000000000000",
+        **{name: value.replace("{backend}", ctx.backend_url) for name, value in ctx.gateway_env},
     }
 
 

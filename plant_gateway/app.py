@@ -5,17 +5,19 @@ One request = one RequestContext; the first Problem is the answer; the audit see
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from plant_gateway import metrics, ops
+from plant_gateway import banner, metrics, ops
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
-from plant_gateway.logging import correlation_id_var
+from plant_gateway.logging import request_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import Proxy, ResponseStarted
+from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError
 from plant_gateway.steps import Step
@@ -64,17 +66,21 @@ def startup_failure(exc: Exception) -> str:
 
 
 class Tracker:
-    """Wraps ``send`` to know whether the response head already left."""
+    """Wraps ``send`` to know whether the response head already left, and the body bytes sent."""
 
-    __slots__ = ("send", "started")
+    __slots__ = ("send", "started", "sent")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
+        self.sent = 0
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         # not a coroutine itself: hands back the server's awaitable (one frame less per message)
-        if message["type"] in _HEAD_MESSAGES:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        elif kind in _HEAD_MESSAGES:
             self.started = True
         return self.send(message)
 
@@ -90,9 +96,12 @@ class GatewayApp:
         self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
         self.max_body = settings.max_body_bytes
         self.proxy = Proxy(settings)
+        self.forward = self.proxy.forward  # in a CLIENT span when tracing is on
         self.audit: Any = NoAudit()
         self.audit_sample_cap = 0  # request body bytes kept for the audit row
         self.guards: list[str] = []
+        self.request_log = RequestLog(settings)
+        self.tracing: Any = None  # plant_gateway.tracing.Tracing when TRACE_SAMPLE_RATE > 0
 
     # --- lifespan ------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -101,11 +110,18 @@ class GatewayApp:
         await start_all(self.deps)
         await self.proxy.start()
         try:
+            self.tracing = build_tracing(self.settings)
+            if self.tracing is not None:
+                self.deps.policy = self.tracing.wrap_policy(self.deps.policy)
             self.pipeline = build_pipeline(self.settings, self.deps)
         except Exception:
             await self.shutdown()
             raise
         self.steps = [(s, hasattr(s, "after")) for s in self.pipeline]
+        if self.tracing is not None:
+            self.steps = [(self.tracing.wrap_step(s, self.deps.counters), a)
+                          for s, a in self.steps]
+            self.forward = self.tracing.wrap_forward(self.proxy.forward, self.proxy)
         self.audit = build_audit_recorder(self.settings, self.deps)
         if not isinstance(self.audit, NoAudit):
             self.audit_sample_cap = self.settings.audit_body_cap_bytes
@@ -116,11 +132,8 @@ class GatewayApp:
         for guard in self.settings.guards:
             metrics.GUARD_ACTIVE.labels(guard).set(1 if guard in self.guards else 0)
         metrics.start_sharing()  # serve --workers N > 1: /metrics sums every worker
-        log.info(
-            "gateway started",
-            extra={"active_guards": self.guards, "gateway_type": self.settings.gateway_type,
-                   "environment": self.settings.environment},
-        )
+        fields = banner.describe(self.settings, self.guards, self.deps.policy)
+        log.info(banner.message(fields), extra={"event": "started", **fields})
         missing = [g for g in self.settings.guards if g not in self.guards]
         if missing:
             log.warning("guards configured on but not active", extra={"guards": missing})
@@ -132,8 +145,11 @@ class GatewayApp:
             await self.proxy.close()
             if self.deps is not None:
                 await close_all(self.deps)
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)  # exports what is queued
         finally:
             await metrics.stop_sharing()  # last: the audit flush above still counts
+        log.info("gateway stopped", extra={"event": "stopped"})
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -177,7 +193,7 @@ class GatewayApp:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_from_scope(scope, self.settings)
-        token = correlation_id_var.set(ctx.correlation_id)
+        token = request_var.set(ctx)
         tracker = Tracker(send)
         req_headers = ctx.headers
         has_body = bool(req_headers.get("transfer-encoding")) or (
@@ -191,6 +207,8 @@ class GatewayApp:
         ran: list[Any] = []
         in_flight = metrics.IN_FLIGHT_COUNT
         in_flight.value += 1
+        if self.tracing is not None and not probe:
+            self.tracing.begin(ctx, ctx.path if ops.is_ops_route(ctx.method, ctx.path) else None)
         try:
             if ops.is_ops_route(ctx.method, ctx.path):
                 await self.ops_route(ctx, tracker)
@@ -201,8 +219,7 @@ class GatewayApp:
             else:
                 await self.run_pipeline(ctx, body, tracker, ran)
         except ResponseStarted:
-            log.warning("upstream stream broke after the response started")
-            raise
+            raise  # logged as an upstream failure (events); uvicorn aborts the connection
         except Exception as exc:
             log.exception("unexpected error")
             ctx.error_type, ctx.error_message = "internal-error", type(exc).__name__
@@ -212,9 +229,9 @@ class GatewayApp:
                     detail += f": {type(exc).__name__}: {exc}"
                 await self.send_problem(ctx, tracker, Problem(500, "internal-error", detail))
         finally:
-            await self.finish(ctx, ran, probe)
+            await self.finish(ctx, ran, probe, tracker.sent)
             in_flight.value -= 1
-            correlation_id_var.reset(token)
+            request_var.reset(token)
 
     async def run_pipeline(
         self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any]
@@ -226,13 +243,16 @@ class GatewayApp:
             problem = await step.run(ctx)
             if problem is not None:
                 problem = await settle(ctx, problem)  # pending counter ops: earlier refusal wins
+                ctx.refused_by = ctx.refused_by or step.name  # admit/settle name their guard
                 break
         if problem is None:
-            problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx))
+            problem = await self.forward(ctx, body, send, self.common_headers(ctx))
         if problem is not None:
             await self.send_problem(ctx, send, problem)
 
-    async def finish(self, ctx: RequestContext, ran: list[Any], probe: bool) -> None:
+    async def finish(
+        self, ctx: RequestContext, ran: list[Any], probe: bool, sent: int = 0
+    ) -> None:
         for step in reversed(ran):
             try:
                 await step.after(ctx)
@@ -251,6 +271,9 @@ class GatewayApp:
             self.audit.record(ctx)
         except Exception:
             log.exception("audit record failed")
+        self.request_log.record(ctx, status, elapsed, sent)
+        if self.tracing is not None:
+            self.tracing.end(ctx, status)
 
     async def ops_route(self, ctx: RequestContext, send: Tracker) -> None:
         assert self.deps is not None
@@ -291,7 +314,7 @@ class GatewayApp:
     # --- websocket -----------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_from_scope(scope, self.settings)
-        token = correlation_id_var.set(ctx.correlation_id)
+        token = request_var.set(ctx)
         tracker = Tracker(send)
         ran: list[Any] = []
         try:
@@ -305,6 +328,7 @@ class GatewayApp:
                 problem = await step.run(ctx)
                 if problem is not None:
                     problem = await settle(ctx, problem)
+                    ctx.refused_by = ctx.refused_by or step.name
                     break
             if problem is None:
                 problem = await self.proxy.websocket(ctx, receive, tracker)
@@ -317,7 +341,7 @@ class GatewayApp:
                 await tracker({"type": "websocket.close", "code": 1011})
         finally:
             await self.finish(ctx, ran, False)
-            correlation_id_var.reset(token)
+            request_var.reset(token)
 
     async def refuse_websocket(self, ctx: RequestContext, send: Tracker, problem: Problem) -> None:
         """Refuse the handshake with the problem as an HTTP answer when the server supports it."""
@@ -340,5 +364,15 @@ def factory() -> GatewayApp:
     from plant_gateway.settings import load_settings
 
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.google_cloud_project)
     return create_app(settings, tune_runtime=True)
+
+
+def build_tracing(settings: Settings) -> Any:
+    """The Tracing of ``settings``, or None: with tracing off the SDK is not even imported."""
+    if settings.trace_sample_rate <= 0:
+        return None
+    from plant_gateway.tracing import Tracing, quiet_exporter_logs
+
+    quiet_exporter_logs(settings.log_level)
+    return Tracing(settings)

@@ -88,6 +88,7 @@ class RequestContext:
     upstream_latency_ms: float | None = None
     upstream_cost_usd: float | None = None
     # outcome
+    refused_by: str | None = None  # the step whose Problem answered the request
     error_type: str | None = None
     error_message: str | None = None
     # step-private scratch space, keyed by step name (e.g. a budget reservation to settle)

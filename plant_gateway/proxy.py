@@ -22,7 +22,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from plant_gateway import masking, metrics
+from plant_gateway import events, masking, metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
 from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
@@ -229,6 +229,7 @@ class CircuitBreaker:
 
     def _export(self) -> None:
         metrics.CIRCUIT_STATE.labels(self.name).set(self._GAUGE[self.state])
+        events.circuit(self, f"upstream {self.name}", self.state, failures=self.failures)
 
     def allow(self) -> bool:
         if self.state == self.CLOSED:
@@ -505,11 +506,8 @@ class Proxy:
         raise exc
 
     def _bad_gateway(self, upstream: Upstream, exc: Exception) -> Problem:
-        _count(upstream, "bad_gateway")
+        _count(upstream, "bad_gateway", type(exc).__name__)
         upstream.breaker.failure()
-        log.warning(
-            "upstream error", extra={"upstream": upstream.name, "error": type(exc).__name__}
-        )
         return Problem(502, "bad-gateway", "the backend gave an invalid response")
 
     async def _relay(
@@ -673,8 +671,9 @@ def _unavailable(upstream: Upstream, why: str) -> Problem:
     )
 
 
-def _count(upstream: Upstream, kind: str) -> None:
+def _count(upstream: Upstream, kind: str, error: str = "") -> None:
     metrics.UPSTREAM_ERRORS.labels(upstream.name, kind).inc()
+    events.upstream_failure(upstream.name, kind, error)  # one line per kind per 10 s at most
 
 
 def _text(resp: UpstreamResponse, name: bytes) -> str | None:

@@ -401,6 +401,30 @@ class Settings(BaseSettings):
     )
     flags_file: Path | None = Field(None, validation_alias=env_alias("FLAGS_FILE"))
 
+    # --- observability (README → Observability) -------------------------------------------
+    # 1.0: a line for every request, like Cloud Run's own request log; the line costs a few
+    # µs of CPU (README → Observability), and 5xx answers are logged at any rate
+    request_log_sample_rate: float = Field(
+        1.0, ge=0, le=1, validation_alias=env_alias("REQUEST_LOG_SAMPLE_RATE")
+    )
+    # Cloud Logging links a line to its trace only as projects/<id>/traces/<trace>; Cloud Run
+    # does not set this variable: set it in the service's environment
+    google_cloud_project: str | None = Field(
+        None, validation_alias=env_alias("GOOGLE_CLOUD_PROJECT")
+    )
+    # 0: tracing off, no OpenTelemetry object is built; else the share of new traces recorded
+    # (parent-based: a caller's sampled traceparent is recorded, an unsampled one is not)
+    trace_sample_rate: float = Field(
+        0.0, ge=0, le=1, validation_alias=env_alias("TRACE_SAMPLE_RATE")
+    )
+    otel_exporter_otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318", validation_alias=env_alias("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OTLP/HTTP collector; spans go to <endpoint>/v1/traces",
+    )
+    otel_service_name: str = Field(
+        "plant-gateway", validation_alias=env_alias("OTEL_SERVICE_NAME")
+    )
+
     # --- validation ----------------------------------------------------------------------
     @field_validator("gateway_type", mode="before")
     @classmethod
@@ -460,7 +484,8 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url", "approvals_url"
+        "plant_backend_url", "plant_sandbox_url", "opa_service_url", "jwt_jwks_url",
+        "approvals_url", "otel_exporter_otlp_endpoint",
     )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.postgres",
     "tests.fixtures.processes",
+    "tests.fixtures.otlp",
 ]

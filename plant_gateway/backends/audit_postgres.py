@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from plant_gateway import events
 from plant_gateway.backends import audit_metrics as m
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
@@ -206,6 +207,7 @@ class PostgresAuditSink:
         self.conditions: dict[str, str] = {}  # degraded states now, each logged when it starts
         self._last_failure = ""  # the last task failure logged (a repeat is only counted)
         self._retention_note = ""  # why retention was last skipped (logged when it changes)
+        self.health = events.dependency("audit_database")  # one line per outage and recovery
 
     # --- Dependency ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -505,6 +507,7 @@ class PostgresAuditSink:
         hint = f" ({SCHEMA_MISSING})" if isinstance(exc, asyncpg.UndefinedTableError) else ""
         self._set_condition("database", f"database unavailable ({type(exc).__name__}){hint}; "
                                         "rows go to the disk spool")
+        self.health.down(f"{type(exc).__name__}{hint}; spooling audit rows to disk")
         m.DATABASE_UP.set(0)
         self._drop_conn(channel)
         channel.retry_at = time.monotonic() + channel.retry_s
@@ -512,6 +515,7 @@ class PostgresAuditSink:
 
     def _channel_up(self, channel: Channel) -> None:
         channel.retry_s = RETRY_MIN_S
+        self.health.up()
         m.DATABASE_UP.set(1)
         self._set_condition("database", None)
 

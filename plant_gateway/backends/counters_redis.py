@@ -67,6 +67,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from plant_gateway import events
 from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
@@ -197,6 +198,7 @@ class RedisCounters:
             url, settings.redis_timeout_s, cluster=settings.redis_cluster
         )
         self.channel: RespChannel | None = resp_channel(self.client, settings.redis_timeout_s)
+        self.health = events.dependency("redis")  # one log line per outage and recovery
         self.planners: dict[str, Callable[..., Plan]] = {
             name.removeprefix("_plan_"): getattr(self, name)
             for name in dir(self)
@@ -235,14 +237,18 @@ class RedisCounters:
             for script in SCRIPTS.values():
                 await self.client.script_load(script.source)
         except REDIS_ERRORS as exc:
+            self.health.down(type(exc).__name__)
             raise DependencyError(f"redis: {type(exc).__name__}") from None
 
     # --- plumbing -----------------------------------------------------------------------
     async def _call(self, coro: Any) -> Any:
         try:
-            return await coro
+            result = await coro
         except REDIS_ERRORS as exc:
+            self.health.down(type(exc).__name__)
             raise DependencyError(f"redis: {type(exc).__name__}") from None
+        self.health.up()
+        return result
 
     # --- revocation and session invalidation -----------------------------------------------
     async def is_revoked(self, jti: str) -> bool:
@@ -301,7 +307,9 @@ class RedisCounters:
                 replies = await self._resend_missing_scripts(commands, replies)
         except (*REDIS_ERRORS, DependencyError) as exc:
             name = type(exc.__cause__ or exc).__name__
+            self.health.down(name)
             return [DependencyError(f"redis: {name}") for _ in ops]
+        self.health.up()
         results: list[Any] = []
         at = 0
         for cmds, parse in plans:

@@ -101,7 +101,7 @@ class EmbeddedPostgres:
 
         self.pgdata.mkdir(parents=True, exist_ok=True)
         if self._server is None:
-            log.info("starting embedded PostgreSQL in %s", self.pgdata)
+            log.debug("starting embedded PostgreSQL in %s", self.pgdata)  # the start line says
             self._server = get_server(self.pgdata, cleanup_mode=None)
         else:
             with PostgresServer._lock:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from plant_gateway import events
 from plant_gateway.backends.base import DependencyError, DependencyStatus
 from plant_gateway.proxy import IdTokenSource
 
@@ -123,7 +124,12 @@ class CustomerEnricher:
                     raise DependencyError(f"customer lookup answered {response.status}")
                 body = await _read_capped(response)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            events.dependency("customer_lookup").down(type(exc).__name__)
             raise DependencyError(f"customer lookup failed: {type(exc).__name__}") from None
+        except DependencyError as exc:
+            events.dependency("customer_lookup").down(str(exc))
+            raise
+        events.dependency("customer_lookup").up()
         return _parse(body)
 
 

@@ -24,6 +24,7 @@ from cryptography.x509 import load_pem_x509_certificate
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from plant_gateway import events
 from plant_gateway.backends.base import DependencyError, DependencyStatus
 from plant_gateway.settings import Settings, SettingsError
 
@@ -338,9 +339,10 @@ class JwksKeySource(KeySource):
             keys = self._parse(document)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old keys, never opens
             self.last_error = exc.args[0] if isinstance(exc, _JwksError) else type(exc).__name__
-            log.warning("jwks fetch failed: %s", self.last_error)
+            events.dependency("jwks").down(f"fetch failed: {self.last_error}")
             return False
         self._install(keys)
+        events.dependency("jwks").up()
         return True
 
     async def _download(self) -> Any:

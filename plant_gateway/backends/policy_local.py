@@ -386,7 +386,7 @@ class LocalPolicyEngine:
         self._stop = asyncio.Event()
         self._reload_lock: asyncio.Lock | None = None
         self._sighup = False
-        log.info(
+        log.debug(  # the start-up line names the revision (app.startup)
             "policy bundle %s compiled (%d modules, entry point %s)",
             self._compiled.revision, self._compiled.modules, self.entrypoint,
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from plant_gateway import events
 from plant_gateway.backends.base import DependencyError, DependencyStatus
 from plant_gateway.proxy import IdTokenSource
 from plant_gateway.settings import Settings
@@ -91,6 +92,7 @@ class RemotePolicyEngine:
         self.breaker = Breaker(settings.breaker_failure_threshold, settings.breaker_reset_s)
         self.id_token = IdTokenSource(self.base) if settings.opa_id_token else None
         self._session: aiohttp.ClientSession | None = None
+        self.health = events.dependency("policy")  # one log line per outage and recovery
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -111,13 +113,22 @@ class RemotePolicyEngine:
         """``POST /v1/data/<path>`` through the circuit breaker; the answer's JSON object."""
         if not self.breaker.admit():
             raise DependencyError("policy engine circuit is open")
+        self._circuit()  # a probe let through: half-open
         try:
             body = await self._post(f"{self.base}/v1/data/{path}", policy_input)
-        except DependencyError:
+        except DependencyError as exc:
             self.breaker.failure()
+            self.health.down(str(exc))
+            self._circuit()
             raise
         self.breaker.success()
+        self._circuit()  # logged only when it was not closed
+        self.health.up()
         return body
+
+    def _circuit(self) -> None:
+        events.circuit(self.breaker, "policy engine", self.breaker.state,
+                       failures=self.breaker.failures)
 
     async def _headers(self) -> dict[str, str]:
         if self.id_token is None:

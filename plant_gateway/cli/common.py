@@ -7,6 +7,7 @@ setting or the cause; ``PLANT_TRACEBACK=1`` adds the traceback of an unexpected 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, NoReturn
@@ -102,4 +103,8 @@ def _exit_code(result: Any) -> int:
 
 
 def main(app: typer.Typer) -> NoReturn:
+    # A command names its own failure in one line; the outage lines a server logs (events:
+    # "dependency down", ...) would be a second one through logging's last-resort handler.
+    # ``serve`` still logs them: its root handler receives what this NullHandler lets pass.
+    logging.getLogger("plant_gateway.events").addHandler(logging.NullHandler())
     sys.exit(run(app))

@@ -44,7 +44,7 @@ def serve(
         config_fail(str(exc))
     from plant_gateway.logging import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.google_cloud_project)
     worker_count = workers or settings.workers
     shared_redis = _share_counters(settings, worker_count)
     metrics_dir = None

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 BATCH = "counter_batch"
 BATCHED_GUARDS = ("auth", "rate_limit", "budget")  # trial_quota rides on rate_limit's switch
+# the guard that enqueued each kind of op: the request log names it when its op refused
+GUARD_OF_OP = {"auth_state": "auth", "rate_limit": "rate_limit", "daily_quota": "trial_quota",
+               "budget_charge": "budget"}
 # A resolver gets the op's result, the DependencyError of a failed store, or (a store bug)
 # another exception, and answers with the request's refusal or None.
 Resolver = Callable[[Any], Problem | None]
@@ -54,11 +57,12 @@ Resolver = Callable[[Any], Problem | None]
 class CounterBatch:
     """The pending ops of one request, in step order, with their resolvers."""
 
-    __slots__ = ("counters", "pending")
+    __slots__ = ("counters", "pending", "refused_by")
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self.pending: list[tuple[CounterOp, Resolver]] = []
+        self.refused_by: str | None = None  # the guard whose op refused (GUARD_OF_OP)
 
     def add(self, op: CounterOp, resolve: Resolver) -> None:
         self.pending.append((op, resolve))
@@ -73,7 +77,7 @@ class CounterBatch:
         if not pending:
             return None
         results = await execute(self.counters, [op for op, _ in pending])
-        problem, refunds = resolve_in_order(pending, results, refused)
+        problem, refunds = self.resolve(pending, results, refused)
         if refunds:
             await refund(self.counters, refunds)
         return problem
@@ -90,7 +94,17 @@ class CounterBatch:
             results = run_now(ops)
         except Exception as exc:  # noqa: BLE001 - handed to the resolvers, see execute()
             results = failed(ops, exc)
-        return resolve_in_order(pending, results)
+        return self.resolve(pending, results)
+
+    def resolve(
+        self, pending: list[tuple[CounterOp, Resolver]], results: list[Any],
+        refused: bool = False,
+    ) -> tuple[Problem | None, list[CounterOp | None]]:
+        """``resolve_in_order``, remembering which guard's op refused."""
+        problem, refunds, stop = _resolve(pending, results, refused)
+        if problem is not None:
+            self.refused_by = GUARD_OF_OP.get(pending[stop][0].kind, "admit")
+        return problem, refunds
 
 
 def resolve_in_order(
@@ -99,6 +113,14 @@ def resolve_in_order(
     """The first refusal of ``pending`` in order, and the refunds it calls for: what the ops
     after it took, and approvals consumed before it. ``refused``: the request is refused
     anyway (another step), so approvals consumed by any op are released."""
+    problem, refunds, _ = _resolve(pending, results, refused)
+    return problem, refunds
+
+
+def _resolve(
+    pending: list[tuple[CounterOp, Resolver]], results: list[Any], refused: bool
+) -> tuple[Problem | None, list[CounterOp | None], int]:
+    """``resolve_in_order`` plus the index of the refusing op (``len(pending)`` if none)."""
     stop, problem = len(pending), None
     for i, ((_, resolve), result) in enumerate(zip(pending, results, strict=True)):
         problem = resolve(result)
@@ -106,7 +128,7 @@ def resolve_in_order(
             stop = i
             break
     if problem is None and not refused:
-        return None, []
+        return None, [], stop
     refunds = [refund_op(op, res) for (op, _), res in zip(pending[stop + 1 :], results[stop + 1 :],
                                                          strict=True)]
     for (op, resolve), result in zip(pending[:stop], results[:stop], strict=True):
@@ -115,7 +137,7 @@ def resolve_in_order(
             undo = getattr(resolve, "refunded", None)
             if undo is not None:
                 undo()  # the resolver already counted it as used: keep its account true
-    return problem, refunds
+    return problem, refunds, stop
 
 
 async def execute(counters: Counters, ops: list[CounterOp]) -> list[Any]:
@@ -158,6 +180,8 @@ async def settle(ctx: RequestContext, problem: Problem) -> Problem:
     if batch is None:
         return problem
     earlier = await batch.flush(refused=True)
+    if earlier is not None:
+        ctx.refused_by = batch.refused_by
     return earlier or problem
 
 
@@ -205,10 +229,13 @@ class AdmitStep:
             return None
         outcome = batch.flush_now()
         if outcome is None:
-            return await batch.flush()
-        problem, refunds = outcome
-        if refunds:
-            await refund(self.counters, refunds)
+            problem = await batch.flush()
+        else:
+            problem, refunds = outcome
+            if refunds:
+                await refund(self.counters, refunds)
+        if problem is not None:
+            ctx.refused_by = batch.refused_by
         return problem
 
 

@@ -206,7 +206,7 @@ def test_serve_failing_inside_the_server_is_one_json_line(tmp_path: Path) -> Non
     done = run(["serve"], env, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
-    errors = [r["message"] for r in records if r["level"] == "ERROR"]
+    errors = [r["message"] for r in records if r["severity"] == "ERROR"]
     assert any(m.startswith("config error: REDIS_CLUSTER:") for m in errors), errors
     assert not any("Traceback" in json.dumps(r) for r in records)
 
@@ -224,7 +224,7 @@ def test_serve_on_a_taken_port_is_one_error_line(tmp_path: Path) -> None:
         done = run(["serve"], env, tmp_path)
     records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
     assert done.returncode == 1
-    assert [r["message"] for r in records if r["level"] == "ERROR"] == [
+    assert [r["message"] for r in records if r["severity"] == "ERROR"] == [
         f"[Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
         "address already in use"
     ]

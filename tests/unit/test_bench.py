@@ -118,3 +118,13 @@ def test_bench_database_url_keeps_a_socket_dsn() -> None:
         "postgresql://postgres:pw@127.0.0.1:5432/plant_bench_r1"
     )
     assert _host(socket_dsn) == "/tmp/pg-sock" and _host(tcp) == "127.0.0.1:5432"
+
+
+def test_gateway_env_pairs_and_the_tracing_shortcut() -> None:
+    from bench.__main__ import gateway_env
+
+    assert gateway_env(["LOG_LEVEL=INFO", "A=b=c"], None) == (("LOG_LEVEL", "INFO"), ("A", "b=c"))
+    assert gateway_env([], 0.5) == (
+        ("TRACE_SAMPLE_RATE", "0.5"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "{backend}"))
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        gateway_env(["LOG_LEVEL"], None)

@@ -189,6 +189,7 @@ module "plant_gateway" {
     APPROVAL_UI_URL            = var.approval_ui_url
     TRUSTED_PROXY_HOPS         = tostring(var.trusted_proxy_hops)
     LOG_LEVEL                  = var.environment == "prod" ? "INFO" : "DEBUG"
+    GOOGLE_CLOUD_PROJECT       = var.project_id
   }, var.extra_env)
   secrets = local.gateway_secrets
   # Reachable only through the load balancer; every caller is authenticated by the gateway.
