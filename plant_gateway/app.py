@@ -12,10 +12,11 @@ from typing import Any
 from plant_gateway import metrics, ops
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
+from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import correlation_id_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import Proxy, ResponseStarted
+from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError
 from plant_gateway.steps import Step
@@ -89,6 +90,8 @@ class GatewayApp:
         self.pipeline: list[Step] = []
         self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
         self.max_body = settings.max_body_bytes
+        self.body_timeout = settings.request_body_timeout_s
+        self.client_limits = ClientLimits.from_settings(settings)  # read by http_protocol
         self.proxy = Proxy(settings)
         self.audit: Any = NoAudit()
         self.audit_sample_cap = 0  # request body bytes kept for the audit row
@@ -184,7 +187,12 @@ class GatewayApp:
             "content-length" in req_headers
             and req_headers["content-length"].strip() not in ("", "0")
         )
-        body = BodySource(receive, self.max_body, has_body, self.audit_sample_cap)
+        extensions = scope.get("extensions")
+        client: ClientLink | None = extensions.get("plant.client") if extensions else None
+        body = BodySource(
+            receive, self.max_body, has_body, self.audit_sample_cap, self.body_timeout,
+            client.body_ready if client is not None and has_body else None,
+        )
         ctx.scratch["body_source"] = body
         # only a real probe (GET/HEAD) goes unaudited: ``TRACE /health`` is refused and audited
         probe = ctx.path in ops.PROBES and ctx.method in ("GET", "HEAD")
@@ -199,10 +207,12 @@ class GatewayApp:
                 ctx.status_code = status
                 await self.respond(tracker, status, headers + self.common_headers(ctx)[:2], b"")
             else:
-                await self.run_pipeline(ctx, body, tracker, ran)
-        except ResponseStarted:
-            log.warning("upstream stream broke after the response started")
-            raise
+                await self.run_pipeline(ctx, body, tracker, ran, client)
+        except ResponseStarted as exc:
+            log.warning("forwarding broke after the response started", extra={"why": str(exc)})
+            if client is None:
+                raise  # the server closes the connection
+            client.abort()  # the same, without uvicorn's traceback for an expected cut
         except Exception as exc:
             log.exception("unexpected error")
             ctx.error_type, ctx.error_message = "internal-error", type(exc).__name__
@@ -217,7 +227,8 @@ class GatewayApp:
             correlation_id_var.reset(token)
 
     async def run_pipeline(
-        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any]
+        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any],
+        client: ClientLink | None = None,
     ) -> None:
         problem: Problem | None = None
         for step, has_after in self.steps:
@@ -228,7 +239,7 @@ class GatewayApp:
                 problem = await settle(ctx, problem)  # pending counter ops: earlier refusal wins
                 break
         if problem is None:
-            problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx))
+            problem = await self.proxy.forward(ctx, body, send, self.common_headers(ctx), client)
         if problem is not None:
             await self.send_problem(ctx, send, problem)
 

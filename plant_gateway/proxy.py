@@ -4,6 +4,11 @@ HTTP requests go through the lean client of ``upstream_client`` (the request hea
 bytes straight from the client's raw headers); WebSockets, the ID-token fetch and health checks
 use an aiohttp session. Timeouts, idempotent retries on connection failure, a circuit breaker per
 upstream, and the 502/503/504 problems.
+
+Bounded: a request holds an upstream connection only while it is forwarded, and that ends when
+its client goes away (the upstream exchange is aborted: the backend sees the disconnect), at
+the request deadline (REQUEST_DEADLINE_S), or when a slow body times out (408); waiting for a
+pooled connection is bounded too (UPSTREAM_POOL_TIMEOUT_S, 503).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -25,11 +30,20 @@ from yarl import URL
 from plant_gateway import masking, metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
-from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
+from plant_gateway.steps.ingress import (
+    BodySource,
+    BodyTimeout,
+    BodyTooLarge,
+    body_timeout,
+    client_gone,
+    read_body,
+    too_large,
+)
 from plant_gateway.upstream_client import (
     ConnectError,
     Disconnected,
     InvalidHeader,
+    PoolTimeout,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -75,6 +89,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # what aiohttp refuses in a 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
+# request bodies up to this size (with a Content-Length) are read whole before an upstream
+# connection is taken, as nginx buffers them: a client trickling its body then holds only its
+# own connection, never a pooled one (larger or chunked bodies stream, bounded by the body
+# timeout). 64 KiB x the 250 concurrent requests of an instance is 16 MiB at most.
+BUFFERED_BODY = 64 * 1024
+CLIENT_GONE, DEADLINE = "client-disconnected", "deadline-exceeded"  # why a forward was stopped
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # GCE_METADATA_HOST: the variable Google's client libraries honour (an emulator, or tests)
 METADATA_URL = (
@@ -335,6 +355,7 @@ class Upstream:
             self.base, limit=self.settings.upstream_pool_size,
             connect_timeout=self.settings.upstream_connect_timeout_s,
             read_timeout=self.settings.upstream_read_timeout_s,
+            pool_timeout=self.settings.upstream_pool_timeout_s,
         )
 
     async def close(self) -> None:
@@ -387,6 +408,76 @@ class ResponseStarted(Exception):
     """The upstream failed after the response head was sent: the connection must be aborted."""
 
 
+class ClientLink(Protocol):
+    """What the HTTP server tells about the client of one request (``http_protocol.LeanCycle``,
+    in the ASGI scope as ``scope["extensions"]["plant.client"]``)."""
+
+    disconnected: bool
+    on_disconnect: Callable[[], None] | None  # called once if the client goes away
+
+    def body_ready(self) -> bool: ...
+
+    def abort(self) -> None: ...  # cut the connection mid-response
+
+
+class Stop:
+    """One request's forwarding, which its client's disconnect or its deadline may stop: the
+    task is cancelled while it is inside ``Proxy.forward`` (armed), never elsewhere."""
+
+    __slots__ = ("task", "deadline", "reason")
+
+    def __init__(self, task: asyncio.Task[Any] | None, deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.task is not None and self.reason is None:
+            self.reason = reason
+            self.task.cancel()
+
+    def client_gone(self) -> None:
+        self.stop(CLIENT_GONE)
+
+
+class Deadlines:
+    """The forwards in progress, oldest first, and one timer for the oldest one's deadline.
+
+    Every request has the same deadline after its arrival, so the oldest is due first: one
+    timer wakes per deadline period (not one timer per request, armed and cancelled each time).
+    A forward that began late (slow steps) may be stopped up to that lateness after its due.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[Stop, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, stop: Stop, loop: asyncio.AbstractEventLoop) -> None:
+        self.running[stop] = None
+        if self.timer is None:
+            self.timer = loop.call_at(stop.deadline, self._expire, loop)
+
+    def remove(self, stop: Stop) -> None:
+        self.running.pop(stop, None)  # the timer stays; it re-arms for the next oldest
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        now = loop.time()
+        running = self.running
+        while running:
+            oldest = next(iter(running))
+            if oldest.deadline > now:
+                self.timer = loop.call_at(oldest.deadline, self._expire, loop)
+                return
+            del running[oldest]
+            oldest.stop(DEADLINE)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Proxy:
     """Forwards requests to the upstream that sandbox routing chose (``ctx.target_backend``)."""
 
@@ -395,6 +486,8 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cost_header = settings.cost_response_header.lower().encode("latin-1")
+        self.deadline_s = settings.request_deadline_s
+        self.deadlines = Deadlines()
         production = Upstream("production", settings.plant_backend_url, settings)
         self.upstreams = {"production": production}
         if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
@@ -408,6 +501,7 @@ class Proxy:
             await upstream.start()
 
     async def close(self) -> None:
+        self.deadlines.close()
         for upstream in self.upstreams.values():
             await upstream.close()
 
@@ -415,12 +509,61 @@ class Proxy:
         return list(await asyncio.gather(*(u.check() for u in self.upstreams.values())))
 
     async def forward(
+        self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]],
+        client: ClientLink | None = None,
+    ) -> Problem | None:
+        """Send the request upstream and stream the answer back; a Problem if nothing was sent.
+
+        Stopped (the upstream exchange aborted, its connection freed) when ``client`` goes away
+        or at the request deadline.
+        """
+        if client is not None and client.disconnected:
+            return client_gone(ctx)  # gone during the steps: the backend never sees it
+        loop = asyncio.get_running_loop()
+        waited = time.perf_counter() - ctx.started
+        stop = Stop(asyncio.current_task(), loop.time() + self.deadline_s - waited)
+        self.deadlines.add(stop, loop)
+        if client is not None:
+            client.on_disconnect = stop.client_gone
+        try:
+            return await self._forward(ctx, body, send, extra)
+        except asyncio.CancelledError:
+            task = stop.task
+            if stop.reason is None or task is None or task.uncancel() > 0:
+                raise  # cancelled by someone else (shutdown)
+            return self._stopped(ctx, stop.reason, getattr(send, "started", True))
+        finally:
+            stop.task = None  # disarmed: nothing after this point may be cancelled by it
+            self.deadlines.remove(stop)
+            if client is not None:
+                client.on_disconnect = None
+
+    def _stopped(self, ctx: RequestContext, reason: str, started: bool) -> Problem | None:
+        """The forward was stopped: the problem to answer, if the answer has not started."""
+        upstream = self.upstream(ctx.target_backend)
+        _count(upstream, "client_gone" if reason == CLIENT_GONE else "deadline")
+        if reason == CLIENT_GONE:
+            if not started:
+                return client_gone(ctx)
+            ctx.error_type = CLIENT_GONE  # the row keeps the status that was being sent
+            return None
+        ctx.error_type = DEADLINE
+        if started:
+            raise ResponseStarted("the request deadline passed while streaming")
+        return Problem(504, "gateway-timeout",
+                       f"the request did not complete within {self.deadline_s:g} s")
+
+    async def _forward(
         self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]]
     ) -> Problem | None:
-        """Send the request upstream and stream the answer back; a Problem if nothing was sent."""
         upstream = self.upstream(ctx.target_backend)
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
+        if ctx.body is None and body.has_body and ctx.content_length is not None \
+                and ctx.content_length <= BUFFERED_BODY:
+            read = await read_body(ctx)  # before any upstream connection is taken
+            if isinstance(read, Problem):
+                return read
         try:
             fields = encoded_header_fields(ctx, self.settings)
         except InvalidHeader:
@@ -479,19 +622,31 @@ class Proxy:
                     if not stale:
                         await asyncio.sleep(0.05 * (attempt + 1))
                     continue
-                return None, self._failed(upstream, body, exc)
+                return None, self._failed(upstream, ctx, body, exc)
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
-                return None, self._failed(upstream, body, exc)
+                return None, self._failed(upstream, ctx, body, exc)
             upstream.breaker.success()
             return resp, None
         raise AssertionError("unreachable")
 
-    def _failed(self, upstream: Upstream, body: BodySource, exc: Exception) -> Problem:
+    def _failed(
+        self, upstream: Upstream, ctx: RequestContext, body: BodySource, exc: Exception
+    ) -> Problem:
         """Map a failed upstream call to its problem and feed the circuit breaker."""
         if body.received > body.max_bytes or isinstance(exc, BodyTooLarge):
             return too_large(body.max_bytes)
+        if body.timed_out or isinstance(exc, BodyTimeout):
+            return body_timeout(body.timeout or 0.0)  # the client's slowness, not the backend's
         if body.disconnected:
-            return Problem(400, "bad-request", "the client went away while sending the body")
+            return client_gone(ctx)
+        if isinstance(exc, PoolTimeout):
+            _count(upstream, "pool_timeout")  # our own saturation: the breaker is not fed
+            return Problem(
+                503, "upstream-unavailable",
+                f"no connection to the backend came free within "
+                f"{self.settings.upstream_pool_timeout_s:g} s",
+                headers=[("retry-after", "1")],
+            )
         if isinstance(exc, ConnectError):
             _count(upstream, "connect")
             upstream.breaker.failure()
