@@ -409,68 +409,60 @@ class ResponseStarted(Exception):
 
 
 class ClientLink(Protocol):
-    """What the HTTP server tells about the client of one request (``http_protocol.LeanCycle``,
-    in the ASGI scope as ``scope["extensions"]["plant.client"]``)."""
+    """What the HTTP server tells about a request's client (``http_protocol``'s protocol, in
+    the ASGI scope as ``scope["extensions"]["plant.client"]``)."""
 
     disconnected: bool
-    on_disconnect: Callable[[], None] | None  # called once if the client goes away
-
+    on_disconnect: Callable[[Any], None] | None  # called with the link when the client goes
+    task: asyncio.Task[None] | None  # the running request's
     def body_ready(self) -> bool: ...
 
     def abort(self) -> None: ...  # cut the connection mid-response
 
 
-class Stop:
-    """One request's forwarding, which its client's disconnect or its deadline may stop: the
-    task is cancelled while it is inside ``Proxy.forward`` (armed), never elsewhere."""
-
-    __slots__ = ("task", "deadline", "reason")
-
-    def __init__(self, task: asyncio.Task[Any] | None, deadline: float) -> None:
-        self.task = task
-        self.deadline = deadline
-        self.reason: str | None = None
-
-    def stop(self, reason: str) -> None:
-        if self.task is not None and self.reason is None:
-            self.reason = reason
-            self.task.cancel()
-
-    def client_gone(self) -> None:
-        self.stop(CLIENT_GONE)
-
-
 class Deadlines:
-    """The forwards in progress, oldest first, and one timer for the oldest one's deadline.
+    """The forwards in progress (their tasks, oldest first, with their deadlines) and one timer
+    for the oldest one's deadline; ``stop`` cancels a task while it forwards, never elsewhere.
 
     Every request has the same deadline after its arrival, so the oldest is due first: one
-    timer wakes per deadline period (not one timer per request, armed and cancelled each time).
-    A forward that began late (slow steps) may be stopped up to that lateness after its due.
+    timer wakes per deadline period, not one armed and cancelled per request. A forward that
+    began late (slow steps) may be stopped up to that lateness after its due. Deadlines are on
+    the ``time.perf_counter`` clock of ``RequestContext.started``.
     """
 
     def __init__(self) -> None:
-        self.running: dict[Stop, None] = {}
+        self.running: dict[asyncio.Task[Any], float] = {}
+        self.stopped: dict[asyncio.Task[Any], str] = {}  # why, until the task has handled it
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, stop: Stop, loop: asyncio.AbstractEventLoop) -> None:
-        self.running[stop] = None
-        if self.timer is None:
-            self.timer = loop.call_at(stop.deadline, self._expire, loop)
+    def stop(self, task: asyncio.Task[Any] | None, reason: str) -> None:
+        """Cancel ``task`` if it is forwarding (and was not stopped already)."""
+        if task in self.running and task not in self.stopped:
+            assert task is not None
+            self.stopped[task] = reason
+            task.cancel()
 
-    def remove(self, stop: Stop) -> None:
-        self.running.pop(stop, None)  # the timer stays; it re-arms for the next oldest
+    def client_gone(self, client: ClientLink) -> None:
+        """A client link's ``on_disconnect``: stops its running request if it is forwarding."""
+        self.stop(client.task, CLIENT_GONE)
 
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        now = loop.time()
-        running = self.running
-        while running:
-            oldest = next(iter(running))
-            if oldest.deadline > now:
-                self.timer = loop.call_at(oldest.deadline, self._expire, loop)
+    def arm(self) -> None:
+        """The timer, for the deadline of the oldest forward not stopped yet."""
+        for task, deadline in self.running.items():
+            if task not in self.stopped:
+                loop = asyncio.get_running_loop()
+                due = max(deadline - time.perf_counter(), 0.0)
+                self.timer = loop.call_at(loop.time() + due, self._expire)
                 return
-            del running[oldest]
-            oldest.stop(DEADLINE)
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = time.perf_counter()
+        for task, deadline in list(self.running.items()):
+            if deadline > now:
+                break
+            self.stop(task, DEADLINE)
+        self.arm()
 
     def close(self) -> None:
         if self.timer is not None:
@@ -488,6 +480,7 @@ class Proxy:
         self._cost_header = settings.cost_response_header.lower().encode("latin-1")
         self.deadline_s = settings.request_deadline_s
         self.deadlines = Deadlines()
+        self._client_gone = self.deadlines.client_gone  # bound once, set on every link
         production = Upstream("production", settings.plant_backend_url, settings)
         self.upstreams = {"production": production}
         if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
@@ -515,28 +508,73 @@ class Proxy:
         """Send the request upstream and stream the answer back; a Problem if nothing was sent.
 
         Stopped (the upstream exchange aborted, its connection freed) when ``client`` goes away
-        or at the request deadline.
+        or at the request deadline: the task is cancelled while inside this function only.
+        One function, no inner coroutine: it runs for every request.
         """
         if client is not None and client.disconnected:
             return client_gone(ctx)  # gone during the steps: the backend never sees it
-        loop = asyncio.get_running_loop()
-        waited = time.perf_counter() - ctx.started
-        stop = Stop(asyncio.current_task(), loop.time() + self.deadline_s - waited)
-        self.deadlines.add(stop, loop)
+        upstream = self.upstream(ctx.target_backend)
+        if not upstream.breaker.allow():
+            return _unavailable(upstream, "circuit open")
+        task = client.task if client is not None else asyncio.current_task()
+        assert task is not None
+        deadlines = self.deadlines
+        running = deadlines.running
+        running[task] = ctx.started + self.deadline_s
+        if deadlines.timer is None:
+            deadlines.arm()
         if client is not None:
-            client.on_disconnect = stop.client_gone
+            client.on_disconnect = self._client_gone  # a no-op once this forward is over
         try:
-            return await self._forward(ctx, body, send, extra)
+            if ctx.body is None and body.has_body and ctx.content_length is not None \
+                    and ctx.content_length <= BUFFERED_BODY:
+                read = await read_body(ctx)  # before any upstream connection is taken
+                if isinstance(read, Problem):
+                    return read
+            try:
+                fields = encoded_header_fields(ctx, self.settings)
+            except InvalidHeader:
+                return invalid_header(ctx)
+            if upstream.id_tokens is not None:
+                problem = await self._id_token(upstream, fields)
+                if problem is not None:
+                    return problem
+            chunked = ctx.body is None and body.has_body and ctx.content_length is None
+            if chunked:
+                fields.append((b"Transfer-Encoding", b"chunked"))
+            elif ctx.body is None and not body.has_body and ctx.content_length is None \
+                    and ctx.method in BODY_METHODS:
+                fields.append((b"Content-Length", b"0"))
+            target = upstream.target(ctx.upstream_path, ctx.query_string)
+            try:
+                head = request_head(ctx.method, target, upstream.host_header, fields)
+            except InvalidHeader:
+                return invalid_header(ctx)
+            started = time.perf_counter()
+            resp, problem = await self._send(upstream, ctx, body, head, chunked)
+            if problem is not None:
+                return problem
+            assert resp is not None
+            ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
+            upstream.latency.observe(ctx.upstream_latency_ms / 1000)
+            return await self._relay(upstream, ctx, resp, send, extra)
         except asyncio.CancelledError:
-            task = stop.task
-            if stop.reason is None or task is None or task.uncancel() > 0:
+            reason = deadlines.stopped.pop(task, None)
+            if reason is None or task.uncancel() > 0:
                 raise  # cancelled by someone else (shutdown)
-            return self._stopped(ctx, stop.reason, getattr(send, "started", True))
+            return self._stopped(ctx, reason, getattr(send, "started", True))
         finally:
-            stop.task = None  # disarmed: nothing after this point may be cancelled by it
-            self.deadlines.remove(stop)
-            if client is not None:
-                client.on_disconnect = None
+            del running[task]  # disarmed: nothing after this may be cancelled by a stop
+
+    async def _id_token(self, upstream: Upstream, fields: list[tuple[bytes, bytes]]
+                        ) -> Problem | None:
+        """Add the backend's ID token to ``fields``; a 503 when none can be had."""
+        try:
+            fields += await upstream.auth_field()
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.breaker.failure()
+            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        return None
 
     def _stopped(self, ctx: RequestContext, reason: str, started: bool) -> Problem | None:
         """The forward was stopped: the problem to answer, if the answer has not started."""
@@ -552,49 +590,6 @@ class Proxy:
             raise ResponseStarted("the request deadline passed while streaming")
         return Problem(504, "gateway-timeout",
                        f"the request did not complete within {self.deadline_s:g} s")
-
-    async def _forward(
-        self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]]
-    ) -> Problem | None:
-        upstream = self.upstream(ctx.target_backend)
-        if not upstream.breaker.allow():
-            return _unavailable(upstream, "circuit open")
-        if ctx.body is None and body.has_body and ctx.content_length is not None \
-                and ctx.content_length <= BUFFERED_BODY:
-            read = await read_body(ctx)  # before any upstream connection is taken
-            if isinstance(read, Problem):
-                return read
-        try:
-            fields = encoded_header_fields(ctx, self.settings)
-        except InvalidHeader:
-            return invalid_header(ctx)
-        if upstream.id_tokens is not None:
-            try:
-                fields += await upstream.auth_field()
-            except (aiohttp.ClientError, TimeoutError):
-                upstream.breaker.failure()
-                return Problem(
-                    503, "upstream-unavailable", "could not obtain a backend identity token"
-                )
-        chunked = ctx.body is None and body.has_body and ctx.content_length is None
-        if chunked:
-            fields.append((b"Transfer-Encoding", b"chunked"))
-        elif ctx.body is None and not body.has_body and ctx.content_length is None \
-                and ctx.method in BODY_METHODS:
-            fields.append((b"Content-Length", b"0"))
-        target = upstream.target(ctx.upstream_path, ctx.query_string)
-        try:
-            head = request_head(ctx.method, target, upstream.host_header, fields)
-        except InvalidHeader:
-            return invalid_header(ctx)
-        started = time.perf_counter()
-        resp, problem = await self._send(upstream, ctx, body, head, chunked)
-        if problem is not None:
-            return problem
-        assert resp is not None
-        ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
-        upstream.latency.observe(ctx.upstream_latency_ms / 1000)
-        return await self._relay(upstream, ctx, resp, send, extra)
 
     async def _send(
         self, upstream: Upstream, ctx: RequestContext, body: BodySource, head: bytes,

@@ -326,36 +326,46 @@ class BodySource:
 
     async def chunks(self) -> Any:
         """Yield body chunks as they arrive; raise BodyTooLarge past the limit."""
-        if not self.has_body:
-            return
-        more = True
-        while more:
-            message = await self._next()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                raise ConnectionResetError("client disconnected while sending the body")
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            self.received += len(chunk)
-            if self.sample is not None:
-                if self.received <= self.sample_cap:
-                    self.sample += chunk
-                else:
-                    self.sample = None
-            if self.received > self.max_bytes:
-                raise BodyTooLarge()
+        while self.has_body:
+            chunk = self._take(await self._next())
             if chunk:
                 yield chunk
-        self.has_body = False
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        """The whole body (a loop, not ``chunks()``: no async generator on the hot path)."""
+        parts = []
+        while self.has_body:
+            parts.append(self._take(await self._next()))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _next(self) -> MutableMapping[str, Any]:
-        """``receive()``, bounded by what is left of the body timeout when it has to wait."""
-        left = self.timeout_left
-        if left is None or (self._ready is not None and self._ready()):
-            return await self._receive()
+    def _take(self, message: MutableMapping[str, Any]) -> bytes:
+        """One ``http.request`` message's bytes, counted; the last one ends ``has_body``."""
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            raise ConnectionResetError("client disconnected while sending the body")
+        chunk: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            self.has_body = False
+        self.received += len(chunk)
+        if self.sample is not None:
+            if self.received <= self.sample_cap:
+                self.sample += chunk
+            else:
+                self.sample = None
+        if self.received > self.max_bytes:
+            raise BodyTooLarge()
+        return chunk
+
+    def _next(self) -> Awaitable[MutableMapping[str, Any]]:
+        """``receive()``; bounded by what is left of the body timeout when it has to wait (a
+        plain function: the common case adds no coroutine of its own)."""
+        ready = self._ready
+        if self.timeout_left is None or (ready is not None and ready()):
+            return self._receive()
+        return self._timed_receive()
+
+    async def _timed_receive(self) -> MutableMapping[str, Any]:
+        left = self.timeout_left or 0.0
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

@@ -392,7 +392,7 @@ def test_the_app_learns_when_its_client_goes_away() -> None:
     async def waiting(scope: Scope, receive: Receive, send: Send) -> None:
         link = scope["extensions"]["plant.client"]
         assert not link.disconnected and link.body_ready()  # no body: its end is there
-        link.on_disconnect = lambda: called.append("gone")
+        link.on_disconnect = lambda gone: called.append("gone" if gone is link else "?")
         registered.set()
         await asyncio.sleep(WAIT)
 
