@@ -13,10 +13,11 @@ from typing import Any
 from plant_gateway import banner, metrics, ops
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
+from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import request_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import Proxy, ResponseStarted
+from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError
@@ -95,6 +96,8 @@ class GatewayApp:
         self.pipeline: list[Step] = []
         self.steps: list[tuple[Step, bool]] = []  # (step, has an ``after`` hook), built at start-up
         self.max_body = settings.max_body_bytes
+        self.body_timeout = settings.request_body_timeout_s
+        self.client_limits = ClientLimits.from_settings(settings)  # read by http_protocol
         self.proxy = Proxy(settings)
         self.forward = self.proxy.forward  # in a CLIENT span when tracing is on
         self.audit: Any = NoAudit()
@@ -200,7 +203,12 @@ class GatewayApp:
             "content-length" in req_headers
             and req_headers["content-length"].strip() not in ("", "0")
         )
-        body = BodySource(receive, self.max_body, has_body, self.audit_sample_cap)
+        extensions = scope.get("extensions")
+        client: ClientLink | None = extensions.get("plant.client") if extensions else None
+        body = BodySource(
+            receive, self.max_body, has_body, self.audit_sample_cap, self.body_timeout,
+            client.body_ready if client is not None and has_body else None,
+        )
         ctx.scratch["body_source"] = body
         # only a real probe (GET/HEAD) goes unaudited: ``TRACE /health`` is refused and audited
         probe = ctx.path in ops.PROBES and ctx.method in ("GET", "HEAD")
@@ -217,9 +225,12 @@ class GatewayApp:
                 ctx.status_code = status
                 await self.respond(tracker, status, headers + self.common_headers(ctx)[:2], b"")
             else:
-                await self.run_pipeline(ctx, body, tracker, ran)
+                await self.run_pipeline(ctx, body, tracker, ran, client)
         except ResponseStarted:
-            raise  # logged as an upstream failure (events); uvicorn aborts the connection
+            # logged as an upstream failure (events)
+            if client is None:
+                raise  # the server closes the connection
+            client.abort()  # the same, without uvicorn's traceback for an expected cut
         except Exception as exc:
             log.exception("unexpected error")
             ctx.error_type, ctx.error_message = "internal-error", type(exc).__name__
@@ -234,7 +245,8 @@ class GatewayApp:
             request_var.reset(token)
 
     async def run_pipeline(
-        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any]
+        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any],
+        client: ClientLink | None = None,
     ) -> None:
         problem: Problem | None = None
         for step, has_after in self.steps:
@@ -246,7 +258,7 @@ class GatewayApp:
                 ctx.refused_by = ctx.refused_by or step.name  # admit/settle name their guard
                 break
         if problem is None:
-            problem = await self.forward(ctx, body, send, self.common_headers(ctx))
+            problem = await self.forward(ctx, body, send, self.common_headers(ctx), client)
         if problem is not None:
             await self.send_problem(ctx, send, problem)
 

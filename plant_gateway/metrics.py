@@ -205,6 +205,17 @@ class InFlight:
 
 IN_FLIGHT_COUNT = InFlight()
 IN_FLIGHT.set_function(lambda: IN_FLIGHT_COUNT.value)
+# client connections of this worker (its server's set; summed over workers like every gauge)
+CLIENT_CONNECTIONS = Gauge(
+    "gateway_client_connections", "Open client connections", registry=REGISTRY
+)
+# connections the gateway closed before a request existed (so without an audit row):
+# idle_timeout, header_timeout (answered 408), keepalive_timeout, evicted (room for a newcomer
+# at MAX_CONNECTIONS), over_capacity (answered 503: every connection was running a request)
+CLIENT_CLOSED = Counter(
+    "gateway_client_connections_closed_total",
+    "Client connections closed by the gateway's client bounds", ["reason"], registry=REGISTRY,
+)
 GUARD_ACTIVE = Gauge(
     "gateway_guard_active", "1 when a guard is in the pipeline", ["guard"], registry=REGISTRY
 )

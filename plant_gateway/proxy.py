@@ -4,6 +4,11 @@ HTTP requests go through the lean client of ``upstream_client`` (the request hea
 bytes straight from the client's raw headers); WebSockets, the ID-token fetch and health checks
 use an aiohttp session. Timeouts, idempotent retries on connection failure, a circuit breaker per
 upstream, and the 502/503/504 problems.
+
+Bounded: a request holds an upstream connection only while it is forwarded, and that ends when
+its client goes away (the upstream exchange is aborted: the backend sees the disconnect), at
+the request deadline (REQUEST_DEADLINE_S), or when a slow body times out (408); waiting for a
+pooled connection is bounded too (UPSTREAM_POOL_TIMEOUT_S, 503).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -25,11 +30,20 @@ from yarl import URL
 from plant_gateway import events, masking, metrics
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.problems import Problem
-from plant_gateway.steps.ingress import BodySource, BodyTooLarge, too_large
+from plant_gateway.steps.ingress import (
+    BodySource,
+    BodyTimeout,
+    BodyTooLarge,
+    body_timeout,
+    client_gone,
+    read_body,
+    too_large,
+)
 from plant_gateway.upstream_client import (
     ConnectError,
     Disconnected,
     InvalidHeader,
+    PoolTimeout,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -75,6 +89,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # what aiohttp refuses in a 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when bodiless
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are sent in one piece
+# request bodies up to this size (with a Content-Length) are read whole before an upstream
+# connection is taken, as nginx buffers them: a client trickling its body then holds only its
+# own connection, never a pooled one (larger or chunked bodies stream, bounded by the body
+# timeout). 64 KiB x the 250 concurrent requests of an instance is 16 MiB at most.
+BUFFERED_BODY = 64 * 1024
+CLIENT_GONE, DEADLINE = "client-disconnected", "deadline-exceeded"  # why a forward was stopped
 SAFE_PATH = "/:@!$&'()*+,;=-._~"
 # GCE_METADATA_HOST: the variable Google's client libraries honour (an emulator, or tests)
 METADATA_URL = (
@@ -336,6 +356,7 @@ class Upstream:
             self.base, limit=self.settings.upstream_pool_size,
             connect_timeout=self.settings.upstream_connect_timeout_s,
             read_timeout=self.settings.upstream_read_timeout_s,
+            pool_timeout=self.settings.upstream_pool_timeout_s,
         )
 
     async def close(self) -> None:
@@ -388,6 +409,68 @@ class ResponseStarted(Exception):
     """The upstream failed after the response head was sent: the connection must be aborted."""
 
 
+class ClientLink(Protocol):
+    """What the HTTP server tells about a request's client (``http_protocol``'s protocol, in
+    the ASGI scope as ``scope["extensions"]["plant.client"]``)."""
+
+    disconnected: bool
+    on_disconnect: Callable[[Any], None] | None  # called with the link when the client goes
+    task: asyncio.Task[None] | None  # the running request's
+    def body_ready(self) -> bool: ...
+
+    def abort(self) -> None: ...  # cut the connection mid-response
+
+
+class Deadlines:
+    """The forwards in progress (their tasks, oldest first, with their deadlines) and one timer
+    for the oldest one's deadline; ``stop`` cancels a task while it forwards, never elsewhere.
+
+    Every request has the same deadline after its arrival, so the oldest is due first: one
+    timer wakes per deadline period, not one armed and cancelled per request. A forward that
+    began late (slow steps) may be stopped up to that lateness after its due. Deadlines are on
+    the ``time.perf_counter`` clock of ``RequestContext.started``.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[asyncio.Task[Any], float] = {}
+        self.stopped: dict[asyncio.Task[Any], str] = {}  # why, until the task has handled it
+        self.timer: asyncio.TimerHandle | None = None
+
+    def stop(self, task: asyncio.Task[Any] | None, reason: str) -> None:
+        """Cancel ``task`` if it is forwarding (and was not stopped already)."""
+        if task in self.running and task not in self.stopped:
+            assert task is not None
+            self.stopped[task] = reason
+            task.cancel()
+
+    def client_gone(self, client: ClientLink) -> None:
+        """A client link's ``on_disconnect``: stops its running request if it is forwarding."""
+        self.stop(client.task, CLIENT_GONE)
+
+    def arm(self) -> None:
+        """The timer, for the deadline of the oldest forward not stopped yet."""
+        for task, deadline in self.running.items():
+            if task not in self.stopped:
+                loop = asyncio.get_running_loop()
+                due = max(deadline - time.perf_counter(), 0.0)
+                self.timer = loop.call_at(loop.time() + due, self._expire)
+                return
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = time.perf_counter()
+        for task, deadline in list(self.running.items()):
+            if deadline > now:
+                break
+            self.stop(task, DEADLINE)
+        self.arm()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Proxy:
     """Forwards requests to the upstream that sandbox routing chose (``ctx.target_backend``)."""
 
@@ -396,6 +479,9 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cost_header = settings.cost_response_header.lower().encode("latin-1")
+        self.deadline_s = settings.request_deadline_s
+        self.deadlines = Deadlines()
+        self._client_gone = self.deadlines.client_gone  # bound once, set on every link
         production = Upstream("production", settings.plant_backend_url, settings)
         self.upstreams = {"production": production}
         if settings.plant_sandbox_url and settings.plant_sandbox_url != settings.plant_backend_url:
@@ -409,6 +495,7 @@ class Proxy:
             await upstream.start()
 
     async def close(self) -> None:
+        self.deadlines.close()
         for upstream in self.upstreams.values():
             await upstream.close()
 
@@ -416,43 +503,94 @@ class Proxy:
         return list(await asyncio.gather(*(u.check() for u in self.upstreams.values())))
 
     async def forward(
-        self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]]
+        self, ctx: RequestContext, body: BodySource, send: Send, extra: list[tuple[bytes, bytes]],
+        client: ClientLink | None = None,
     ) -> Problem | None:
-        """Send the request upstream and stream the answer back; a Problem if nothing was sent."""
+        """Send the request upstream and stream the answer back; a Problem if nothing was sent.
+
+        Stopped (the upstream exchange aborted, its connection freed) when ``client`` goes away
+        or at the request deadline: the task is cancelled while inside this function only.
+        One function, no inner coroutine: it runs for every request.
+        """
+        if client is not None and client.disconnected:
+            return client_gone(ctx)  # gone during the steps: the backend never sees it
         upstream = self.upstream(ctx.target_backend)
         if not upstream.breaker.allow():
             return _unavailable(upstream, "circuit open")
+        task = client.task if client is not None else asyncio.current_task()
+        assert task is not None
+        deadlines = self.deadlines
+        running = deadlines.running
+        running[task] = ctx.started + self.deadline_s
+        if deadlines.timer is None:
+            deadlines.arm()
+        if client is not None:
+            client.on_disconnect = self._client_gone  # a no-op once this forward is over
         try:
-            fields = encoded_header_fields(ctx, self.settings)
-        except InvalidHeader:
-            return invalid_header(ctx)
-        if upstream.id_tokens is not None:
+            if ctx.body is None and body.has_body and ctx.content_length is not None \
+                    and ctx.content_length <= BUFFERED_BODY:
+                read = await read_body(ctx)  # before any upstream connection is taken
+                if isinstance(read, Problem):
+                    return read
             try:
-                fields += await upstream.auth_field()
-            except (aiohttp.ClientError, TimeoutError):
-                upstream.breaker.failure()
-                return Problem(
-                    503, "upstream-unavailable", "could not obtain a backend identity token"
-                )
-        chunked = ctx.body is None and body.has_body and ctx.content_length is None
-        if chunked:
-            fields.append((b"Transfer-Encoding", b"chunked"))
-        elif ctx.body is None and not body.has_body and ctx.content_length is None \
-                and ctx.method in BODY_METHODS:
-            fields.append((b"Content-Length", b"0"))
-        target = upstream.target(ctx.upstream_path, ctx.query_string)
+                fields = encoded_header_fields(ctx, self.settings)
+            except InvalidHeader:
+                return invalid_header(ctx)
+            if upstream.id_tokens is not None:
+                problem = await self._id_token(upstream, fields)
+                if problem is not None:
+                    return problem
+            chunked = ctx.body is None and body.has_body and ctx.content_length is None
+            if chunked:
+                fields.append((b"Transfer-Encoding", b"chunked"))
+            elif ctx.body is None and not body.has_body and ctx.content_length is None \
+                    and ctx.method in BODY_METHODS:
+                fields.append((b"Content-Length", b"0"))
+            target = upstream.target(ctx.upstream_path, ctx.query_string)
+            try:
+                head = request_head(ctx.method, target, upstream.host_header, fields)
+            except InvalidHeader:
+                return invalid_header(ctx)
+            started = time.perf_counter()
+            resp, problem = await self._send(upstream, ctx, body, head, chunked)
+            if problem is not None:
+                return problem
+            assert resp is not None
+            ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
+            upstream.latency.observe(ctx.upstream_latency_ms / 1000)
+            return await self._relay(upstream, ctx, resp, send, extra)
+        except asyncio.CancelledError:
+            reason = deadlines.stopped.pop(task, None)
+            if reason is None or task.uncancel() > 0:
+                raise  # cancelled by someone else (shutdown)
+            return self._stopped(ctx, reason, getattr(send, "started", True))
+        finally:
+            del running[task]  # disarmed: nothing after this may be cancelled by a stop
+
+    async def _id_token(self, upstream: Upstream, fields: list[tuple[bytes, bytes]]
+                        ) -> Problem | None:
+        """Add the backend's ID token to ``fields``; a 503 when none can be had."""
         try:
-            head = request_head(ctx.method, target, upstream.host_header, fields)
-        except InvalidHeader:
-            return invalid_header(ctx)
-        started = time.perf_counter()
-        resp, problem = await self._send(upstream, ctx, body, head, chunked)
-        if problem is not None:
-            return problem
-        assert resp is not None
-        ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
-        upstream.latency.observe(ctx.upstream_latency_ms / 1000)
-        return await self._relay(upstream, ctx, resp, send, extra)
+            fields += await upstream.auth_field()
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.breaker.failure()
+            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        return None
+
+    def _stopped(self, ctx: RequestContext, reason: str, started: bool) -> Problem | None:
+        """The forward was stopped: the problem to answer, if the answer has not started."""
+        upstream = self.upstream(ctx.target_backend)
+        _count(upstream, "client_gone" if reason == CLIENT_GONE else "deadline")
+        if reason == CLIENT_GONE:
+            if not started:
+                return client_gone(ctx)
+            ctx.error_type = CLIENT_GONE  # the row keeps the status that was being sent
+            return None
+        ctx.error_type = DEADLINE
+        if started:
+            raise ResponseStarted("the request deadline passed while streaming")
+        return Problem(504, "gateway-timeout",
+                       f"the request did not complete within {self.deadline_s:g} s")
 
     async def _send(
         self, upstream: Upstream, ctx: RequestContext, body: BodySource, head: bytes,
@@ -480,19 +618,31 @@ class Proxy:
                     if not stale:
                         await asyncio.sleep(0.05 * (attempt + 1))
                     continue
-                return None, self._failed(upstream, body, exc)
+                return None, self._failed(upstream, ctx, body, exc)
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
-                return None, self._failed(upstream, body, exc)
+                return None, self._failed(upstream, ctx, body, exc)
             upstream.breaker.success()
             return resp, None
         raise AssertionError("unreachable")
 
-    def _failed(self, upstream: Upstream, body: BodySource, exc: Exception) -> Problem:
+    def _failed(
+        self, upstream: Upstream, ctx: RequestContext, body: BodySource, exc: Exception
+    ) -> Problem:
         """Map a failed upstream call to its problem and feed the circuit breaker."""
         if body.received > body.max_bytes or isinstance(exc, BodyTooLarge):
             return too_large(body.max_bytes)
+        if body.timed_out or isinstance(exc, BodyTimeout):
+            return body_timeout(body.timeout or 0.0)  # the client's slowness, not the backend's
         if body.disconnected:
-            return Problem(400, "bad-request", "the client went away while sending the body")
+            return client_gone(ctx)
+        if isinstance(exc, PoolTimeout):
+            _count(upstream, "pool_timeout")  # our own saturation: the breaker is not fed
+            return Problem(
+                503, "upstream-unavailable",
+                f"no connection to the backend came free within "
+                f"{self.settings.upstream_pool_timeout_s:g} s",
+                headers=[("retry-after", "1")],
+            )
         if isinstance(exc, ConnectError):
             _count(upstream, "connect")
             upstream.breaker.failure()

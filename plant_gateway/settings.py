@@ -185,14 +185,53 @@ class Settings(BaseSettings):
     )
     upstream_retries: int = Field(2, ge=0, le=5, validation_alias=env_alias("UPSTREAM_RETRIES"))
     upstream_pool_size: int = Field(256, ge=1, validation_alias=env_alias("UPSTREAM_POOL_SIZE"))
+    # a request that finds every pooled connection busy waits at most this long for one (503);
+    # like connecting, getting a connection is bounded
+    upstream_pool_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=env_alias("UPSTREAM_POOL_TIMEOUT_S")
+    )
+    # the whole exchange (body, backend, streamed answer), counted from the request's arrival:
+    # 504 before the answer started, the connection cut after. Just under the deployed Cloud Run
+    # request timeout (300 s), so the gateway answers and audits first and frees its upstream
+    # connection; any shorter would cut streams the platform allows.
+    request_deadline_s: float = Field(
+        290.0, gt=0, validation_alias=env_alias("REQUEST_DEADLINE_S")
+    )
     breaker_failure_threshold: int = Field(
         5, ge=1, validation_alias=env_alias("BREAKER_FAILURE_THRESHOLD")
     )
     breaker_reset_s: float = Field(30.0, gt=0, validation_alias=env_alias("BREAKER_RESET_S"))
 
+    # --- client connections (per worker process; README -> Client connections) -------------
+    # a new connection that sends no byte: closed
+    client_idle_timeout_s: float = Field(
+        30.0, gt=0, validation_alias=env_alias("CLIENT_IDLE_TIMEOUT_S")
+    )
+    # a request head must be complete this long after its first byte (slowloris): 408, closed
+    client_header_timeout_s: float = Field(
+        10.0, gt=0, validation_alias=env_alias("CLIENT_HEADER_TIMEOUT_S")
+    )
+    # idle between two requests. LONGER than Google's load balancer keeps an idle connection to
+    # its backends (600 s, fixed): the proxy in front must close first, or it may send the next
+    # request on a connection the gateway is closing, and its client gets a 502.
+    client_keepalive_timeout_s: float = Field(
+        620.0, gt=0, validation_alias=env_alias("CLIENT_KEEPALIVE_TIMEOUT_S")
+    )
+    # open client connections; past it the longest-idle one without a request running is
+    # closed for the newcomer, and when every one is busy the newcomer gets a 503. 4x the 250
+    # concurrent requests Cloud Run sends an instance; ~20 MiB of its 512 (measured: ~7 KiB an
+    # idle connection, ~20 KiB one that has served a request)
+    max_connections: int = Field(1000, ge=1, validation_alias=env_alias("MAX_CONNECTIONS"))
+
     # --- ingress -------------------------------------------------------------------------
     max_body_bytes: int = Field(
         10 * 1024 * 1024, gt=0, validation_alias=env_alias("MAX_BODY_BYTES")
+    )
+    # the whole request body must arrive within this after the head (408): a slow POST holds a
+    # connection, never an upstream one (small bodies are read before one is taken); 10 MiB in
+    # 60 s is 1.4 Mbit/s
+    request_body_timeout_s: float = Field(
+        60.0, gt=0, validation_alias=env_alias("REQUEST_BODY_TIMEOUT_S")
     )
     # JSON the gateway parses (tenant-bound bodies, audit capture, masked answers) nests at most
     # this deep; the cap keeps every parser and walker far from Python's recursion limit

@@ -10,7 +10,8 @@ health checks and the metadata server.
 Errors: ``ConnectError`` (nothing reached the backend), ``Disconnected`` (the connection closed
 before any response byte: a stale pooled connection, retryable for idempotent requests),
 ``BadResponse`` (malformed HTTP), ``ConnectionLost`` (closed mid-response), ``TimeoutError`` (no
-bytes for ``read_timeout`` while waiting), ``InvalidHeader`` (CR/LF/NUL in the request head).
+bytes for ``read_timeout`` while waiting), ``InvalidHeader`` (CR/LF/NUL in the request head),
+``PoolTimeout`` (every connection stayed busy for ``pool_timeout``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class BadResponse(UpstreamError):
 
 class ConnectionLost(UpstreamError):
     """The connection closed in the middle of the response."""
+
+
+class PoolTimeout(UpstreamError):
+    """No connection of the pool came free within ``pool_timeout``: nothing reached the backend."""
 
 
 class InvalidHeader(UpstreamError, ValueError):
@@ -379,13 +384,15 @@ class UpstreamPool:
 
     def __init__(
         self, host: str, port: int, *, limit: int, connect_timeout: float, read_timeout: float,
-        ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+        pool_timeout: float | None = None, ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.pool_timeout = pool_timeout
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.loop = asyncio.get_running_loop()
@@ -409,22 +416,33 @@ class UpstreamPool:
         return await self._wait_for_connection()
 
     async def _wait_for_connection(self) -> _Connection:
+        """Wait in line for a released connection or a freed slot: PoolTimeout past
+        ``pool_timeout`` (a waiter cancelled by the timeout passes on what it was handed)."""
         waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
         self.waiters.append(waiter)
         try:
-            conn = await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                handed = waiter.result()
-                if handed is not None:
-                    self.release(handed)
-                else:
-                    self._slot_freed()  # give the reserved slot to the next waiter
+            async with asyncio.timeout(self.pool_timeout):
+                conn = await waiter
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            self._abandon(waiter)
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeout(f"no connection free within {self.pool_timeout} s") from None
             raise
         if conn is not None:
             conn.reused = True
             return conn
         return await self._connect(reserved=True)
+
+    def _abandon(self, waiter: asyncio.Future[_Connection | None]) -> None:
+        """A waiter gave up (timeout, cancellation): pass on whatever it was handed meanwhile."""
+        if not waiter.done():
+            waiter.cancel()  # skipped by release() and _wake_one()
+        elif not waiter.cancelled():
+            handed = waiter.result()
+            if handed is not None:
+                self.release(handed)
+            else:
+                self._slot_freed()  # give the reserved slot to the next waiter
 
     async def _connect(self, reserved: bool = False) -> _Connection:
         if not reserved:
@@ -563,13 +581,14 @@ async def _send_body(
     exchange.keep_alive = False  # the request was cut short: never reuse the connection
 
 
-def pool_for_url(url: Any, *, limit: int, connect_timeout: float, read_timeout: float
-                 ) -> UpstreamPool:
+def pool_for_url(url: Any, *, limit: int, connect_timeout: float, read_timeout: float,
+                 pool_timeout: float | None = None) -> UpstreamPool:
     """A pool for a yarl URL (http or https)."""
     secure = url.scheme == "https"
     context = ssl.create_default_context() if secure else None
     host = url.raw_host or "localhost"
     return UpstreamPool(
         host, url.port or (443 if secure else 80), limit=limit, connect_timeout=connect_timeout,
-        read_timeout=read_timeout, ssl_context=context, server_hostname=host,
+        read_timeout=read_timeout, pool_timeout=pool_timeout, ssl_context=context,
+        server_hostname=host,
     )

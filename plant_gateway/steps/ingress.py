@@ -9,6 +9,7 @@ request whose audit row could not be secured is refused (503 ``audit-unavailable
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -287,47 +288,96 @@ class BodyTooLarge(Exception):
     """The streamed request body went over the limit."""
 
 
+class BodyTimeout(Exception):
+    """The client took longer than the body timeout to send its body (not a TimeoutError: an
+    upstream timeout is the backend's fault, this one the client's)."""
+
+
+def body_timeout(seconds: float) -> Problem:
+    """408; the connection is closed after it (the rest of the body may still be coming)."""
+    return Problem(
+        408, "request-timeout", f"the request body did not arrive within {seconds:g} s",
+        headers=[("connection", "close")],
+    )
+
+
 class BodySource:
-    """The request body, read once from ASGI ``receive``: streamed, or buffered on demand."""
+    """The request body, read once from ASGI ``receive``: streamed, or buffered on demand.
+
+    ``timeout``: the seconds the body may keep the gateway waiting in all (BodyTimeout past
+    them); time spent elsewhere (a slow backend reading it) is not the client's and not
+    counted. ``ready``: true when the server already holds the next message (no timer then).
+    """
 
     def __init__(
-        self, receive: Receive, max_bytes: int, has_body: bool, sample_cap: int = 0
+        self, receive: Receive, max_bytes: int, has_body: bool, sample_cap: int = 0,
+        timeout: float | None = None, ready: Callable[[], bool] | None = None,
     ) -> None:
         self._receive = receive
         self.max_bytes = max_bytes
         self.has_body = has_body
         self.received = 0
         self.disconnected = False
+        self.timeout = timeout
+        self.timeout_left = timeout
+        self.timed_out = False
+        self._ready = ready
         # the first ``sample_cap`` bytes, kept for the audit row (None once the body is bigger)
         self.sample_cap = sample_cap
         self.sample: bytearray | None = bytearray() if sample_cap > 0 else None
 
     async def chunks(self) -> Any:
         """Yield body chunks as they arrive; raise BodyTooLarge past the limit."""
-        if not self.has_body:
-            return
-        more = True
-        while more:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                raise ConnectionResetError("client disconnected while sending the body")
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            self.received += len(chunk)
-            if self.sample is not None:
-                if self.received <= self.sample_cap:
-                    self.sample += chunk
-                else:
-                    self.sample = None
-            if self.received > self.max_bytes:
-                raise BodyTooLarge()
+        while self.has_body:
+            chunk = self._take(await self._next())
             if chunk:
                 yield chunk
-        self.has_body = False
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        """The whole body (a loop, not ``chunks()``: no async generator on the hot path)."""
+        parts = []
+        while self.has_body:
+            parts.append(self._take(await self._next()))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take(self, message: MutableMapping[str, Any]) -> bytes:
+        """One ``http.request`` message's bytes, counted; the last one ends ``has_body``."""
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            raise ConnectionResetError("client disconnected while sending the body")
+        chunk: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            self.has_body = False
+        self.received += len(chunk)
+        if self.sample is not None:
+            if self.received <= self.sample_cap:
+                self.sample += chunk
+            else:
+                self.sample = None
+        if self.received > self.max_bytes:
+            raise BodyTooLarge()
+        return chunk
+
+    def _next(self) -> Awaitable[MutableMapping[str, Any]]:
+        """``receive()``; bounded by what is left of the body timeout when it has to wait (a
+        plain function: the common case adds no coroutine of its own)."""
+        ready = self._ready
+        if self.timeout_left is None or (ready is not None and ready()):
+            return self._receive()
+        return self._timed_receive()
+
+    async def _timed_receive(self) -> MutableMapping[str, Any]:
+        left = self.timeout_left or 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                return await self._receive()
+        except TimeoutError:
+            self.timed_out = True
+            raise BodyTimeout() from None
+        finally:
+            self.timeout_left = left - (loop.time() - started)
 
 
 async def read_body(ctx: RequestContext) -> bytes | Problem:
@@ -342,11 +392,21 @@ async def read_body(ctx: RequestContext) -> bytes | Problem:
         ctx.body = await source.read()
     except BodyTooLarge:
         return too_large(source.max_bytes)
+    except BodyTimeout:
+        return body_timeout(source.timeout or 0.0)
+    except ConnectionResetError:  # the client went away while sending it
+        return client_gone(ctx)
     return ctx.body
 
 
 class _NoAuditSink:
     refusing = False
+
+
+def client_gone(ctx: RequestContext) -> Problem:
+    """The client went away before its answer: nothing can be sent; the audit row says 499."""
+    ctx.error_type = "client-disconnected"
+    return Problem(499, "client-disconnected", "the client closed the connection")
 
 
 class IngressStep:

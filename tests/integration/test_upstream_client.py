@@ -27,6 +27,7 @@ from plant_gateway.upstream_client import (
     ConnectionLost,
     Disconnected,
     InvalidHeader,
+    PoolTimeout,
     UpstreamPool,
 )
 
@@ -209,6 +210,28 @@ async def test_pool_limit_is_respected_under_concurrency(backend: WebBackend) ->
         assert backend.max_in_flight <= 2
         assert len(set(backend.ports)) <= 2
         assert pool.open <= 2 and not pool.waiters
+    finally:
+        await pool.close()
+
+
+async def test_a_pool_wait_past_the_pool_timeout_gives_up_and_frees_its_place(
+    backend: WebBackend,
+) -> None:
+    """Both connections busy: waiters give up after ``pool_timeout`` (PoolTimeout, nothing
+    sent); the line they leave is consistent, so later requests get connections as usual."""
+    pool = UpstreamPool("127.0.0.1", backend.port, limit=2, connect_timeout=2.0,
+                        read_timeout=5.0, pool_timeout=0.2)
+    try:
+        busy = [asyncio.create_task(get(pool, "/slow?delay=0.6")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        waits = await asyncio.gather(*(get(pool, "/echo") for _ in range(5)),
+                                     return_exceptions=True)
+        assert all(isinstance(w, PoolTimeout) for w in waits)
+        assert [r[1] for r in await asyncio.gather(*busy)] == [b"slow", b"slow"]
+        assert not [w for w in pool.waiters if not w.done()]
+        results = await asyncio.gather(*(get(pool, "/slow?delay=0.01") for _ in range(6)))
+        assert [r[0] for r in results] == [200] * 6 and pool.open <= 2
+        assert len(backend.ports) == 8  # the five that timed out never reached the backend
     finally:
         await pool.close()
 

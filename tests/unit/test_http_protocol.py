@@ -20,7 +20,7 @@ import uvicorn
 import uvloop
 
 from plant_gateway.cli.serve import HTTP_PROTOCOL
-from plant_gateway.http_protocol import CorkedHttpToolsProtocol
+from plant_gateway.http_protocol import ClientLimits, CorkedHttpToolsProtocol
 
 STOCK_PROTOCOL = "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol"
 PROTOCOLS = pytest.mark.parametrize("protocol", [HTTP_PROTOCOL, STOCK_PROTOCOL],
@@ -368,3 +368,77 @@ def test_serve_config_resolves_to_the_corked_protocol() -> None:
     config = uvicorn.Config(echo_path, http=HTTP_PROTOCOL, lifespan="off", log_config=None)
     config.load()
     assert config.http_protocol_class is CorkedHttpToolsProtocol
+
+
+# --- client bounds and the client link (the gateway's protocol only) ----------------------------
+
+
+class LimitedApp:
+    """An app with ``client_limits`` (as GatewayApp has): the protocol applies them."""
+
+    def __init__(self, app: App, limits: ClientLimits) -> None:
+        self.app = app
+        self.client_limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def test_the_app_learns_when_its_client_goes_away() -> None:
+    """``on_disconnect`` set by the app is called once when the client leaves mid-request."""
+    called: list[str] = []
+    registered = asyncio.Event()
+
+    async def waiting(scope: Scope, receive: Receive, send: Send) -> None:
+        link = scope["extensions"]["plant.client"]
+        assert not link.disconnected and link.body_ready()  # no body: its end is there
+        link.on_disconnect = lambda gone: called.append("gone" if gone is link else "?")
+        registered.set()
+        await asyncio.sleep(WAIT)
+
+    async def scenario() -> None:
+        async with serving(waiting, HTTP_PROTOCOL) as port:
+            async with connected(port) as (_, writer):
+                writer.write(get())
+                await asyncio.wait_for(registered.wait(), WAIT)
+            for _ in range(100):
+                if called:
+                    return
+                await asyncio.sleep(0.02)
+
+    run(scenario())
+    assert called == ["gone"]
+
+
+def test_abort_cuts_a_response_without_an_app_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def cut(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})
+        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        scope["extensions"]["plant.client"].abort()
+
+    async def scenario() -> bytes:
+        async with serving(cut, HTTP_PROTOCOL) as port, connected(port) as (reader, writer):
+            writer.write(get())
+            return await read_to_eof(reader)
+
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        received = run(scenario())
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n12345")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_head_trickling_behind_a_running_request_gets_408_after_its_answer() -> None:
+    """The header timeout of a pipelined head counts from its first byte and never cuts into
+    the answer before it: that answer arrives whole, then the 408."""
+    app = LimitedApp(echo_path, ClientLimits(header_s=0.5, keepalive_s=KEEP_ALIVE))
+
+    async def scenario() -> tuple[bytes, bytes]:
+        async with serving(app, HTTP_PROTOCOL) as port, connected(port) as (reader, writer):
+            writer.write(get("/slow") + b"GET /next HTTP/1.1\r\nhost: test\r\n")
+            return await read_response(reader), await read_to_eof(reader)
+
+    first, rest = run(scenario())
+    assert first == ok(b"/slow")
+    assert rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"connection: close\r\n" in rest
