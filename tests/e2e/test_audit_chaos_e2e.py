@@ -279,7 +279,9 @@ async def test_sigterm_with_a_hung_database_and_a_slow_request_exits_within_the_
     assert len(answered) == 150 and len(cut) == 1  # the slow one: cancelled after 5 s
     in_table = await rows_by_cid(controlled_pg.admin_dsn, answered)
     spooled = spooled_cids(state_dir)
-    assert spooled, "the hung database took the last rows: nothing to replay"
+    # usually the frozen database holds the last rows back and shutdown spools them; on a
+    # loaded machine the freeze can land after the last COPY: then the table has them all
+    assert spooled or set(in_table) >= set(answered), "rows neither in the table nor spooled"
     # a COMMIT the frozen server read before SIGSTOP but answered after it: that batch is in
     # the table and (unacknowledged) in the spool; the replay's ON CONFLICT absorbs it
     assert set(in_table) | set(spooled) >= set(answered)
