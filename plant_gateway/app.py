@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from plant_gateway import banner, metrics, ops
+from plant_gateway import banner, metrics, ops, shutdown_watchdog
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
 from plant_gateway.http_protocol import ClientLimits
@@ -21,6 +21,7 @@ from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError
+from plant_gateway.shutdown_watchdog import ShutdownWatchdog
 from plant_gateway.steps import Step
 from plant_gateway.steps.admit import settle
 from plant_gateway.steps.ingress import BodySource, context_from_scope
@@ -144,6 +145,8 @@ class GatewayApp:
             tune_gc()  # in every served worker: the start-up heap is complete now
 
     async def shutdown(self) -> None:
+        watchdog = ShutdownWatchdog(self.settings.audit_flush_s + shutdown_watchdog.SLACK_S)
+        watchdog.start()
         try:
             await self.proxy.close()
             if self.deps is not None:
@@ -152,6 +155,7 @@ class GatewayApp:
                 await asyncio.to_thread(self.tracing.shutdown)  # exports what is queued
         finally:
             await metrics.stop_sharing()  # last: the audit flush above still counts
+            watchdog.stop()
         log.info("gateway stopped", extra={"event": "stopped"})
 
     async def lifespan(self, receive: Receive, send: Send) -> None:

@@ -83,6 +83,7 @@ CAN_MAINTAIN_SQL = (
 AHEAD_DAYS = 7  # daily partitions created ahead of time
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
 SCHEMA_MISSING = "audit table missing: run `plant-gateway db upgrade` on this database"
+CANCEL_WAIT_S = 0.2  # for a cancelled background task to end, at close
 CLOSE_RESERVE_S = 0.5  # of the close budget: spool what is left, close the connections
 REPLAY_BATCHES = 20  # batches per replay turn (the spool file is re-read from the offset)
 ORPHAN_BATCHES = 200  # per orphaned spool per scan; a longer one is scanned again at once
@@ -763,15 +764,15 @@ class PostgresAuditSink:
 
 
 async def _finish(task: asyncio.Task[None] | None, until: float) -> None:
-    """Let a task end by itself until ``until`` (monotonic), then cancel it."""
+    """Let a task end by itself until ``until`` (monotonic), then cancel it. A task that does
+    not end within ``CANCEL_WAIT_S`` of its cancellation is left behind: close() must keep its
+    budget (the shutdown watchdog names such a task if the process then cannot exit)."""
     if task is None or task.done():
         return
-    try:
-        await asyncio.wait_for(asyncio.shield(task), max(0.0, until - time.monotonic()))
-    except TimeoutError:
+    await asyncio.wait({task}, timeout=max(0.0, until - time.monotonic()))
+    if not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
 
 
 async def _retention_refusal(conn: asyncpg.Connection) -> str:

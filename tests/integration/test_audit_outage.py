@@ -100,3 +100,37 @@ async def test_unmigrated_database_is_reported_and_loses_nothing(
             await sink.close()
     finally:
         drop_database(dsn)
+
+
+async def test_close_with_a_hung_database_mid_write_ends_within_its_budget(
+    controlled_pg: ControlledPostgres, tmp_path: Path
+) -> None:
+    """SIGSTOPped PostgreSQL while a batch is being written (connection open, nothing answers):
+    close() gives up on the write at its deadline, spools the batch and returns within the
+    flush budget; a ROLLBACK or a graceful close on the hung connection must not hold it.
+    Cloud Run SIGKILLs 10 s after SIGTERM, so an unbounded wait here loses every queued row."""
+    sink, recorder = await started_sink(controlled_pg.admin_dsn, tmp_path)
+    ids: list[str] = []
+
+    def load(count: int) -> None:
+        for _ in range(count):
+            ctx = context(status=200)
+            ids.append(ctx.correlation_id)
+            recorder.record(ctx)
+
+    load(100)
+    for _ in range(100):  # the writer's connection is open and idle
+        if sink.stats["written"] == 100:
+            break
+        await asyncio.sleep(0.05)
+    with controlled_pg.frozen():
+        load(300)
+        await asyncio.sleep(1.0)  # the writer is inside COPY on the hung connection
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(sink.close(), sink.close_budget_s + 5)
+        took = asyncio.get_running_loop().time() - started
+    assert took < sink.close_budget_s + 0.5
+    spooled = sink.spool_path.read_text().splitlines() if sink.spool_path.exists() else []
+    assert sink.stats["lost"] == 0
+    in_table, _ = await count_ids(controlled_pg.admin_dsn, ids)
+    assert in_table + len(spooled) == len(ids)
