@@ -41,6 +41,7 @@ import asyncpg
 
 from plant_gateway import events
 from plant_gateway.backends import audit_metrics as m
+from plant_gateway.backends import audit_spool_redis
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
     MAINTAINER_ROLE,
@@ -209,6 +210,10 @@ class PostgresAuditSink:
         self._last_failure = ""  # the last task failure logged (a repeat is only counted)
         self._retention_note = ""  # why retention was last skipped (logged when it changes)
         self.health = events.dependency("audit_database")  # one line per outage and recovery
+        # the deployment's Redis as the first spool (it outlives the instance), or None
+        self.redis_spool = audit_spool_redis.create(
+            settings, f"{safe}-{os.getpid()}", self._set_condition
+        )
 
     # --- Dependency ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -248,13 +253,40 @@ class PostgresAuditSink:
         await _finish(writer, deadline - CLOSE_RESERVE_S)
         await _finish(replay, deadline - CLOSE_RESERVE_S)
         leftover = self._drain_queue()
+        if leftover and await self._close_to_redis(leftover, deadline):
+            leftover = []
         if leftover and not self._spool_rows(leftover, reserved=True):
             self._lose(len(leftover))
+        await self._close_redis(deadline)
         await self._close_connections(deadline)
         if self.spool is not None:
             self.spool.close(remove_if_empty=True)
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+
+    async def _close_to_redis(self, rows: list[bytes], deadline: float) -> bool:
+        """At close, rows the table did not take to the Redis spool (it survives the instance;
+        the disk spool does not on Cloud Run), within the budget."""
+        if self.redis_spool is None:
+            return False
+        left = deadline - time.monotonic() - CLOSE_RESERVE_S / 2
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self.redis_spool.push(rows, now=True), max(0.05, left))
+        return False  # a push cut short may have landed: replayed twice, deduplicated
+
+    async def _close_redis(self, deadline: float) -> None:
+        """Disk-spooled rows the replay could not store move to Redis while time is left, then
+        the Redis spool gives back its replay state (unconfirmed batch, lease)."""
+        spool, redis_spool = self.spool, self.redis_spool
+        if redis_spool is None:
+            return
+        left = deadline - time.monotonic() - CLOSE_RESERVE_S / 2
+        with contextlib.suppress(TimeoutError):
+            if spool is not None and spool.pending:
+                await asyncio.wait_for(redis_spool.adopt(spool, deadline), max(0.05, left))
+        left = deadline - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(redis_spool.close(), max(0.05, left))
 
     async def _close_connections(self, deadline: float) -> None:
         conns = [c for c in (self.writer.conn, self.replayer.conn, self._probe) if c is not None]
@@ -283,6 +315,10 @@ class PostgresAuditSink:
             notes.append(f"{pending} rows spooled to disk")
         if self.spool_error:
             notes.append(f"disk spool cannot take rows ({self.spool_error})")
+        redis_error = ""
+        if self.redis_spool is not None:
+            notes.extend(self.redis_spool.notes())
+            redis_error = self.redis_spool.error
         if "secure" in self.conditions:
             notes.append(self.conditions["secure"])
         if self.stats["lost"]:
@@ -291,7 +327,7 @@ class PostgresAuditSink:
         # the rows); refusing requests does.
         return DependencyStatus(
             name="postgres_audit",
-            ok=ok and not self.spool_error and "secure" not in self.conditions,
+            ok=ok and not self.spool_error and not redis_error and "secure" not in self.conditions,
             required=self.refusing,
             detail="; ".join(notes),
             latency_ms=(time.perf_counter() - started) * 1000,
@@ -413,6 +449,8 @@ class PostgresAuditSink:
                 with contextlib.suppress(Outage):
                     await self._write(self.writer, batch)
                     return True
+            if self.redis_spool is not None and await self.redis_spool.push(batch):
+                return True
             if self._spool_rows(batch):
                 return True
         except BaseException:  # cancelled by close()'s deadline, or a bug: the rows stay queued
@@ -506,9 +544,10 @@ class PostgresAuditSink:
 
     def _mark_outage(self, channel: Channel, exc: BaseException) -> None:
         hint = f" ({SCHEMA_MISSING})" if isinstance(exc, asyncpg.UndefinedTableError) else ""
+        where = "the disk spool" if self.redis_spool is None else "the Redis spool"
         self._set_condition("database", f"database unavailable ({type(exc).__name__}){hint}; "
-                                        "rows go to the disk spool")
-        self.health.down(f"{type(exc).__name__}{hint}; spooling audit rows to disk")
+                                        f"rows go to {where}")
+        self.health.down(f"{type(exc).__name__}{hint}; spooling audit rows to {where}")
         m.DATABASE_UP.set(0)
         self._drop_conn(channel)
         channel.retry_at = time.monotonic() + channel.retry_s
@@ -597,6 +636,7 @@ class PostgresAuditSink:
             moved = False
             if self.replayer.ready():
                 moved = await self._replay_own()
+                moved = await self._replay_redis() or moved
                 if not self._closing and self.replayer.ready() \
                         and time.monotonic() >= orphans_at:
                     more = await self._replay_orphans()
@@ -615,6 +655,8 @@ class PostgresAuditSink:
         spool) or the next orphan scan is due."""
         self._spooled.clear()
         due = 0.0 if self._pending() else orphans_at - time.monotonic()
+        if self.redis_spool is not None:
+            due = min(due, self.redis_spool.due_in())
         timeout = max(STALL_MIN_S, self.replayer.wait_s(), due)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._spooled.wait(), timeout)
@@ -675,6 +717,28 @@ class PostgresAuditSink:
             self.stats["replayed"] += written
             moved = True
         return moved
+
+    async def _replay_redis(self) -> bool:
+        """Rows of the shared Redis spool (any instance's, a gone one's too) into the table on
+        the replay's connection, when due; never while closing (a live instance does it)."""
+        redis_spool = self.redis_spool
+        if redis_spool is None or self._closing or redis_spool.due_in() > 0 \
+                or not self.replayer.ready():  # the database just failed this turn
+            return False
+        return await redis_spool.replay(self._write_replayed, REPLAY_BATCHES)
+
+    async def _write_replayed(self, lines: list[bytes]) -> int | None:
+        """Lines from the Redis spool into the table; None if the database cannot take them."""
+        rows: list[bytes] = []
+        for line in lines:
+            try:
+                rows.append(upgrade_line(line))
+            except (ValueError, TypeError, KeyError):
+                self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
+        try:
+            return await self._write(self.replayer, rows)
+        except Outage:
+            return None
 
     def _reclaim(self, spool: Spool) -> None:
         """Replayed rows' blocks back to the disk while the replay goes on (rows that keep
