@@ -294,6 +294,7 @@ Merge = Callable[[float, float], float]
 GAUGE_MERGE: dict[str, Merge] = {
     "gateway_circuit_state": max,  # each worker has its own breaker: the worst state shows
     "gateway_guard_active": max,  # same configuration in every worker
+    "plant_audit_redis_spool_rows": max,  # one list shared by every worker and instance
 }
 log = logging.getLogger("plant_gateway.metrics")
 Snapshot = dict[str, Any]
