@@ -318,8 +318,8 @@ class RedisSpool:
                     await self._release(keys=[self.lease_key], args=[self.replayer])
                     break
                 moved = True
-        except ERRORS:
-            pass  # the push path reports Redis's state; the next poll tries again
+        except ERRORS:  # the push path reports Redis's state; a hung Redis is polled less
+            self.poll_at = time.monotonic() + RETRY_MAX_S
         return moved
 
     def _seen(self, pending: int) -> None:

@@ -81,7 +81,7 @@ async def test_a_killed_instance_loses_only_its_last_queued_rows(
     """SIGKILL mid-load with the database down: what the writer had pushed to Redis (every
     batch older than one flush interval, 50 ms) survives the instance and is written by the
     next one; only the rows still queued in memory are lost (``audit verify`` reports such a
-    chain end). Measured here: the loss stays under 100 rows at the load 8 clients make."""
+    chain end). Measured here: 5 to 105 rows of ~800, depending on how busy the machine is."""
     env: dict[str, str | None] = {
         "PLANT_GUARDS": "audit", "DATABASE_URL": controlled_pg.admin_dsn,
         "REDIS_URL": redis_server.url, "UPSTREAM_RETRIES": "0",
@@ -108,9 +108,12 @@ async def test_a_killed_instance_loses_only_its_last_queued_rows(
     finally:
         gw_b.stop()
     assert all(len(r) == 1 for r in rows.values()), "a request has two rows"
-    lost = len(answered) - len(rows)
-    print(f"SIGKILL after {len(answered)} answers: {lost} rows lost")  # noqa: T201
-    assert 0 <= lost < 100
+    lost = [cid for cid in answered if cid not in rows]
+    print(f"SIGKILL after {len(answered)} answers: {len(lost)} rows lost")  # noqa: T201
+    # only the last answers' rows, still queued in memory: fewer than a batch (500, whose
+    # arrival wakes the writer), and nothing older (8 clients answer a little out of order)
+    assert len(lost) < 500
+    assert set(lost) <= set(answered[-(len(lost) + 8):])
 
 
 async def until(condition: Callable[[], bool], within_s: float = 60.0) -> bool:

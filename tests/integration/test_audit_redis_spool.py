@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -278,3 +279,42 @@ async def test_the_redis_spool_can_be_switched_off(
         assert in_redis(redis_server) == 0
     finally:
         await sink.close()
+
+
+async def test_a_hung_redis_costs_one_timeout_per_backoff_and_close_keeps_its_budget(
+    controlled_pg: ControlledPostgres, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis SIGSTOPped (connections open, nothing answers) with the database down: batches go
+    to the disk spool after one timeout, not one per batch; close() returns within its budget
+    with every row on disk."""
+    sink, recorder = await instance(controlled_pg, tmp_path, redis_server)
+    ids: list[str] = []
+    assert redis_server.proc is not None
+    try:
+        await asyncio.to_thread(controlled_pg.stop)
+        record(recorder, ids, 10)  # Redis answers: these are pushed
+        assert await until(lambda: in_redis(redis_server) == 10)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        for _ in range(20):  # 2,000 rows in 20 batches over ~2 s
+            record(recorder, ids, 100)
+            await asyncio.sleep(0.1)
+        assert await until(lambda: sink._pending() == 2000, within_s=10)
+        assert time.monotonic() - started < 6  # a timeout per batch would take 20 s or more
+        assert sink.redis_spool is not None and "Redis unreachable" in sink.redis_spool.error
+        record(recorder, ids, 300)
+        started = time.monotonic()
+        await sink.close()
+        assert time.monotonic() - started < sink.close_budget_s + 0.5
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert sink.stats["lost"] == 0 and sink._pending() >= 2000
+    # everything comes back: the next process replays the disk spool it left and Redis
+    await asyncio.to_thread(controlled_pg.start)
+    successor, _ = await instance(controlled_pg, tmp_path, redis_server)
+    try:
+        assert await until(lambda: in_redis(redis_server) == 0
+                           and not sink.spool_path.exists())  # the orphan: replayed, removed
+    finally:
+        await successor.close()
+    assert await count_ids(controlled_pg.admin_dsn, ids) == (2310, 2310)
