@@ -277,16 +277,29 @@ class PostgresAuditSink:
     async def _close_redis(self, deadline: float) -> None:
         """Disk-spooled rows the replay could not store move to Redis while time is left, then
         the Redis spool gives back its replay state (unconfirmed batch, lease)."""
-        spool, redis_spool = self.spool, self.redis_spool
-        if redis_spool is None:
+        if self.redis_spool is None:
             return
-        left = deadline - time.monotonic() - CLOSE_RESERVE_S / 2
+        await self._disk_to_redis(deadline - CLOSE_RESERVE_S / 2, now=True)
         with contextlib.suppress(TimeoutError):
-            if spool is not None and spool.pending:
-                await asyncio.wait_for(redis_spool.adopt(spool, deadline), max(0.05, left))
-        left = deadline - time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(redis_spool.close(), max(0.05, left))
+            left = deadline - time.monotonic()
+            await asyncio.wait_for(self.redis_spool.close(), max(0.05, left))
+
+    async def _disk_to_redis(self, until: float, now: bool = False) -> None:
+        """This instance's disk-spooled rows into Redis while the database cannot take them
+        (they went to disk while Redis could not take them): on Cloud Run the disk is the
+        instance's memory and dies with it, Redis does not."""
+        spool, redis_spool = self.spool, self.redis_spool
+        if spool is None or redis_spool is None or not spool.pending \
+                or not (now or redis_spool.writable()):
+            return
+        before = spool.pending
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(redis_spool.adopt(spool, until, now),
+                                       max(0.05, until - time.monotonic()))
+        finally:
+            m.SPOOL_PENDING.dec(before - spool.pending)
+        self._reclaim(spool)
 
     async def _close_connections(self, deadline: float) -> None:
         conns = [c for c in (self.writer.conn, self.replayer.conn, self._probe) if c is not None]
@@ -637,6 +650,8 @@ class PostgresAuditSink:
             if self.replayer.ready():
                 moved = await self._replay_own()
                 moved = await self._replay_redis() or moved
+                if not (self._closing or self.replayer.ready()):  # the database is down
+                    await self._disk_to_redis(time.monotonic() + 1.0)
                 if not self._closing and self.replayer.ready() \
                         and time.monotonic() >= orphans_at:
                     more = await self._replay_orphans()

@@ -395,14 +395,15 @@ class RedisSpool:
         return count
 
     # --- the disk spool's rows -------------------------------------------------------------
-    async def adopt(self, spool: Spool, until: float) -> int:
+    async def adopt(self, spool: Spool, until: float, now: bool = False) -> int:
         """Move this instance's disk-spool rows into Redis (they would die with the instance
         on Cloud Run), oldest first, to the head of the list, until ``until`` (monotonic);
-        the rows moved. A crash between push and offset resends rows (deduplicated)."""
+        the rows moved. A crash between push and offset resends rows (deduplicated). ``now``:
+        see ``push``."""
         moved = 0
         while time.monotonic() < until and spool.pending:
             lines, offset = spool.read(self.batch_size)
-            if not lines or not await self.push(lines, older=True, now=True):
+            if not lines or not await self.push(lines, older=True, now=now):
                 break
             moved += len(lines)
             with contextlib.suppress(OSError):

@@ -119,9 +119,11 @@ async def test_redis_down_too_sends_rows_to_the_disk_spool_and_back(
     controlled_pg: ControlledPostgres, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """Database and Redis down: rows go to the disk spool, /ready says why; Redis back, new
-    rows go to Redis again; database back, every row is in the table once."""
+    rows go to Redis again and the disk rows follow them there; database back, every row is
+    in the table once."""
     sink, recorder = await instance(controlled_pg, tmp_path, redis_server)
     ids: list[str] = []
+    on_disk_before = REGISTRY.get_sample_value("plant_audit_spool_pending_rows")  # per process
     try:
         await asyncio.to_thread(controlled_pg.stop)
         await asyncio.to_thread(redis_server.stop)
@@ -145,6 +147,10 @@ async def test_redis_down_too_sends_rows_to_the_disk_spool_and_back(
         assert await until(lambda: sink.queue.empty())
         assert sink._pending() + in_redis(redis_server) == len(ids)
         assert in_redis(redis_server) == spool.stats["spooled"]
+        # the database still down, the disk rows (which die with a Cloud Run instance) move
+        # to Redis too, without a close
+        assert await until(lambda: sink._pending() == 0 and in_redis(redis_server) == len(ids))
+        assert REGISTRY.get_sample_value("plant_audit_spool_pending_rows") == on_disk_before
 
         await asyncio.to_thread(controlled_pg.start)
         assert await until(lambda: sink._pending() == 0 and in_redis(redis_server) == 0)
