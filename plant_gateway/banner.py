@@ -58,6 +58,16 @@ def audit(settings: Settings) -> str:
     return f"embedded PostgreSQL ({Path(settings.state_dir) / 'pgdata'})"
 
 
+def audit_spool(settings: Settings) -> str:
+    """Where audit rows wait during a database outage (README → Audit durability)."""
+    from plant_gateway.backends.audit_spool_redis import enabled
+
+    if not settings.guard_on("audit"):
+        return "off"
+    url = enabled(settings)
+    return f"Redis {where(url)}, then disk" if url else "disk"
+
+
 def flags(settings: Settings) -> str:
     if settings.launchdarkly_sdk_key is not None:
         return "LaunchDarkly"
@@ -95,6 +105,7 @@ def describe(settings: Settings, guards: list[str], policy_engine: Any = None) -
             "counters": counters(settings),
             "policy": policy(settings, policy_engine),
             "audit": audit(settings),
+            "audit_spool": audit_spool(settings),
             "flags": flags(settings),
             "verification": keys(settings),  # never "key"/"jwt": redacted names
         },

@@ -320,6 +320,8 @@ class RedisSpool:
                 moved = True
         except ERRORS:  # the push path reports Redis's state; a hung Redis is polled less
             self.poll_at = time.monotonic() + RETRY_MAX_S
+        if moved:
+            self.poll_at = 0.0  # more may be waiting: the next turn at once
         return moved
 
     def _seen(self, pending: int) -> None:

@@ -19,6 +19,7 @@ def test_embedded_defaults() -> None:
     assert fields["port"] == 8123 and fields["workers"] == 1
     assert fields["backends"]["counters"] == "in-process"
     assert fields["backends"]["audit"].startswith("embedded PostgreSQL (")
+    assert fields["backends"]["audit_spool"] == "disk"
     assert fields["backends"]["policy"] == "in-process Rego"
     assert fields["tracing"] == "off"
     message = banner.message(fields)
@@ -35,6 +36,7 @@ def test_real_services_are_named_without_credentials(tmp_path: Path) -> None:
     backends = fields["backends"]
     assert backends["counters"] == "Redis redis://cache.internal:6380/0"
     assert backends["audit"] == "PostgreSQL postgresql://db.internal:5432/plant"
+    assert backends["audit_spool"] == "Redis redis://cache.internal:6380/0, then disk"
     assert backends["policy"] == "remote OPA http://opa.internal:8181"
     assert fields["tracing"] == "OTLP http://collector:4318, sample rate 0.05"
     assert "pass" not in repr(fields) and "(4 workers)" in banner.message(fields)
@@ -44,3 +46,4 @@ def test_the_workers_shared_redis_is_embedded(tmp_path: Path) -> None:
     sock = tmp_path.resolve() / "counters-123.sock"
     fields = banner.describe(settings(redis_url=f"unix://{sock}", state_dir=tmp_path), [])
     assert fields["backends"]["counters"] == "embedded redis-server (shared by the workers)"
+    assert fields["backends"]["audit_spool"] == "disk"  # the embedded Redis dies with it
