@@ -17,7 +17,8 @@ key                                         value                               
 ``P{audit-spool}:rows``                     LIST of lines (see ``audit_schema``), oldest    none
                                             first
 ``P{audit-spool}:size``                     HASH ``rows``, ``bytes``: the lines in ``rows``   none
-                                            and every ``processing`` list (the caps' count)
+                                            and every ``processing`` list (the caps' count);
+                                            ``epoch``: a token set by the first push
 ``P{audit-spool}:processing:<replayer>``    LIST: the batch a replayer took and has not     none
                                             confirmed yet
 ``P{audit-spool}:alive:<replayer>``         ``1`` while that replayer lives (heartbeat)     10 s
@@ -56,6 +57,12 @@ together (the byte cap binds first for rows over ~1.3 KiB). The keys carry no TT
 Memorystore's default ``volatile-lru`` never evicts a spooled row; an ``allkeys-*`` policy
 could (README → Audit durability).
 
+A Redis that loses its data (restarted without persistence, as a Memorystore Basic instance
+does, or flushed) loses the rows it held: the next look at the spool finds a new ``epoch`` (or
+none) and each instance logs an error and counts the rows it last saw waiting in
+``plant_audit_redis_spool_vanished_rows_total`` (an estimate: rows replayed since its last look
+are counted too); ``audit verify`` names the gaps they leave in the chains. Never silent.
+
 Failures: every Redis error or timeout makes the push fail (the batch goes to the disk spool)
 and backs the spool off for 0.5 to 5 s, so a hung Redis costs one timeout per backoff, not one
 per batch. States (unreachable, full) are reported through the sink's condition log: one line
@@ -68,6 +75,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +118,12 @@ REPLAYED = Counter(
     "Audit rows replayed from the Redis spool into PostgreSQL (by this instance)",
     registry=REGISTRY,
 )
+VANISHED = Counter(
+    "plant_audit_redis_spool_vanished_rows_total",
+    "Rows the Redis spool held when Redis lost it (restarted empty or flushed), as last seen "
+    "by this instance",
+    registry=REGISTRY,
+)
 RECOVERED = Counter(
     "plant_audit_redis_spool_recovered_rows_total",
     "Rows of a dead replayer's unconfirmed batch put back into the Redis spool",
@@ -117,24 +131,27 @@ RECOVERED = Counter(
 )
 
 _PUSH_TEMPLATE = """
-local n = #ARGV - 3
+local n = #ARGV - 4
+redis.call('HSETNX', KEYS[2], 'epoch', ARGV[4])
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local rows = tonumber(redis.call('HGET', KEYS[2], 'rows') or '0')
 local used = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
-if rows + n > tonumber(ARGV[1]) then return {0, rows, used} end
-if used + tonumber(ARGV[3]) > tonumber(ARGV[2]) then return {-1, rows, used} end
+if rows + n > tonumber(ARGV[1]) then return {0, rows, used, epoch} end
+if used + tonumber(ARGV[3]) > tonumber(ARGV[2]) then return {-1, rows, used, epoch} end
 %s
 redis.call('HINCRBY', KEYS[2], 'rows', n)
 redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[3])
-return {1, rows + n, used + tonumber(ARGV[3])}
+return {1, rows + n, used + tonumber(ARGV[3]), epoch}
 """
-# KEYS: rows, size. ARGV: max rows, max bytes, bytes of the lines, line... (oldest first)
-# -> {1 | 0 (row cap) | -1 (byte cap), rows, bytes}   (rows and bytes: spooled, unconfirmed)
+# KEYS: rows, size. ARGV: max rows, max bytes, bytes of the lines, a new epoch, line...
+# (oldest first) -> {1 | 0 (row cap) | -1 (byte cap), rows, bytes, epoch}: rows and bytes
+# spooled and unconfirmed; the epoch names this incarnation of the spool (see ``_seen``)
 PUSH_LUA = _PUSH_TEMPLATE % f"""
-for i = 4, #ARGV, {CHUNK} do
+for i = 5, #ARGV, {CHUNK} do
   redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + {CHUNK} - 1, #ARGV)))
 end"""
 # the same, to the HEAD of the list in their order: older rows (this instance's disk spool)
-UNSHIFT_LUA = _PUSH_TEMPLATE % "for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end"
+UNSHIFT_LUA = _PUSH_TEMPLATE % "for i = #ARGV, 5, -1 do redis.call('LPUSH', KEYS[1], ARGV[i]) end"
 
 # KEYS: lease. ARGV: replayer, ttl ms -> 1 if this replayer holds the lease now
 LEASE_LUA = """
@@ -151,8 +168,8 @@ return 1
 """
 
 # KEYS: rows, processing, alive, replayers, size. ARGV: count, replayer, ttl ms
-# -> {rows spooled and unconfirmed, line...}: the batch: the unconfirmed one if there is one
-# (a retry), else a new one
+# -> {rows spooled and unconfirmed, epoch or '', line...}: the batch: the unconfirmed one if
+# there is one (a retry), else a new one
 TAKE_LUA = """
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[2])
@@ -166,6 +183,7 @@ if redis.call('LLEN', KEYS[2]) == 0 then
   end
 end
 local out = redis.call('LRANGE', KEYS[2], 0, -1)
+table.insert(out, 1, redis.call('HGET', KEYS[5], 'epoch') or '')
 table.insert(out, 1, tonumber(redis.call('HGET', KEYS[5], 'rows') or '0'))
 return out
 """.replace("CHUNK", str(CHUNK))
@@ -232,7 +250,8 @@ class RedisSpool:
         self._take = client.register_script(TAKE_LUA)
         self._ack = client.register_script(ACK_LUA)
         self._recover = client.register_script(RECOVER_LUA)
-        self.stats = {"spooled": 0, "replayed": 0, "recovered": 0, "refused": 0}
+        self.stats = {"spooled": 0, "replayed": 0, "recovered": 0, "refused": 0, "vanished": 0}
+        self.epoch: bytes | str | None = None  # the spool's incarnation last seen (see ``_seen``)
         self.pending = 0  # rows in ``rows`` (all instances), as last seen
         self.error = ""  # why the last push was refused ("": it was not)
         self.retry_at = 0.0
@@ -257,14 +276,14 @@ class RedisSpool:
         size = sum(len(row) for row in rows)
         script = self._unshift if older else self._push
         try:
-            ok, self.pending, _ = await script(
+            ok, pending, _, epoch = await script(
                 keys=[self.rows_key, self.size_key],
-                args=[self.max_rows, self.max_bytes, size, *rows],
+                args=[self.max_rows, self.max_bytes, size, uuid.uuid4().hex, *rows],
             )
         except ERRORS as exc:
             self._failed(f"Redis unreachable ({type(exc).__name__})")
             return False
-        ROWS.set(self.pending)
+        self._seen(int(pending), epoch, before=len(rows) if ok == 1 else 0)
         if ok != 1:
             cap = (f"AUDIT_REDIS_SPOOL_MAX_ROWS={self.max_rows}" if ok == 0
                    else f"AUDIT_REDIS_SPOOL_MAX_BYTES={self.max_bytes}")
@@ -307,7 +326,8 @@ class RedisSpool:
         try:
             if not await self._lease(keys=[self.lease_key],
                                      args=[self.replayer, self.heartbeat_ttl_ms]):
-                self._seen(int(await self.client.hget(self.size_key, "rows") or 0))
+                pending, epoch = await self.client.hmget(self.size_key, ["rows", "epoch"])
+                self._seen(int(pending or 0), epoch)
                 return False
             await self._recover_dead()
             for _ in range(max_batches):
@@ -324,11 +344,26 @@ class RedisSpool:
             self.poll_at = 0.0  # more may be waiting: the next turn at once
         return moved
 
-    def _seen(self, pending: int) -> None:
-        if self.pending and not pending:
+    def _seen(self, pending: int, epoch: bytes | str | None, before: int = 0) -> None:
+        """What the spool holds now. A new epoch (or none) while rows were waiting means Redis
+        lost them (restarted empty: a Memorystore Basic instance keeps nothing across one;
+        flushed): logged and counted, never silent; ``audit verify`` names the gaps in the
+        chains. ``before``: rows this look itself added (a push)."""
+        epoch = epoch or None
+        if epoch != self.epoch:
+            if self.epoch is not None and self.pending:
+                self._vanished(self.pending)
+            self.epoch = epoch
+        elif self.pending and not pending - before:
             log.info("audit: Redis spool replayed: every row it held is in the table")
         self.pending = pending
         ROWS.set(pending)
+
+    def _vanished(self, rows: int) -> None:
+        VANISHED.inc(rows)
+        self.stats["vanished"] += rows
+        log.error("audit: the Redis spool lost the %d rows it held (Redis restarted empty or "
+                  "was flushed); `plant-gateway audit verify` names the chains with gaps", rows)
 
     async def _replay_batch(self, write: Write) -> int | None:
         """One batch: the rows stored, 0 if there was none, None if the database is down."""
@@ -337,9 +372,9 @@ class RedisSpool:
                   self.size_key],
             args=[self.batch_size, self.replayer, self.heartbeat_ttl_ms],
         )
-        lines: list[bytes] = list(reply[1:])
+        lines: list[bytes] = list(reply[2:])
         if not lines:
-            self._seen(int(reply[0]))
+            self._seen(int(reply[0]), reply[1])
             return 0
         async with self._heartbeat():
             written = await write(lines)
@@ -348,7 +383,7 @@ class RedisSpool:
         await self._ack(keys=[self.processing_key, self.size_key])
         REPLAYED.inc(written)
         self.stats["replayed"] += written
-        self._seen(int(reply[0]))
+        self._seen(max(0, int(reply[0]) - len(lines)), reply[1])  # this batch is confirmed
         return len(lines)
 
     @contextlib.asynccontextmanager
@@ -426,6 +461,9 @@ class RedisSpool:
     def notes(self) -> list[str]:
         """For ``/ready``: what the Redis spool holds and whether it takes rows."""
         notes = [f"{self.pending} rows in the Redis spool"] if self.pending else []
+        if self.stats["vanished"]:
+            notes.append(f"{self.stats['vanished']} rows lost with the Redis spool since start "
+                         "(Redis restarted empty or was flushed)")
         if self.error:
             notes.append(f"Redis spool cannot take rows ({self.error})")
         return notes
