@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -210,9 +211,11 @@ class PostgresAuditSink:
         self._last_failure = ""  # the last task failure logged (a repeat is only counted)
         self._retention_note = ""  # why retention was last skipped (logged when it changes)
         self.health = events.dependency("audit_database")  # one line per outage and recovery
-        # the deployment's Redis as the first spool (it outlives the instance), or None
+        # the deployment's Redis as the first spool (it outlives the instance), or None; the
+        # replayer's name is unique even if PLANT_INSTANCE_ID and the pid (1 in a container)
+        # repeat across instances
         self.redis_spool = audit_spool_redis.create(
-            settings, f"{safe}-{os.getpid()}", self._set_condition
+            settings, f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:8]}", self._set_condition
         )
 
     # --- Dependency ------------------------------------------------------------------------
