@@ -433,6 +433,21 @@ class Settings(BaseSettings):
     audit_spool_max_bytes: int = Field(
         64 * 1024 * 1024, ge=64 * 1024, validation_alias=env_alias("AUDIT_SPOOL_MAX_BYTES")
     )
+    # Chain checkpoints (``backends/audit_checkpoints``): the last stored row of each chain,
+    # recorded outside the audit table so ``audit verify`` sees a truncated or re-hashed tail
+    # and a chain that ended without a clean close. Every 5 s a busy instance adds one small
+    # row (~17,000 a day at most; an idle one is marked every 30 s), dropped with its rows.
+    audit_checkpoint_interval_s: float = Field(
+        5.0, gt=0, le=3600, validation_alias=env_alias("AUDIT_CHECKPOINT_INTERVAL_S")
+    )
+    audit_checkpoint_rows: int = Field(
+        10_000, gt=0, validation_alias=env_alias("AUDIT_CHECKPOINT_ROWS")
+    )
+    # The secret the checkpoints' MACs are keyed from (per chain). Unset: the gateway runs and
+    # writes unsigned checkpoints, with one warning at start (see README "Audit durability").
+    audit_chain_key: SecretStr | None = Field(
+        None, validation_alias=env_alias("AUDIT_CHAIN_KEY")
+    )
 
     # --- feature flags -------------------------------------------------------------------
     launchdarkly_sdk_key: SecretStr | None = Field(
@@ -544,6 +559,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         _check_host_and_port(url, "a redis://host:port/db URL")
         return SecretStr(url)
+
+    @field_validator("audit_chain_key")
+    @classmethod
+    def _chain_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A short key could be guessed offline from one checkpoint and its MAC."""
+        key = value.get_secret_value().strip() if value is not None else ""
+        if not key:
+            return None
+        if len(key) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return SecretStr(key)
 
     @field_validator("database_url")
     @classmethod

@@ -41,6 +41,7 @@ import asyncpg
 
 from plant_gateway import events
 from plant_gateway.backends import audit_metrics as m
+from plant_gateway.backends.audit_checkpoints import MARK_PREFIX, Checkpointer, Mark, insert
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
     MAINTAINER_ROLE,
@@ -195,6 +196,14 @@ class PostgresAuditSink:
         self.spool_path = self.spool_dir / f"{safe}-{os.getpid()}.jsonl"
         self.dead_path = Path(settings.state_dir) / "audit-deadletter.jsonl"
         self.stats = {"written": 0, "spooled": 0, "replayed": 0, "lost": 0, "dead": 0}
+        key = settings.audit_chain_key
+        # rows a SIGKILL can take: the queue, its slack and the batch being written
+        self.checkpoints = Checkpointer(
+            key.get_secret_value().encode() if key is not None else None,
+            settings.audit_checkpoint_interval_s, settings.audit_checkpoint_rows,
+            settings.audit_queue_max + self.slack + self.batch_size,
+        )
+        self.chains: list[Any] = []  # the recorders writing here: closed by close()
         self.spool: Spool | None = None
         self.writer = Channel("writer")
         self.replayer = Channel("replay")
@@ -220,6 +229,10 @@ class PostgresAuditSink:
             self._spool_failed(exc)
         m.SPOOL_WRITABLE.set(0 if self.spool_error else 1)
         m.REFUSING.set(0)
+        if self.checkpoints.secret is None:
+            log.warning("audit: AUDIT_CHAIN_KEY is not set: chain checkpoints are unsigned, so "
+                        "an edit of a chain's last rows that also rewrites its checkpoints "
+                        "cannot be detected by `plant-gateway audit verify`")
         self._tasks = [
             asyncio.create_task(self._supervise("writer", self._run), name="audit-writer"),
             asyncio.create_task(self._supervise("replay", self._replay), name="audit-replay"),
@@ -250,6 +263,7 @@ class PostgresAuditSink:
         leftover = self._drain_queue()
         if leftover and not self._spool_rows(leftover, reserved=True):
             self._lose(len(leftover))
+        await self._close_chains(deadline)
         await self._close_connections(deadline)
         if self.spool is not None:
             self.spool.close(remove_if_empty=True)
@@ -296,6 +310,11 @@ class PostgresAuditSink:
             detail="; ".join(notes),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def register_chain(self, recorder: Any) -> None:
+        """A recorder (``instance_id``, ``seq``, ``prev_hash``) whose chain close() ends with a
+        close mark (``audit_checkpoints``)."""
+        self.chains.append(recorder)
 
     # --- the request path ---------------------------------------------------------------------
     def submit(self, row: bytes) -> None:
@@ -389,6 +408,8 @@ class PostgresAuditSink:
             batch = await self._collect()
             stored = await self._handle(batch) if batch else True
             self._update_refusing()
+            if self.checkpoints.due() and self.writer.ready():
+                await self._mark_chains()
             if not stored:
                 if self._closing:
                     return  # close() spools what is left, or counts it
@@ -490,6 +511,7 @@ class PostgresAuditSink:
                 raise Outage(str(exc)) from exc
             return await self._bisect(channel, rows, exc)
         m.WRITE_LATENCY.observe(time.perf_counter() - started)
+        self.checkpoints.committed(rows)
         self._channel_up(channel)
         m.ROWS_WRITTEN.inc(len(rows))
         self.stats["written"] += len(rows)
@@ -654,13 +676,19 @@ class PostgresAuditSink:
             if not lines:
                 break
             rows: list[bytes] = []
+            marks: list[Mark] = []
             for line in lines:
                 try:
-                    rows.append(upgrade_line(line))
+                    if line.startswith(MARK_PREFIX):
+                        marks.append(Mark.from_line(line))
+                    else:
+                        rows.append(upgrade_line(line))
                 except (ValueError, TypeError, KeyError):
                     self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
             try:
                 written = await self._write(self.replayer, rows)
+                if marks:  # after the rows they name
+                    await self._store_marks(self.replayer, marks, quarantine=True)
             except Outage:
                 break
             try:
@@ -709,6 +737,59 @@ class PostgresAuditSink:
             finally:
                 orphan.close(remove_if_empty=True)
         return more
+
+    # --- chain checkpoints (audit_checkpoints) ---------------------------------------------------
+    async def _mark_chains(self) -> None:
+        """Periodic checkpoints, written by the writer task between batches."""
+        marks = self.checkpoints.marks(self.stats["lost"])
+        with contextlib.suppress(Outage):  # the next batch finds it; the next interval marks
+            await self._store_marks(self.writer, marks)
+
+    async def _store_marks(self, channel: Channel, marks: list[Mark],
+                           quarantine: bool = False) -> None:
+        """Insert marks on the channel's connection; raise Outage when the database cannot
+        take them. A database without the checkpoint table (not upgraded to 0003) is said once
+        and rows keep flowing; spooled marks (``quarantine``) then go to the dead-letter file,
+        so a close mark never blocks the replay."""
+        async with channel.lock:
+            try:
+                await insert(await self._conn(channel), marks)
+            except asyncio.CancelledError:
+                self._drop_conn(channel)
+                raise
+            except asyncpg.UndefinedTableError:
+                self._set_condition("checkpoint", "chain checkpoint table missing: run `plant-"
+                                                  "gateway db upgrade` (revision 0003)")
+                for mark in marks if quarantine else ():
+                    self._dead_letter(mark.to_line().decode(), "no checkpoint table")
+                return
+            except Exception as exc:
+                if _is_outage(exc):
+                    self._mark_outage(channel, exc)
+                    raise Outage(str(exc)) from exc
+                self._set_condition("checkpoint", f"chain checkpoints refused "
+                                                  f"({type(exc).__name__}: {exc})")
+                return
+        self._set_condition("checkpoint", None)
+
+    async def _close_chains(self, deadline: float) -> None:
+        """A close mark per chain after its last row: into the table when no row waits in the
+        spool, else appended to the spool after the rows (the replay writes it after them)."""
+        lost = self.stats["lost"]
+        marks = [self.checkpoints.close_mark(r.instance_id, r.seq, r.prev_hash, lost)
+                 for r in self.chains if r.seq]
+        if not marks:
+            return
+        for mark in marks:  # a witness outside the database: the request log's sink
+            log.info("audit: chain %s closed at seq %d (row hash %s)",
+                     mark.instance_id, mark.seq, mark.row_hash)
+        if not self._pending() and self.writer.ready():
+            with contextlib.suppress(Outage, TimeoutError):
+                await asyncio.wait_for(self._store_marks(self.writer, marks),
+                                       max(0.05, deadline - time.monotonic()))
+                return
+        if not self._spool_rows([mark.to_line() for mark in marks], reserved=True):
+            log.error("audit: the close marks of %d chain(s) could not be stored", len(marks))
 
     # --- retention ---------------------------------------------------------------------------
     async def _maintenance(self) -> None:

@@ -236,7 +236,7 @@ def test_db_downgrade_without_yes_keeps_the_audit_table(postgres_dsn: str, tmp_p
         migrations.upgrade(dsn)
         refused = run(["db", "downgrade", "--database-url", dsn], clean_env(), tmp_path)
         assert refused.returncode == 2
-        assert migrations.current(dsn) == "0002"  # unchanged: the newest revision
+        assert migrations.current(dsn) == "0003"  # unchanged: the newest revision
         done = run(["db", "downgrade", "--yes", "--database-url", dsn], clean_env(), tmp_path)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "database at revision base"

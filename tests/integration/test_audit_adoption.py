@@ -15,7 +15,7 @@ from plant_gateway.cli.audit import verify
 from plant_gateway.migrations.adopt import LEGACY, LEGACY_INSTANCE
 from tests.fixtures.postgres import create_database, drop_database
 
-HEAD = "0002"  # our newest revision
+HEAD = "0003"  # our newest revision
 
 # The deployed table as the backend's revision 007 defines it (restated here, not copied).
 BACKEND_007 = """
