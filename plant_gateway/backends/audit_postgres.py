@@ -783,7 +783,8 @@ class PostgresAuditSink:
         for mark in marks:  # a witness outside the database: the request log's sink
             log.info("audit: chain %s closed at seq %d (row hash %s)",
                      mark.instance_id, mark.seq, mark.row_hash)
-        if not self._pending() and self.writer.ready():
+        # a writer cancelled mid-write (hung database) dropped its connection: no new one now
+        if not self._pending() and self.writer.ready() and self.writer.conn is not None:
             with contextlib.suppress(Outage, TimeoutError):
                 await asyncio.wait_for(self._store_marks(self.writer, marks),
                                        max(0.05, deadline - time.monotonic()))
