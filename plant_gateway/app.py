@@ -141,6 +141,10 @@ class GatewayApp:
         missing = [g for g in self.settings.guards if g not in self.guards]
         if missing:
             log.warning("guards configured on but not active", extra={"guards": missing})
+        if not isinstance(self.audit, NoAudit) and self.settings.audit_chain_key is None:
+            log.warning("audit: AUDIT_CHAIN_KEY is not set: chain checkpoints are unsigned, "
+                        "so an edit of a chain's last rows that also rewrites its checkpoints "
+                        "cannot be detected by `plant-gateway audit verify`")
         if self.tune_runtime:
             tune_gc()  # in every served worker: the start-up heap is complete now
 

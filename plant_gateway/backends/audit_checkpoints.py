@@ -177,10 +177,13 @@ class Checkpointer:
     def committed(self, lines: list[bytes]) -> None:
         """Rows the table now holds (a COPY committed): each chain's highest seq is kept."""
         chains = self.chains
-        for line in lines:
-            key = chain_of(line)
+        tail = _LINE_TAIL + _HASH_TAIL
+        for line in lines:  # ``chain_of`` and ``seq_of`` inlined: ~1 µs a row, in the writer
+            end = len(line) - tail
+            comma = line.rfind(b",", 0, end)
+            key = line[line.rfind(b',"', 0, comma - 1) + 1:comma]
+            seq = int(line[comma + 1:end])
             state = chains.get(key)
-            seq = seq_of(line)
             if state is None:
                 chains[key] = ChainState(line, seq)
                 self.new_chain = True

@@ -229,10 +229,6 @@ class PostgresAuditSink:
             self._spool_failed(exc)
         m.SPOOL_WRITABLE.set(0 if self.spool_error else 1)
         m.REFUSING.set(0)
-        if self.checkpoints.secret is None:
-            log.warning("audit: AUDIT_CHAIN_KEY is not set: chain checkpoints are unsigned, so "
-                        "an edit of a chain's last rows that also rewrites its checkpoints "
-                        "cannot be detected by `plant-gateway audit verify`")
         self._tasks = [
             asyncio.create_task(self._supervise("writer", self._run), name="audit-writer"),
             asyncio.create_task(self._supervise("replay", self._replay), name="audit-replay"),

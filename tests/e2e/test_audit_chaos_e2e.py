@@ -256,6 +256,7 @@ async def test_sigterm_with_a_hung_database_and_a_slow_request_exits_within_the_
     # uvicorn ends a graceful stop by re-raising the signal it caught: -SIGTERM is a clean exit
     overrun = [line for line in log.splitlines() if "shutdown overran" in line]
     assert code in (0, -signal.SIGTERM), "\n".join(overrun) or log[-3000:]
+    assert log.count("AUDIT_CHAIN_KEY is not set") == 1  # said once, at start
     assert took < 10, took
     answered = [c for c, (s, _) in load.answered.items() if s == 200]
     cut = [c for c, (s, _) in load.answered.items() if s != 200] + list(load.failed)
@@ -339,6 +340,7 @@ async def test_sigkill_under_load_loses_at_most_the_bound_audit_verify_reports(
         await sending
     finally:
         gw.kill()
+    assert "AUDIT_CHAIN_KEY is not set" not in gw.output()
     answered = [cid for cid, (status, _) in load.answered.items() if status == 200]
     assert len(answered) > 500  # about 4 s at 250 req/s
     rows = await rows_by_cid(controlled_pg.admin_dsn, answered)

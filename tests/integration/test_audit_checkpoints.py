@@ -12,8 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from plant_gateway import migrations
 from plant_gateway.backends.audit_checkpoints import TABLE as MARKS
@@ -260,3 +259,59 @@ async def test_retention_drops_marks_with_their_rows(audit_db: str) -> None:
     finally:
         await conn.close()
     assert left == 0 and installed == 1
+
+
+async def test_a_row_appended_after_the_close_is_caught_even_when_it_links(
+    audit_db: str, tmp_path: Path
+) -> None:
+    inst = await closed_chain(audit_db, tmp_path, rows=5)
+    conn = await asyncpg.connect(audit_db)
+    try:
+        await conn.execute("SET app.is_admin = 'true'")
+        last = from_db(await conn.fetchrow(
+            "SELECT * FROM gateway_audit_logs WHERE instance_id = $1 AND seq = 5", inst))
+        extra = dict(last, id="0b5f9a4e-2222-4c2d-8e3f-222233334444", seq=6,
+                     prev_hash=last["row_hash"])
+        extra["row_hash"] = row_hash(extra)  # a well-formed continuation of the chain
+        cols = ", ".join(f'"{k}"' for k in extra)
+        args = ", ".join(f"${i}" for i in range(1, len(extra) + 1))
+        await conn.execute(f"INSERT INTO gateway_audit_logs ({cols}) VALUES ({args})",
+                           *[_db_value(k, v) for k, v in extra.items()])
+    finally:
+        await conn.close()
+    rep = await report(audit_db)
+    assert mine(rep, inst) == (["closed"], [("forged", 6)])
+
+
+def _db_value(name: str, value: Any) -> Any:
+    import json
+    import uuid
+
+    if value is None:
+        return None
+    if name in ("id", "correlation_id", "causation_id", "request_id", "user_id"):
+        return uuid.UUID(str(value))
+    if name in ("query_params", "request_headers", "request_body", "opa_decisions",
+                "response_headers", "response_body"):
+        return json.dumps(json.loads(value))
+    return value
+
+
+async def test_a_database_without_the_checkpoint_table_keeps_taking_rows(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    dsn = create_database(pg_admin_dsn)
+    try:
+        migrations.upgrade(dsn, "0002")
+        sink, recorder = await started_sink(dsn, tmp_path)
+        for _ in range(10):
+            recorder.record(context())
+        await asyncio.sleep(0.3)
+        assert "checkpoint" in sink.conditions  # said once: run db upgrade
+        await sink.close()
+        assert sink.stats["written"] == 10 and sink.stats["dead"] == 0
+        rep = await report(dsn)
+        assert mine(rep, recorder.instance_id) == (["unchecked"], [])
+        assert any("no checkpoint table" in n for n in rep.notes)
+    finally:
+        drop_database(dsn)
