@@ -199,7 +199,8 @@ def spooled_cids(state_dir: Path) -> list[str]:
         offset = int(offset_path.read_text() or 0) if offset_path.exists() else 0
         with path.open("rb") as fh:
             fh.seek(offset)
-            out += [str(from_wire(line)["correlation_id"]) for line in fh if line.endswith(b"\n")]
+            out += [str(from_wire(line)["correlation_id"]) for line in fh
+                    if line.endswith(b"\n") and not line.startswith(b"!")]  # "!": a close mark
     return out
 
 
