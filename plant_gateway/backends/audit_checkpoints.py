@@ -170,9 +170,15 @@ class Checkpointer:
         self.rows = rows
         self.max_unwritten = max_unwritten
         self.chains: dict[bytes, ChainState] = {}
+        self.own: set[bytes] = set()  # chains this process writes (others: replayed orphans)
         self.since_mark = 0  # rows stored since the last marks
         self.marked_at = 0.0  # monotonic
         self.new_chain = False
+
+    def register(self, instance_id: str) -> None:
+        """A chain of this process: marked even when idle (a heartbeat). A chain only replayed
+        from an exited process's spool is marked when its rows are stored, never kept alive."""
+        self.own.add(orjson.dumps(instance_id))
 
     def committed(self, lines: list[bytes]) -> None:
         """Rows the table now holds (a COPY committed): each chain's highest seq is kept."""
@@ -199,14 +205,17 @@ class Checkpointer:
         if self.new_chain or self.since_mark >= self.rows:
             return True
         waited = time.monotonic() - self.marked_at
-        return waited >= self.heartbeat_s or (self.since_mark > 0 and waited >= self.interval_s)
+        if self.since_mark > 0 and waited >= self.interval_s:
+            return True
+        return waited >= self.heartbeat_s and any(key in self.chains for key in self.own)
 
     def marks(self, rows_lost: int) -> list[Mark]:
-        """A checkpoint mark per chain, and the counters reset (a failed write waits for the
-        next interval rather than retrying at every batch)."""
+        """A checkpoint mark per chain that moved, or is this process's own, and the counters
+        reset (a failed write waits for the next interval rather than retrying at every batch)."""
         now = datetime.now(UTC)
         out = [self.mark("checkpoint", state.line, now, rows_lost)
-               for state in self.chains.values()]
+               for key, state in self.chains.items()
+               if state.seq != state.marked_seq or key in self.own]
         for state in self.chains.values():
             state.marked_seq = state.seq
         self.since_mark = 0

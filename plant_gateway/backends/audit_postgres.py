@@ -311,6 +311,7 @@ class PostgresAuditSink:
         """A recorder (``instance_id``, ``seq``, ``prev_hash``) whose chain close() ends with a
         close mark (``audit_checkpoints``)."""
         self.chains.append(recorder)
+        self.checkpoints.register(recorder.instance_id)
 
     # --- the request path ---------------------------------------------------------------------
     def submit(self, row: bytes) -> None:
@@ -738,6 +739,8 @@ class PostgresAuditSink:
     async def _mark_chains(self) -> None:
         """Periodic checkpoints, written by the writer task between batches."""
         marks = self.checkpoints.marks(self.stats["lost"])
+        if not marks:
+            return
         with contextlib.suppress(Outage):  # the next batch finds it; the next interval marks
             await self._store_marks(self.writer, marks)
 

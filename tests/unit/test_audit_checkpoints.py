@@ -98,3 +98,22 @@ def test_a_short_chain_key_is_refused() -> None:
         Settings(plant_backend_url="http://127.0.0.1:9", audit_chain_key="short")
     assert Settings(plant_backend_url="http://127.0.0.1:9", audit_chain_key=" ").audit_chain_key \
         is None
+
+
+def test_only_own_chains_get_a_heartbeat_an_orphan_is_marked_when_it_moves() -> None:
+    own, own_lines = recorder("own")
+    orphan, orphan_lines = recorder("orphan")  # an exited process's rows, replayed here
+    own.record(context())
+    for _ in range(3):
+        orphan.record(context())
+    marks = Checkpointer(None, interval_s=1, rows=1000, max_unwritten=1)
+    marks.register(own.instance_id)
+    marks.committed(own_lines.lines + orphan_lines.lines[:2])
+    assert {m.instance_id for m in marks.marks(0)} == {own.instance_id, orphan.instance_id}
+    marks.marked_at = time.monotonic() - marks.heartbeat_s  # idle since
+    assert marks.due()
+    assert [m.instance_id for m in marks.marks(0)] == [own.instance_id]  # the orphan: not live
+    marks.committed(orphan_lines.lines[2:])
+    marks.marked_at = time.monotonic() - 1
+    assert {(m.instance_id, m.seq) for m in marks.marks(0)} == {(own.instance_id, 1),
+                                                                 (orphan.instance_id, 3)}
