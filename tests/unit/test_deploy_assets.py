@@ -146,7 +146,7 @@ def test_gateway_secrets_and_env() -> None:
     main = (STACK / "main.tf").read_text()
     secrets_block = main.split("gateway_secrets = {", 1)[1].split("}\n  }", 1)[0]
     for name in ("DATABASE_URL", "JWT_SECRET", "LAUNCHDARKLY_SDK_KEY", "CP_REGISTRATION_KEY",
-                 "REDIS_URL"):
+                 "REDIS_URL", "AUDIT_CHAIN_KEY"):
         assert re.search(rf"^\s*{name}\s*=", secrets_block, re.M), name
     env_vars = gateway()["env_vars"]
     for name in ("ENVIRONMENT", "PLANT_BACKEND_URL", "OPA_SERVICE_URL",

@@ -16,6 +16,7 @@ locals {
     JWT_SECRET           = { secret = var.secret_ids.jwt_secret }
     LAUNCHDARKLY_SDK_KEY = { secret = var.secret_ids.launchdarkly_sdk_key }
     CP_REGISTRATION_KEY  = { secret = var.secret_ids.cp_registration_key }
+    AUDIT_CHAIN_KEY      = { secret = var.secret_ids.audit_chain_key }
     REDIS_URL            = { secret = google_secret_manager_secret.redis_url.secret_id }
   }
 }

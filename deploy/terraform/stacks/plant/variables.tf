@@ -96,8 +96,9 @@ variable "secret_ids" {
     jwt_secret           = string
     launchdarkly_sdk_key = string
     cp_registration_key  = string
+    audit_chain_key      = string
   })
-  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY."
+  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY, AUDIT_CHAIN_KEY (the audit checkpoints' MAC key: `openssl rand -hex 32`)."
 }
 
 # --- network, database, Redis -----------------------------------------------------------------
