@@ -309,7 +309,7 @@ def _state(inst: str, last_row: dict[str, Any], marks: list[cp.Mark], now: datet
 def _unchecked(inst: str, first_row: dict[str, Any], table: Marks, anchored: bool) -> Finding:
     """Why a chain has no checkpoints; never a change: adopted, older, or retention."""
     if inst == LEGACY_INSTANCE:
-        why = "adopted from the deployed gateway's table (migration 0001)"
+        why = "adopted from the deployed gateway's table by migration 0001"
     elif not table.present:
         why = "the database has no checkpoint table (run `plant-gateway db upgrade`)"
     elif table.installed is not None and first_row["timestamp"] < table.installed:
