@@ -21,6 +21,10 @@ connection as the DSN's own login, never as the writer: the embedded server's ow
 ``DATABASE_URL`` logs in as the writer itself, the gateway cannot run retention and says so
 once; pg_cron (scheduled by migration 0001) or ``plant-gateway audit retention`` with the
 owner's URL does it instead.
+
+Chain checkpoints (``audit_checkpoints``): the writer task records where each chain stands
+between batches, and close() ends each chain with a close mark after its last row (into the
+spool, after the rows, when they wait there).
 """
 
 from __future__ import annotations
