@@ -45,6 +45,7 @@ def serve(
     from plant_gateway.logging import configure_logging
 
     configure_logging(settings.log_level, settings.google_cloud_project)
+    _open_files(settings)
     worker_count = workers or settings.workers
     shared_redis = _share_counters(settings, worker_count)
     metrics_dir = None
@@ -96,6 +97,22 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
         config_fail(str(exc))
     os.environ["REDIS_URL"] = url
     return proc
+
+
+def _open_files(settings: Settings) -> None:
+    """Room for MAX_CONNECTIONS clients plus the upstream pools (inherited by the workers)."""
+    import logging
+
+    from plant_gateway.runtime import open_files_needed, raise_open_files_limit
+
+    upstreams = 2 if settings.plant_sandbox_url else 1
+    needed = open_files_needed(settings.max_connections, settings.upstream_pool_size, upstreams)
+    soft, _ = raise_open_files_limit(needed)
+    if soft < needed:
+        logging.getLogger("plant_gateway.serve").warning(
+            "open-file limit %d is below the %d that MAX_CONNECTIONS and UPSTREAM_POOL_SIZE "
+            "need: connections beyond it fail to be accepted; lower MAX_CONNECTIONS or raise "
+            "the limit (ulimit -n)", soft, needed, extra={"event": "open_files_short"})
 
 
 def _share_metrics(settings: Settings, worker_count: int) -> Path | None:
