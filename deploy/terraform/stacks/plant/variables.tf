@@ -96,9 +96,9 @@ variable "secret_ids" {
     jwt_secret           = string
     launchdarkly_sdk_key = string
     cp_registration_key  = string
-    audit_chain_key      = string
+    audit_chain_key      = optional(string)
   })
-  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY, AUDIT_CHAIN_KEY (the audit checkpoints' MAC key: `openssl rand -hex 32`)."
+  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY, and, when set, AUDIT_CHAIN_KEY (the audit checkpoints' MAC key: `openssl rand -hex 32`; optional so that an existing deployment keeps deploying without it)."
 }
 
 # --- network, database, Redis -----------------------------------------------------------------
