@@ -188,6 +188,8 @@ class PostgresAuditSink:
         self.queue = RowQueue(settings.audit_queue_max)
         self.on_loss = settings.audit_on_loss
         self.spool_max = settings.audit_spool_max_bytes
+        m.QUEUE_CAPACITY.set(settings.audit_queue_max)
+        m.SPOOL_CAPACITY.set(self.spool_max)
         # the last 1/16 of the cap is kept for rows written while rows cannot be secured (the
         # refusals): ~4 MiB, a few thousand refusal rows, at the default cap
         self.headroom = self.spool_max // 16

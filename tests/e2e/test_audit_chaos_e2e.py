@@ -90,18 +90,18 @@ async def send(gw: Proc, load: Load, stop: asyncio.Event, workers: int = 8,
 
 
 async def metrics(gw: Proc) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as r:
+    async with aiohttp.ClientSession() as session, session.get(gw.admin_url + "/metrics") as r:
         text = await r.text()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("plant_audit_") and "{" not in line:
+        if line.startswith("plant_gateway_audit_") and "{" not in line:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
 
 
 async def ready(gw: Proc) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/ready") as r:
+    async with aiohttp.ClientSession() as session, session.get(gw.admin_url + "/ready") as r:
         return r.status, (await r.json())["dependencies"]["postgres_audit"]
 
 
@@ -196,21 +196,25 @@ async def test_full_spool_disk_refuses_then_recovers_by_itself(
         assert status == 503 and audit["status"] == "down" and audit["required"]
         assert "No space left on device" in audit["detail"] and "refused" in audit["detail"]
         down = await metrics(gw)
-        assert down["plant_audit_refusing"] == 1 and down["plant_audit_spool_writable"] == 0
-        assert down["plant_audit_database_up"] == 0 and down["plant_audit_rows_lost_total"] > 0
+        assert down["plant_gateway_audit_refusing"] == 1
+        assert down["plant_gateway_audit_spool_writable"] == 0
+        assert down["plant_gateway_audit_database_up"] == 0
+        assert down["plant_gateway_audit_rows_lost_total"] > 0
         await asyncio.to_thread(controlled_pg.start)
         stop = asyncio.Event()
         flowing = asyncio.create_task(send(gw, load, stop, workers=4, most=100_000))
-        up = await wait_for(gw, lambda m: m["plant_audit_refusing"] == 0
-                            and m["plant_audit_spool_pending_rows"] == 0)
+        up = await wait_for(gw, lambda m: m["plant_gateway_audit_refusing"] == 0
+                            and m["plant_gateway_audit_spool_pending_rows"] == 0)
         stop.set()
         await flowing
-        assert up["plant_audit_refusing"] == 0 and up["plant_audit_spool_pending_rows"] == 0
-        assert up["plant_audit_rows_replayed_total"] > 0 and up["plant_audit_database_up"] == 1
+        assert up["plant_gateway_audit_refusing"] == 0
+        assert up["plant_gateway_audit_spool_pending_rows"] == 0
+        assert up["plant_gateway_audit_rows_replayed_total"] > 0
+        assert up["plant_gateway_audit_database_up"] == 1
         status, audit = await ready(gw)
         assert status == 200
         await send(gw, load, asyncio.Event(), most=len(load.answered) + 50)
-        final = await wait_for(gw, lambda m: m["plant_audit_queue_depth"] == 0)
+        final = await wait_for(gw, lambda m: m["plant_gateway_audit_queue_depth"] == 0)
     finally:
         gw.stop()
     assert not load.failed
@@ -218,7 +222,7 @@ async def test_full_spool_disk_refuses_then_recovers_by_itself(
     assert all(len(r) == 1 for r in rows.values()), "a request has two rows"
     missing = [cid for cid in load.answered if cid not in rows]
     assert all(load.answered[cid] == (503, "audit-unavailable") for cid in missing)
-    assert len(missing) == final["plant_audit_rows_lost_total"]
+    assert len(missing) == final["plant_gateway_audit_rows_lost_total"]
     audited_refusals = [r[0] for c, r in rows.items() if load.answered[c][0] == 503]
     assert audited_refusals  # the reserve took some refusals' rows
     assert all(r["error_type"] == "audit-unavailable" for r in audited_refusals)

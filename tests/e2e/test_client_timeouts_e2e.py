@@ -1,7 +1,7 @@
 """Client connections cannot stay open forever (issue 14, item 6), proven by counting.
 
 Idle, slowloris and kept-alive connections are closed after their (small) timeouts and counted
-in ``gateway_client_connections_closed_total``; at MAX_CONNECTIONS a newcomer closes the
+in ``plant_gateway_client_connections_closed_total``; at MAX_CONNECTIONS a newcomer closes the
 longest-idle connection, or gets a 503 when every one runs a request; and with hundreds of
 abusive connections and slow bodies open, a healthy client gets its 200s.
 
@@ -31,7 +31,7 @@ from tests.e2e.wire import (
 )
 from tests.fixtures.processes import Proc, start_gateway, start_misbehaving_backend
 
-CLOSED = "gateway_client_connections_closed_total"
+CLOSED = "plant_gateway_client_connections_closed_total"
 TIMEOUTS: dict[str, str | None] = {"CLIENT_IDLE_TIMEOUT_S": "1", "CLIENT_HEADER_TIMEOUT_S": "1",
             "CLIENT_KEEPALIVE_TIMEOUT_S": "1.5", "PLANT_GUARDS": ""}
 N = 100  # connections per kind in the timeout tests
@@ -66,7 +66,7 @@ def gateway(backend: Proc) -> Iterator[Proc]:
 
 
 def closed(gw: Proc, reason: str) -> float:
-    return metric(gw.url, CLOSED, reason=reason)
+    return metric(gw.admin_url, CLOSED, reason=reason)
 
 
 async def test_idle_connections_are_closed_after_the_idle_timeout(gateway: Proc) -> None:
@@ -171,7 +171,8 @@ async def test_healthy_clients_are_answered_while_abusive_connections_are_open(
             writer.write(head("POST", "/api/v1/upload", length=1000) + b"x" * 10)
             abusive.append((reader, writer))
         total = IDLE + SLOWLORIS + SLOW_BODIES
-        assert await eventually(lambda: metric(gw.url, "gateway_client_connections") >= total)
+        open_now = "plant_gateway_client_connections"
+        assert await eventually(lambda: metric(gw.admin_url, open_now) >= total)
         reader, writer = await open_conn(gw.port)
         statuses = []
         for i in range(60):
@@ -182,7 +183,7 @@ async def test_healthy_clients_are_answered_while_abusive_connections_are_open(
             statuses.append((await read_answer(reader, 5)).status)
         writer.close()
         assert statuses == [200] * 60
-        assert metric(gw.url, "gateway_client_connections") >= total  # still all open
+        assert metric(gw.admin_url, open_now) >= total  # still all open
     finally:
         for _, writer in abusive:
             writer.close()

@@ -178,9 +178,17 @@ module "plant_gateway" {
   vpc_connector         = google_vpc_access_connector.plant.id
   vpc_egress            = "ALL_TRAFFIC"
   cloud_sql_instances   = [data.google_sql_database_instance.plant.connection_name]
-  health_path           = "/health"
+  # probes on the public port: /health answers there; /metrics and the detailed /ready only on
+  # the admin listener (ADMIN_PORT, loopback), scraped by the collector sidecar (monitoring.tf)
+  health_path    = "/health"
+  container_name = "gateway"
+  metrics_collector = var.enable_metrics_collector ? {
+    image         = var.metrics_collector_image
+    config_secret = google_secret_manager_secret.run_monitoring[0].secret_id
+  } : null
   env_vars = merge({
     ENVIRONMENT                = var.environment
+    ADMIN_PORT                 = tostring(var.gateway_admin_port)
     GATEWAY_TYPE               = var.gateway_type
     PLANT_BACKEND_URL          = module.plant_backend.uri
     PLANT_BACKEND_USE_ID_TOKEN = "true"
@@ -205,6 +213,9 @@ module "plant_gateway" {
     google_secret_manager_secret_iam_member.gateway,
     google_secret_manager_secret_version.redis_url,
     google_project_iam_member.gateway_sql_client,
+    google_secret_manager_secret_version.run_monitoring,
+    google_secret_manager_secret_iam_member.gateway_run_monitoring,
+    google_project_iam_member.gateway_metric_writer,
   ]
 }
 
