@@ -174,6 +174,7 @@ def _gateway_env(ctx: Context, prefix: Path, port: int) -> dict[str, str]:
     return {
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "ADMIN_PORT": str(free_port()),  # the default split, on a port no other run holds
         "WORKERS": str(ctx.workers),
         "ENVIRONMENT": "bench",
         "LOG_LEVEL": "WARNING",

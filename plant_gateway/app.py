@@ -106,6 +106,11 @@ class GatewayApp:
         self.guards: list[str] = []
         self.request_log = RequestLog(settings)
         self.tracing: Any = None  # plant_gateway.tracing.Tracing when TRACE_SAMPLE_RATE > 0
+        # the admin listener's port (serve binds it beside PORT); 0: the ops surface on PORT
+        self.admin_port = settings.admin_port
+        self.public_ops = ops.PUBLIC if settings.admin_port else ops.BOTH
+        self.public_ready = ops.CachedReadiness()
+        self.route_label = metrics.RouteLabels(settings.metrics_routes, ops.OPS_PATHS)
 
     # --- lifespan ------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -141,6 +146,10 @@ class GatewayApp:
         missing = [g for g in self.settings.guards if g not in self.guards]
         if missing:
             log.warning("guards configured on but not active", extra={"guards": missing})
+        if not isinstance(self.audit, NoAudit) and self.settings.audit_chain_key is None:
+            log.warning("audit: AUDIT_CHAIN_KEY is not set: chain checkpoints are unsigned, "
+                        "so an edit of a chain's last rows that also rewrites its checkpoints "
+                        "cannot be detected by `plant-gateway audit verify`")
         if self.tune_runtime:
             tune_gc()  # in every served worker: the start-up heap is complete now
 
@@ -214,16 +223,24 @@ class GatewayApp:
             client.body_ready if client is not None and has_body else None,
         )
         ctx.scratch["body_source"] = body
-        # only a real probe (GET/HEAD) goes unaudited: ``TRACE /health`` is refused and audited
+        # only a real probe (GET/HEAD) goes unaudited: ``TRACE /health`` is refused and audited;
+        # nothing on the admin listener is client traffic
         probe = ctx.path in ops.PROBES and ctx.method in ("GET", "HEAD")
+        admin = False
+        if self.admin_port:
+            server = scope.get("server")
+            if server is not None and server[1] == self.admin_port:
+                admin = probe = True
         ran: list[Any] = []
         in_flight = metrics.IN_FLIGHT_COUNT
         in_flight.value += 1
         if self.tracing is not None and not probe:
             self.tracing.begin(ctx, ctx.path if ops.is_ops_route(ctx.method, ctx.path) else None)
         try:
-            if ops.is_ops_route(ctx.method, ctx.path):
-                await self.ops_route(ctx, tracker)
+            if admin:
+                await self.ops_route(ctx, tracker, ops.ADMIN)
+            elif ops.is_ops_route(ctx.method, ctx.path):
+                await self.ops_route(ctx, tracker, self.public_ops)
             elif ops.is_preflight(ctx):
                 status, headers = ops.preflight(ctx, self.settings)
                 ctx.status_code = status
@@ -264,7 +281,7 @@ class GatewayApp:
         if problem is None:
             problem = await self.forward(ctx, body, send, self.common_headers(ctx), client)
         if problem is not None:
-            await self.send_problem(ctx, send, problem)
+            await self.send_problem(ctx, send, problem, "proxy")  # unless a guard refused
 
     async def finish(
         self, ctx: RequestContext, ran: list[Any], probe: bool, sent: int = 0
@@ -276,9 +293,7 @@ class GatewayApp:
                 log.exception("after hook failed", extra={"step": step.name})
         status = ctx.status_code or 499
         elapsed = ctx.elapsed_ms()
-        route = metrics.route_label(ctx.path)
-        metrics.REQUESTS.labels(route, ctx.method, str(status)).inc()  # a dict lookup each
-        metrics.LATENCY.labels(route).observe(elapsed / 1000)
+        self.observe(ctx, status, elapsed)
         if ctx.policy_latency_ms is not None:
             metrics.POLICY_LATENCY.observe(ctx.policy_latency_ms / 1000)
         if probe:
@@ -291,9 +306,27 @@ class GatewayApp:
         if self.tracing is not None:
             self.tracing.end(ctx, status)
 
-    async def ops_route(self, ctx: RequestContext, send: Tracker) -> None:
+    def observe(self, ctx: RequestContext, status: int, elapsed_ms: float) -> None:
+        """The request's series: count, total time, and the split gateway / upstream per route.
+
+        A dict lookup per series (LoopCounter/LoopHistogram: no lock, no allocation once seen).
+        """
+        route = self.route_label(ctx.path)
+        method = ctx.method if ctx.method in metrics.METHODS else "OTHER"
+        metrics.REQUESTS.labels(route, method, str(status)).inc()
+        metrics.LATENCY.labels(route).observe(elapsed_ms / 1000)
+        upstream_ms = ctx.upstream_latency_ms
+        if upstream_ms is None:
+            metrics.OVERHEAD.labels(route).observe(elapsed_ms / 1000)
+            return
+        metrics.UPSTREAM_LATENCY.labels(route, ctx.target_backend).observe(upstream_ms / 1000)
+        metrics.OVERHEAD.labels(route).observe(max(0.0, elapsed_ms - upstream_ms) / 1000)
+
+    async def ops_route(self, ctx: RequestContext, send: Tracker, listener: str) -> None:
         assert self.deps is not None
-        result = await ops.handle(ctx, self.settings, self.deps, self.proxy, self.guards)
+        result = await ops.handle(
+            ctx, self.settings, self.deps, self.proxy, self.guards, listener, self.public_ready
+        )
         if result.problem is not None:
             await self.send_problem(ctx, send, result.problem)
             return
@@ -303,11 +336,14 @@ class GatewayApp:
         headers.append((b"content-length", str(len(result.body)).encode()))
         await self.respond(send, result.status, headers + self.common_headers(ctx), body)
 
-    async def send_problem(self, ctx: RequestContext, send: Tracker, problem: Problem) -> None:
+    async def send_problem(
+        self, ctx: RequestContext, send: Tracker, problem: Problem, source: str = "gateway"
+    ) -> None:
+        """Answer with ``problem``; counted under the guard that refused, else ``source``."""
         ctx.status_code = problem.status
         ctx.error_type = ctx.error_type or problem.kind
         ctx.error_message = ctx.error_message or problem.detail
-        metrics.child(metrics.DENIALS, problem.kind, str(problem.status)).inc()
+        metrics.DENIALS.labels(ctx.refused_by or source, problem.kind).inc()
         body = problem.render(
             base=self.settings.problem_type_base, instance=ctx.path,
             correlation_id=ctx.correlation_id,
@@ -329,6 +365,11 @@ class GatewayApp:
 
     # --- websocket -----------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.admin_port and (scope.get("server") or (None, 0))[1] == self.admin_port:
+            # the admin listener forwards nothing: the handshake is refused (HTTP 403)
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return
         ctx = context_from_scope(scope, self.settings)
         token = request_var.set(ctx)
         tracker = Tracker(send)
@@ -364,7 +405,7 @@ class GatewayApp:
         ctx.status_code = problem.status
         ctx.error_type = ctx.error_type or problem.kind
         ctx.error_message = ctx.error_message or problem.detail
-        metrics.DENIALS.labels(problem.kind, str(problem.status)).inc()
+        metrics.DENIALS.labels(ctx.refused_by or "proxy", problem.kind).inc()
         await send({"type": "websocket.close", "code": 1008, "reason": problem.kind})
 
 

@@ -15,7 +15,7 @@ complete within the header timeout of its first byte (else 408 and close: slowlo
 connection between requests is closed after the keep-alive timeout. Past MAX_CONNECTIONS a new
 connection closes the longest-idle one that runs no request, or, when all are busy, gets a 503
 and is closed. None of these has a request yet, so they are counted in
-``gateway_client_connections_closed_total``, not audited.
+``plant_gateway_client_connections_closed_total``, not audited.
 
 The protocol is also the client link of its requests (``proxy.ClientLink``, in the scope as
 ``scope["extensions"]["plant.client"]``, one dict per connection): ``disconnected``,

@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, one registry for every module.
 
 Other modules add theirs here (or import ``REGISTRY`` and register their own); labels stay
-low-cardinality: routes are reduced to their first two path segments.
+low-cardinality: a route label is the ``METRICS_ROUTES`` pattern a path matches, never the path.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from plant_gateway import __version__, routing
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -157,45 +160,71 @@ class LoopHistogram:
         return metric
 
 
+# Names follow Prometheus' conventions: the plant_gateway_ prefix, base units (seconds, bytes),
+# _total on counters (added by the exposition), _seconds on duration histograms. Every label
+# has a bounded set of values: routes are the configured METRICS_ROUTES patterns (RouteLabels),
+# methods the standard ones, upstreams and guards come from code or configuration, never from
+# a client. README → Observability has the table.
 REQUESTS = LoopCounter(
-    "gateway_requests", "Requests handled", ["route", "method", "status"], registry=REGISTRY
+    "plant_gateway_requests", "Requests answered, by route pattern, method and status code",
+    ["route", "method", "status"], registry=REGISTRY,
 )
 LATENCY = LoopHistogram(
-    "gateway_request_duration_seconds", "Total time in the gateway", ["route"],
+    "plant_gateway_request_duration_seconds",
+    "Time from a request's arrival to its answer's end (gateway and upstream)", ["route"],
+    buckets=_BUCKETS, registry=REGISTRY,
+)
+OVERHEAD = LoopHistogram(
+    "plant_gateway_overhead_seconds",
+    "Time the gateway itself spent on a request: the total less the upstream wait", ["route"],
     buckets=_BUCKETS, registry=REGISTRY,
 )
 UPSTREAM_LATENCY = LoopHistogram(
-    "gateway_upstream_duration_seconds", "Time waiting for the upstream's response head",
-    ["upstream"], buckets=_BUCKETS, registry=REGISTRY,
+    "plant_gateway_upstream_duration_seconds", "Time waiting for the upstream's response head",
+    ["route", "upstream"], buckets=_BUCKETS, registry=REGISTRY,
 )
 POLICY_LATENCY = LoopHistogram(
-    "gateway_policy_duration_seconds", "Policy decision time", [], buckets=_BUCKETS,
+    "plant_gateway_policy_duration_seconds", "Policy decision time", [], buckets=_BUCKETS,
     registry=REGISTRY,
 ).labels()
-DENIALS = Counter(
-    "gateway_denials_total", "Gateway-made problem responses by kind", ["kind", "status"],
-    registry=REGISTRY,
+# guard: the step that refused (auth, rate_limit, policy, budget, tenant, audit, ingress…),
+# "proxy" for a problem of the forwarding (upstream down, timeout, body limits) and "gateway"
+# for the gateway's own answers (an unknown admin path, an internal error)
+DENIALS = LoopCounter(
+    "plant_gateway_denials", "Problem responses made by the gateway, by guard and problem kind",
+    ["guard", "kind"], registry=REGISTRY,
 )
 CIRCUIT_STATE = Gauge(
-    "gateway_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+    "plant_gateway_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+    ["upstream"], registry=REGISTRY,
+)
+# a breaker that opens and closes between two scrapes still counts here
+CIRCUIT_OPENED = Counter(
+    "plant_gateway_circuit_opened_total", "Times an upstream's circuit breaker opened",
     ["upstream"], registry=REGISTRY,
 )
 UPSTREAM_ERRORS = Counter(
-    "gateway_upstream_errors_total", "Upstream failures by kind", ["upstream", "kind"],
+    "plant_gateway_upstream_errors_total", "Upstream failures by kind", ["upstream", "kind"],
     registry=REGISTRY,
 )
 RATE_LIMITED = Counter(
-    "gateway_rate_limited_total", "Requests refused by a rate limit", ["tier"], registry=REGISTRY
-)
-BUDGET_REJECTED = Counter(
-    "gateway_budget_rejected_total", "Requests refused by the budget guard", ["scope"],
+    "plant_gateway_rate_limited_total", "Requests refused by a rate limit", ["tier"],
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests in progress", registry=REGISTRY)
+BUDGET_REJECTED = Counter(
+    "plant_gateway_budget_rejected_total", "Requests refused by the budget guard", ["scope"],
+    registry=REGISTRY,
+)
+BUDGET_ALERTS = LoopCounter(
+    "plant_gateway_budget_alerts",
+    "Budget decisions at an alert level (warning, high, critical: BUDGET_ALERT_THRESHOLDS)",
+    ["level"], registry=REGISTRY,
+)
+IN_FLIGHT = Gauge("plant_gateway_requests_in_flight", "Requests in progress", registry=REGISTRY)
 
 
 class InFlight:
-    """A plain int read by the gauge at scrape time (no lock taken per request)."""
+    """A plain number read by a gauge at scrape time (no lock taken per request)."""
 
     __slots__ = ("value",)
 
@@ -205,52 +234,92 @@ class InFlight:
 
 IN_FLIGHT_COUNT = InFlight()
 IN_FLIGHT.set_function(lambda: IN_FLIGHT_COUNT.value)
+BUDGET_UTILIZATION = Gauge(
+    "plant_gateway_budget_platform_utilization_ratio",
+    "Share of the platform's monthly budget spent, as of the last budget decision",
+    registry=REGISTRY,
+)
+
+
+class LastValue:
+    """A plain float read by a gauge at scrape time (set on the request path, no lock)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+BUDGET_UTILIZATION_VALUE = LastValue()  # set per budget decision (steps/budget.py)
+BUDGET_UTILIZATION.set_function(lambda: BUDGET_UTILIZATION_VALUE.value)
 # client connections of this worker (its server's set; summed over workers like every gauge)
 CLIENT_CONNECTIONS = Gauge(
-    "gateway_client_connections", "Open client connections", registry=REGISTRY
+    "plant_gateway_client_connections", "Open client connections", registry=REGISTRY
 )
 # connections the gateway closed before a request existed (so without an audit row):
 # idle_timeout, header_timeout (answered 408), keepalive_timeout, evicted (room for a newcomer
 # at MAX_CONNECTIONS), over_capacity (answered 503: every connection was running a request)
 CLIENT_CLOSED = Counter(
-    "gateway_client_connections_closed_total",
+    "plant_gateway_client_connections_closed_total",
     "Client connections closed by the gateway's client bounds", ["reason"], registry=REGISTRY,
 )
 GUARD_ACTIVE = Gauge(
-    "gateway_guard_active", "1 when a guard is in the pipeline", ["guard"], registry=REGISTRY
+    "plant_gateway_guard_active", "1 when a guard is in the pipeline", ["guard"],
+    registry=REGISTRY,
 )
+BUILD_INFO = Gauge(
+    "plant_gateway_build_info", "Always 1; the gateway's version as a label", ["version"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(__version__).set(1)
 
-
-MAX_ROUTE_LABELS = 256  # distinct route labels kept; later ones are counted as "/other"
+# The request methods kept as label values; any other (WebDAV, made up) is counted as OTHER.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_ROUTE = "other"  # the label of a path no METRICS_ROUTES pattern matches
 _CACHE_LIMIT = 4096
-_route_labels: dict[str, str] = {}
-_labels_seen: set[str] = set()
 _children: dict[tuple[Any, ...], Any] = {}
 
 
-def _route_label(path: str) -> str:
-    parts = [p for p in path.split("/") if p][:2]
-    return "/" + "/".join(parts) if parts else "/"
+def method_label(method: str) -> str:
+    return method if method in METHODS else "OTHER"
 
 
-def route_label(path: str) -> str:
-    """First two path segments only: ``/api/v1/agents/42`` -> ``/api/v1``.
+class RouteLabels:
+    """The route label of a path: the first ``METRICS_ROUTES`` pattern that matches it.
 
-    Paths come from clients, so the number of distinct labels is capped (memory, scrape size).
+    Paths come from clients, so a label is never the path itself: a fixed path (an ops route)
+    is its own label, a path no pattern matches is ``other``. The patterns are one regex
+    alternation (first listed wins); recent paths are cached.
     """
-    label = _route_labels.get(path)
-    if label is not None:
-        return label
-    label = _route_label(path)
-    if label not in _labels_seen:
-        if len(_labels_seen) >= MAX_ROUTE_LABELS:
-            label = "/other"
+
+    __slots__ = ("fixed", "labels", "regex", "cache")
+
+    def __init__(self, patterns: Iterable[str], fixed: Iterable[str] = ()) -> None:
+        self.fixed = frozenset(fixed)
+        self.labels: list[str] = []
+        parts: list[str] = []
+        for text in patterns:
+            pattern = routing.parse(text)
+            if pattern.methods is not None or pattern.excluded:
+                raise ValueError(f"metrics route {text!r}: no methods or '!' in a metrics route")
+            self.labels.append(text.strip())
+            parts.append(f"({pattern.regex().pattern[1:-1]})")  # without its ^ and $
+        self.regex = re.compile(f"^(?:{'|'.join(parts)})$") if parts else None
+        self.cache: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        label = self.cache.get(path)
+        if label is not None:
+            return label
+        if path in self.fixed:
+            label = path
         else:
-            _labels_seen.add(label)
-    if len(_route_labels) >= _CACHE_LIMIT:
-        _route_labels.clear()
-    _route_labels[path] = label
-    return label
+            found = self.regex.match(path) if self.regex is not None else None
+            label = self.labels[found.lastindex - 1] if found and found.lastindex else OTHER_ROUTE
+        if len(self.cache) >= _CACHE_LIMIT:
+            self.cache.clear()
+        self.cache[path] = label
+        return label
 
 
 def child(metric: Any, *labels: str) -> Any:
@@ -292,9 +361,16 @@ Merge = Callable[[float, float], float]
 # How the live workers' values of a gauge combine; any gauge not listed is summed (in-flight
 # requests, audit queue depth and spooled rows are per-worker quantities).
 GAUGE_MERGE: dict[str, Merge] = {
-    "gateway_circuit_state": max,  # each worker has its own breaker: the worst state shows
-    "gateway_guard_active": max,  # same configuration in every worker
-    "plant_audit_redis_spool_rows": max,  # one list shared by every worker and instance
+    "plant_gateway_circuit_state": max,  # each worker has its own breaker: the worst state shows
+    "plant_gateway_guard_active": max,  # same configuration in every worker
+    "plant_gateway_build_info": max,
+    "plant_gateway_budget_platform_utilization_ratio": max,  # the latest is the highest
+    "plant_gateway_audit_database_up": min,  # 1 only while every worker's sink writes
+    "plant_gateway_audit_spool_writable": min,
+    "plant_gateway_audit_refusing": max,  # 1 while any worker refuses requests
+    "plant_gateway_audit_redis_spool_rows": max,  # one list shared by every worker and instance
+    "plant_gateway_audit_redis_spool_capacity_rows": max,
+    "plant_gateway_audit_redis_spool_writable": min,
 }
 log = logging.getLogger("plant_gateway.metrics")
 Snapshot = dict[str, Any]

@@ -1,12 +1,18 @@
 """Operational routes, apart from the request pipeline: health, readiness, metrics, API docs.
 
 ``/health`` touches nothing and names nothing; ``/ready`` reports each dependency, never a URL.
+With an admin listener (``ADMIN_PORT``, the default) the ops surface is split: the admin
+listener answers ``/health``, the detailed ``/ready`` and ``/metrics`` and nothing else (no
+request ever reaches the pipeline there); the public one keeps ``/health``, the API docs and a
+``/ready`` that says ready or not (no dependency names, computed at most once a second however
+often it is asked), and answers ``/metrics`` with 404. ``ADMIN_PORT=0``: all on the public one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +33,11 @@ if TYPE_CHECKING:
 PROBES = frozenset({"/health", "/api/health", "/ready", "/metrics"})
 DOCS_PAGES = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
 OPS_PATHS = PROBES | DOCS_PAGES | {"/openapi.json"}
+ADMIN_PATHS = frozenset({"/health", "/api/health", "/ready", "/metrics"})
+# which ops routes a listener answers: the admin one, the public one beside an admin listener,
+# or the public one alone (ADMIN_PORT=0: everything, as before the split)
+ADMIN, PUBLIC, BOTH = "admin", "public", "both"
+READY_CACHE_S = 1.0  # the public /ready's answer is reused this long
 # the deployed body, less the backend URL it used to reveal (docs/MIGRATING.md, defects)
 HEALTH_BODY = b'{"status":"healthy","service":"plant-gateway"}'
 
@@ -102,6 +113,38 @@ async def readiness(deps: Dependencies, proxy: Proxy, guards: list[str]) -> OpsR
     return OpsResponse(200 if ready else 503, json.dumps(doc).encode())
 
 
+class CachedReadiness:
+    """The public ``/ready``: status only, the checks run at most once per ``READY_CACHE_S``.
+
+    The public port is reachable from the internet; every ``/ready`` there would otherwise
+    ping Redis and the database and call the backend. Concurrent askers share one run.
+    """
+
+    def __init__(self) -> None:
+        self.answer: OpsResponse | None = None
+        self.at = 0.0
+        self.running: asyncio.Task[OpsResponse] | None = None
+
+    async def get(self, deps: Dependencies, proxy: Proxy, guards: list[str]) -> OpsResponse:
+        if self.answer is not None and time.monotonic() - self.at < READY_CACHE_S:
+            return self.answer
+        if self.running is None:
+            self.running = asyncio.ensure_future(self._run(deps, proxy, guards))
+            self.running.add_done_callback(self._done)
+        return await asyncio.shield(self.running)
+
+    @staticmethod
+    async def _run(deps: Dependencies, proxy: Proxy, guards: list[str]) -> OpsResponse:
+        detailed = await readiness(deps, proxy, guards)
+        status = b"ready" if detailed.status == 200 else b"not_ready"
+        return OpsResponse(detailed.status, b'{"status":"' + status + b'"}')
+
+    def _done(self, task: asyncio.Task[OpsResponse]) -> None:
+        self.running = None
+        if not task.cancelled() and task.exception() is None:
+            self.answer, self.at = task.result(), time.monotonic()
+
+
 def external_url(ctx: RequestContext, settings: Settings) -> str:
     configured = getattr(settings, "public_url", None)
     if configured:
@@ -132,13 +175,23 @@ async def openapi(ctx: RequestContext, settings: Settings, proxy: Proxy) -> OpsR
 
 
 async def handle(
-    ctx: RequestContext, settings: Settings, deps: Dependencies, proxy: Proxy, guards: list[str]
+    ctx: RequestContext, settings: Settings, deps: Dependencies, proxy: Proxy, guards: list[str],
+    listener: str = BOTH, public_ready: CachedReadiness | None = None,
 ) -> OpsResponse:
+    """The answer of one ops route on ``listener`` (ADMIN, PUBLIC or BOTH)."""
+    if listener == ADMIN and (ctx.path not in ADMIN_PATHS or ctx.method not in ("GET", "HEAD")):
+        detail = "the admin listener serves GET /health, /ready and /metrics only"
+        return OpsResponse(404, b"", problem=Problem(404, "not-found", detail))
     if ctx.path in ("/health", "/api/health"):
         return OpsResponse(200, HEALTH_BODY)
     if ctx.path == "/ready":
+        if listener == PUBLIC:
+            return await (public_ready or CachedReadiness()).get(deps, proxy, guards)
         return await readiness(deps, proxy, guards)
     if ctx.path == "/metrics":
+        if listener == PUBLIC:
+            detail = "metrics are served on the admin listener, not on this port"
+            return OpsResponse(404, b"", problem=Problem(404, "not-found", detail))
         return OpsResponse(200, metrics.render(), metrics.CONTENT_TYPE.encode())
     if ctx.path == "/openapi.json":
         return await openapi(ctx, settings, proxy)

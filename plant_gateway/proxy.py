@@ -274,6 +274,8 @@ class CircuitBreaker:
     def failure(self) -> None:
         self.failures += 1
         if self.state == self.HALF_OPEN or self.failures >= self.threshold:
+            if self.state != self.OPEN:
+                metrics.CIRCUIT_OPENED.labels(self.name).inc()
             self.state, self.opened_at, self.probing = self.OPEN, time.monotonic(), False
             self._export()
 
@@ -336,7 +338,6 @@ class Upstream:
             IdTokenSource(settings.plant_backend_audience or base_url)
             if settings.plant_backend_use_id_token else None
         )
-        self.latency = metrics.UPSTREAM_LATENCY.labels(name)
         self._origin = str(self.base.origin())
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.upstream_connect_timeout_s,
@@ -556,8 +557,8 @@ class Proxy:
             if problem is not None:
                 return problem
             assert resp is not None
+            # observed per route with the request's other timings (app.finish)
             ctx.upstream_latency_ms = (time.perf_counter() - started) * 1000
-            upstream.latency.observe(ctx.upstream_latency_ms / 1000)
             return await self._relay(upstream, ctx, resp, send, extra)
         except asyncio.CancelledError:
             reason = deadlines.stopped.pop(task, None)

@@ -16,3 +16,32 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
+# descriptors besides client and upstream connections: logs, the spool, database and Redis
+# connections, the policy bundle, the embedded servers' pipes
+OTHER_FILES = 256
+
+
+def open_files_needed(max_connections: int, upstream_pool_size: int, upstreams: int) -> int:
+    return max_connections + upstream_pool_size * upstreams + OTHER_FILES
+
+
+def raise_open_files_limit(needed: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit when ``needed`` descriptors exceed it.
+
+    Most hosts start processes with a soft limit of 1024: below MAX_CONNECTIONS (1000) plus the
+    upstream pool, so under load ``accept`` failed with EMFILE long before the connection cap
+    could answer 503. Returns (soft limit now, hard limit); the caller warns when even the hard
+    limit is short."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the caller warns
+    return soft, hard

@@ -63,6 +63,21 @@ DEFAULT_SERVICE_KEY_ROUTES = [
     "POST /api/v1/notifications/events",
 ]
 
+# Route labels of the metrics: the deployed Plant backend's API, one pattern per resource.
+DEFAULT_METRICS_ROUTES = [
+    f"/api/v1/{resource}/*" for resource in (
+        "auth", "otp", "customers", "customer-platform-connections", "notifications",
+        "agents", "agent-types", "agent-types-db", "agent-mold", "agent-authoring",
+        "reference-agents", "hired-agents", "trials", "trial-status", "usage-events",
+        "invoices", "receipts", "payments", "approvals", "audit", "skills", "skill-runs",
+        "skill-configs", "scheduler", "flow-runs", "component-runs", "deliverables",
+        "campaigns", "marketing", "digital-marketing-activation", "content-creator",
+        "brand-voice", "catalog", "genesis", "feature-flags", "publish-receipts", "ops",
+        "admin", "runtime",
+    )
+]
+MAX_METRICS_ROUTES = 200
+
 
 BUNDLE_DECISION_PATH = "plant/gateway/decision"
 # The packages the deployed OPA serves (POST /v1/data/gateway/<package>)
@@ -147,6 +162,12 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", validation_alias=env_alias("HOST"))
     port: int = Field(8000, ge=1, le=65535, validation_alias=env_alias("PORT"))
     workers: int = Field(1, ge=1, le=64, validation_alias=env_alias("WORKERS"))
+    # The ops surface (/metrics, /ready with every dependency) listens apart from the public
+    # port: on Cloud Run only $PORT is reachable from outside, a sidecar collector scrapes
+    # ADMIN_PORT over the instance's loopback. 0: no admin listener, the ops surface answers
+    # on PORT as before (README → Observability).
+    admin_port: int = Field(8081, ge=0, le=65535, validation_alias=env_alias("ADMIN_PORT"))
+    admin_host: str = Field("127.0.0.1", validation_alias=env_alias("ADMIN_HOST"))
     environment: str = Field("development", validation_alias=env_alias("ENVIRONMENT"))
     gateway_type: GatewayType = Field("PLANT", validation_alias=env_alias("GATEWAY_TYPE"))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -433,6 +454,21 @@ class Settings(BaseSettings):
     audit_spool_max_bytes: int = Field(
         64 * 1024 * 1024, ge=64 * 1024, validation_alias=env_alias("AUDIT_SPOOL_MAX_BYTES")
     )
+    # Chain checkpoints (``backends/audit_checkpoints``): the last stored row of each chain,
+    # recorded outside the audit table so ``audit verify`` sees a truncated or re-hashed tail
+    # and a chain that ended without a clean close. Every 5 s a busy instance adds one small
+    # row (~17,000 a day at most; an idle one is marked every 30 s), dropped with its rows.
+    audit_checkpoint_interval_s: float = Field(
+        5.0, gt=0, le=3600, validation_alias=env_alias("AUDIT_CHECKPOINT_INTERVAL_S")
+    )
+    audit_checkpoint_rows: int = Field(
+        10_000, gt=0, validation_alias=env_alias("AUDIT_CHECKPOINT_ROWS")
+    )
+    # The secret the checkpoints' MACs are keyed from (per chain). Unset: the gateway runs and
+    # writes unsigned checkpoints, with one warning at start (see README "Audit durability").
+    audit_chain_key: SecretStr | None = Field(
+        None, validation_alias=env_alias("AUDIT_CHAIN_KEY")
+    )
     # The deployment's Redis as the first spool (it outlives a Cloud Run instance; the disk
     # spool is then the fallback): auto = whenever REDIS_URL/REDIS_HOST names a real Redis (not
     # the embedded one `serve` starts), on = required, off = never (backends/audit_spool_redis).
@@ -478,6 +514,12 @@ class Settings(BaseSettings):
     otel_service_name: str = Field(
         "plant-gateway", validation_alias=env_alias("OTEL_SERVICE_NAME")
     )
+    # route labels of the metrics: the first pattern a path matches (routing syntax, no methods
+    # or '!'), "other" when none does; never the path itself (clients choose paths)
+    metrics_routes: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_METRICS_ROUTES),
+        validation_alias=env_alias("METRICS_ROUTES"),
+    )
 
     # --- validation ----------------------------------------------------------------------
     @field_validator("gateway_type", mode="before")
@@ -493,7 +535,7 @@ class Settings(BaseSettings):
     @field_validator(
         "jwt_algorithms", "jwt_issuers", "cors_origins", "public_routes", "guards",
         "brute_force_routes", "service_key_routes", "critical_agents", "opa_packages",
-        mode="before",
+        "metrics_routes", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -520,6 +562,17 @@ class Settings(BaseSettings):
     def _route_patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
             routing.parse(pattern)  # ValueError names the bad pattern
+        return value
+
+    @field_validator("metrics_routes")
+    @classmethod
+    def _metrics_routes(cls, value: list[str]) -> list[str]:
+        for text in value:
+            pattern = routing.parse(text)  # ValueError names the bad pattern
+            if pattern.methods is not None or pattern.excluded:
+                raise ValueError(f"route {text!r}: a metrics route takes no methods or '!'")
+        if len(value) > MAX_METRICS_ROUTES:
+            raise ValueError(f"at most {MAX_METRICS_ROUTES} patterns (each is a label value)")
         return value
 
     @field_validator("guards")
@@ -559,6 +612,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         _check_host_and_port(url, "a redis://host:port/db URL")
         return SecretStr(url)
+
+    @field_validator("audit_chain_key")
+    @classmethod
+    def _chain_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A short key could be guessed offline from one checkpoint and its MAC."""
+        key = value.get_secret_value().strip() if value is not None else ""
+        if not key:
+            return None
+        if len(key) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return SecretStr(key)
 
     @field_validator("database_url")
     @classmethod
@@ -710,6 +774,11 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _check_consistency(settings: Settings) -> None:
+    if settings.admin_port and settings.admin_port == settings.port:
+        raise SettingsError(
+            f"ADMIN_PORT: {settings.admin_port} is also PORT; choose another port, or 0 to serve "
+            "/metrics and /ready on PORT"
+        )
     if settings.guard_on("auth"):
         has_key = settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url
         if not has_key:

@@ -21,6 +21,10 @@ connection as the DSN's own login, never as the writer: the embedded server's ow
 ``DATABASE_URL`` logs in as the writer itself, the gateway cannot run retention and says so
 once; pg_cron (scheduled by migration 0001) or ``plant-gateway audit retention`` with the
 owner's URL does it instead.
+
+Chain checkpoints (``audit_checkpoints``): the writer task records where each chain stands
+between batches, and close() ends each chain with a close mark after its last row (into the
+spool, after the rows, when they wait there).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import asyncpg
 from plant_gateway import events
 from plant_gateway.backends import audit_metrics as m
 from plant_gateway.backends import audit_spool_redis
+from plant_gateway.backends.audit_checkpoints import MARK_PREFIX, Checkpointer, Mark, insert
 from plant_gateway.backends.audit_schema import (
     INSERT_COLUMNS_SQL,
     MAINTAINER_ROLE,
@@ -185,6 +190,8 @@ class PostgresAuditSink:
         self.queue = RowQueue(settings.audit_queue_max)
         self.on_loss = settings.audit_on_loss
         self.spool_max = settings.audit_spool_max_bytes
+        m.QUEUE_CAPACITY.set(settings.audit_queue_max)
+        m.SPOOL_CAPACITY.set(self.spool_max)
         # the last 1/16 of the cap is kept for rows written while rows cannot be secured (the
         # refusals): ~4 MiB, a few thousand refusal rows, at the default cap
         self.headroom = self.spool_max // 16
@@ -197,6 +204,14 @@ class PostgresAuditSink:
         self.spool_path = self.spool_dir / f"{safe}-{os.getpid()}.jsonl"
         self.dead_path = Path(settings.state_dir) / "audit-deadletter.jsonl"
         self.stats = {"written": 0, "spooled": 0, "replayed": 0, "lost": 0, "dead": 0}
+        key = settings.audit_chain_key
+        # rows a SIGKILL can take: the queue, its slack and the batch being written
+        self.checkpoints = Checkpointer(
+            key.get_secret_value().encode() if key is not None else None,
+            settings.audit_checkpoint_interval_s, settings.audit_checkpoint_rows,
+            settings.audit_queue_max + self.slack + self.batch_size,
+        )
+        self.chains: list[Any] = []  # the recorders writing here: closed by close()
         self.spool: Spool | None = None
         self.writer = Channel("writer")
         self.replayer = Channel("replay")
@@ -260,6 +275,7 @@ class PostgresAuditSink:
             leftover = []
         if leftover and not self._spool_rows(leftover, reserved=True):
             self._lose(len(leftover))
+        await self._close_chains(deadline)
         await self._close_redis(deadline)
         await self._close_connections(deadline)
         if self.spool is not None:
@@ -348,6 +364,12 @@ class PostgresAuditSink:
             detail="; ".join(notes),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def register_chain(self, recorder: Any) -> None:
+        """A recorder (``instance_id``, ``seq``, ``prev_hash``) whose chain close() ends with a
+        close mark (``audit_checkpoints``)."""
+        self.chains.append(recorder)
+        self.checkpoints.register(recorder.instance_id)
 
     # --- the request path ---------------------------------------------------------------------
     def submit(self, row: bytes) -> None:
@@ -441,6 +463,8 @@ class PostgresAuditSink:
             batch = await self._collect()
             stored = await self._handle(batch) if batch else True
             self._update_refusing()
+            if self.checkpoints.due() and self.writer.ready():
+                await self._mark_chains()
             if not stored:
                 if self._closing:
                     return  # close() spools what is left, or counts it
@@ -544,6 +568,7 @@ class PostgresAuditSink:
                 raise Outage(str(exc)) from exc
             return await self._bisect(channel, rows, exc)
         m.WRITE_LATENCY.observe(time.perf_counter() - started)
+        self.checkpoints.committed(rows)
         self._channel_up(channel)
         m.ROWS_WRITTEN.inc(len(rows))
         self.stats["written"] += len(rows)
@@ -714,13 +739,19 @@ class PostgresAuditSink:
             if not lines:
                 break
             rows: list[bytes] = []
+            marks: list[Mark] = []
             for line in lines:
                 try:
-                    rows.append(upgrade_line(line))
+                    if line.startswith(MARK_PREFIX):
+                        marks.append(Mark.from_line(line))
+                    else:
+                        rows.append(upgrade_line(line))
                 except (ValueError, TypeError, KeyError):
                     self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
             try:
                 written = await self._write(self.replayer, rows)
+                if marks:  # after the rows they name
+                    await self._store_marks(self.replayer, marks, quarantine=True)
             except Outage:
                 break
             try:
@@ -746,17 +777,25 @@ class PostgresAuditSink:
         return await redis_spool.replay(self._write_replayed, REPLAY_BATCHES)
 
     async def _write_replayed(self, lines: list[bytes]) -> int | None:
-        """Lines from the Redis spool into the table; None if the database cannot take them."""
+        """Lines from the Redis spool into the table (rows, then the chain marks after the rows
+        they name, as ``_drain_spool`` does); None if the database cannot take them."""
         rows: list[bytes] = []
+        marks: list[Mark] = []
         for line in lines:
             try:
-                rows.append(upgrade_line(line))
+                if line.startswith(MARK_PREFIX):
+                    marks.append(Mark.from_line(line))
+                else:
+                    rows.append(upgrade_line(line))
             except (ValueError, TypeError, KeyError):
                 self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
         try:
-            return await self._write(self.replayer, rows)
+            written = await self._write(self.replayer, rows)
+            if marks:
+                await self._store_marks(self.replayer, marks, quarantine=True)
         except Outage:
             return None
+        return written
 
     def _reclaim(self, spool: Spool) -> None:
         """Replayed rows' blocks back to the disk while the replay goes on (rows that keep
@@ -791,6 +830,67 @@ class PostgresAuditSink:
             finally:
                 orphan.close(remove_if_empty=True)
         return more
+
+    # --- chain checkpoints (audit_checkpoints) ---------------------------------------------------
+    async def _mark_chains(self) -> None:
+        """Periodic checkpoints, written by the writer task between batches."""
+        marks = self.checkpoints.marks(self.stats["lost"])
+        if not marks:
+            return
+        with contextlib.suppress(Outage):  # the next batch finds it; the next interval marks
+            await self._store_marks(self.writer, marks)
+
+    async def _store_marks(self, channel: Channel, marks: list[Mark],
+                           quarantine: bool = False) -> None:
+        """Insert marks on the channel's connection; raise Outage when the database cannot
+        take them. A database without the checkpoint table (not upgraded to 0003) is said once
+        and rows keep flowing; spooled marks (``quarantine``) then go to the dead-letter file,
+        so a close mark never blocks the replay."""
+        async with channel.lock:
+            try:
+                await insert(await self._conn(channel), marks)
+            except asyncio.CancelledError:
+                self._drop_conn(channel)
+                raise
+            except asyncpg.UndefinedTableError:
+                self._set_condition("checkpoint", "chain checkpoint table missing: run `plant-"
+                                                  "gateway db upgrade` (revision 0003)")
+                for mark in marks if quarantine else ():
+                    self._dead_letter(mark.to_line().decode(), "no checkpoint table")
+                return
+            except Exception as exc:
+                if _is_outage(exc):
+                    self._mark_outage(channel, exc)
+                    raise Outage(str(exc)) from exc
+                self._set_condition("checkpoint", f"chain checkpoints refused "
+                                                  f"({type(exc).__name__}: {exc})")
+                return
+        self._set_condition("checkpoint", None)
+
+    async def _close_chains(self, deadline: float) -> None:
+        """A close mark per chain after its last row: into the table when no row waits in the
+        spool, else appended to the spool after the rows (the replay writes it after them)."""
+        lost = self.stats["lost"]
+        marks = [self.checkpoints.close_mark(r.instance_id, r.seq, r.prev_hash, lost)
+                 for r in self.chains if r.seq]
+        if not marks:
+            return
+        for mark in marks:  # a witness outside the database: the request log's sink
+            log.info("audit: chain %s closed at seq %d (row hash %s)",
+                     mark.instance_id, mark.seq, mark.row_hash)
+        # a writer cancelled mid-write (hung database) dropped its connection: no new one now
+        if not self._pending() and self.writer.ready() and self.writer.conn is not None:
+            with contextlib.suppress(Outage, TimeoutError):
+                await asyncio.wait_for(self._store_marks(self.writer, marks),
+                                       max(0.05, deadline - time.monotonic()))
+                return
+        lines = [mark.to_line() for mark in marks]
+        # after the chain's rows: at the tail of the Redis spool (rows moved there from the disk
+        # spool afterwards go to its head: they are older), else at the end of the disk spool
+        if await self._close_to_redis(lines, deadline):
+            return
+        if not self._spool_rows(lines, reserved=True):
+            log.error("audit: the close marks of %d chain(s) could not be stored", len(marks))
 
     # --- retention ---------------------------------------------------------------------------
     async def _maintenance(self) -> None:

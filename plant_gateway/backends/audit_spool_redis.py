@@ -60,8 +60,9 @@ could (README → Audit durability).
 A Redis that loses its data (restarted without persistence, as a Memorystore Basic instance
 does, or flushed) loses the rows it held: the next look at the spool finds a new ``epoch`` (or
 none) and each instance logs an error and counts the rows it last saw waiting in
-``plant_audit_redis_spool_vanished_rows_total`` (an estimate: rows replayed since its last look
-are counted too); ``audit verify`` names the gaps they leave in the chains. Never silent.
+``plant_gateway_audit_redis_spool_vanished_rows_total`` (an estimate: rows replayed since its
+last look are counted too); ``audit verify`` names the gaps they leave in the chains. Never
+silent.
 
 Failures: every Redis error or timeout makes the push fail (the batch goes to the disk spool)
 and backs the spool off for 0.5 to 5 s, so a hung Redis costs one timeout per backoff, not one
@@ -101,31 +102,37 @@ CHUNK = 1000  # list elements per RPUSH/LPUSH inside a script (Lua's unpack has 
 ERRORS = (RedisError, RedisClusterException, OSError)
 
 ROWS = Gauge(
-    "plant_audit_redis_spool_rows",
+    "plant_gateway_audit_redis_spool_rows",
     "Audit rows waiting in the shared Redis spool (all instances), as last seen",
     registry=REGISTRY,
 )
 WRITABLE = Gauge(
-    "plant_audit_redis_spool_writable", "1 while the Redis spool takes rows (0: down or full)",
+    "plant_gateway_audit_redis_spool_writable",
+    "1 while the Redis spool takes rows (0: down or full)",
+    registry=REGISTRY,
+)
+CAPACITY = Gauge(
+    "plant_gateway_audit_redis_spool_capacity_rows",
+    "Rows the Redis spool holds at most, all instances together (AUDIT_REDIS_SPOOL_MAX_ROWS)",
     registry=REGISTRY,
 )
 PUSHED = Counter(
-    "plant_audit_rows_redis_spooled_total", "Audit rows pushed to the Redis spool",
+    "plant_gateway_audit_rows_redis_spooled_total", "Audit rows pushed to the Redis spool",
     registry=REGISTRY,
 )
 REPLAYED = Counter(
-    "plant_audit_rows_redis_replayed_total",
+    "plant_gateway_audit_rows_redis_replayed_total",
     "Audit rows replayed from the Redis spool into PostgreSQL (by this instance)",
     registry=REGISTRY,
 )
 VANISHED = Counter(
-    "plant_audit_redis_spool_vanished_rows_total",
+    "plant_gateway_audit_redis_spool_vanished_rows_total",
     "Rows the Redis spool held when Redis lost it (restarted empty or flushed), as last seen "
     "by this instance",
     registry=REGISTRY,
 )
 RECOVERED = Counter(
-    "plant_audit_redis_spool_recovered_rows_total",
+    "plant_gateway_audit_redis_spool_recovered_rows_total",
     "Rows of a dead replayer's unconfirmed batch put back into the Redis spool",
     registry=REGISTRY,
 )
@@ -259,6 +266,7 @@ class RedisSpool:
         self.poll_at = 0.0  # next look for rows to replay
         self.heartbeat_ttl_ms = HEARTBEAT_TTL_MS  # tests shorten it (a dead replayer's batch)
         WRITABLE.set(1)
+        CAPACITY.set(max_rows)
 
     # --- pushing ---------------------------------------------------------------------------
     def writable(self) -> bool:

@@ -15,14 +15,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import typer
 
+from plant_gateway.backends import audit_checkpoints as cp
 from plant_gateway.backends.audit_postgres import AHEAD_DAYS, MAINTAIN_SQL
 from plant_gateway.backends.audit_schema import (
     GENESIS,
@@ -35,6 +36,7 @@ from plant_gateway.backends.audit_schema import (
 )
 from plant_gateway.cli.common import fail, sub_app, usage_fail
 from plant_gateway.cli.db import STATE_OPTION, URL_OPTION, database, database_errors, where
+from plant_gateway.migrations.adopt import LEGACY_INSTANCE
 
 audit_app = sub_app("Query, tail and verify the audit log.")
 T = TypeVar("T")
@@ -115,45 +117,250 @@ async def query_rows(conn: asyncpg.Connection, limit: int = 50, **filters: Any) 
 
 
 # --- verification ------------------------------------------------------------------------------
+# kinds that mean the log was changed (exit 1); the others describe how a chain ended
+TAMPER = frozenset({"edited", "forged", "deleted", "truncated", "rehashed", "mac-invalid",
+                    "unsigned"})
+LIVE_SLACK_S = 1.0  # clock skew between a gateway and the database
+
+
 @dataclass
 class Finding:
-    kind: str  # edited | forged | deleted | gap | duplicate
+    kind: str  # TAMPER, or closed | unclosed | live | unchecked (a chain's state)
     instance_id: str
     seq: int | None
     row_id: str | None
     detail: str
 
+    @property
+    def tamper(self) -> bool:
+        return self.kind in TAMPER
+
     def __str__(self) -> str:
         where = f"{self.instance_id} seq {self.seq}" if self.seq is not None else self.instance_id
         rid = f" id {self.row_id}" if self.row_id else ""
-        return f"{self.kind.upper()}: {where}{rid}: {self.detail}"
+        label = "NO CHECKPOINTS" if self.kind == "unchecked" else self.kind.upper()
+        return f"{label}: {where}{rid}: {self.detail}"
+
+
+@dataclass
+class Report:
+    """What ``audit verify`` found: ``findings`` are changes to the log (exit 1), ``chains``
+    one state line per chain, ``notes`` what could not be checked and why."""
+
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    chains: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Marks:
+    """The checkpoint table's content: marks by chain, and when revision 0003 ran."""
+
+    by_chain: dict[str, list[cp.Mark]] = field(default_factory=dict)
+    installed: datetime | None = None
+    present: bool = False
 
 
 async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> tuple[int, list]:
-    """Walk every chain; return (rows checked, findings)."""
-    cols = ", ".join(f'"{n}"' for n in NAMES)
-    if since is None:
-        rows = await conn.fetch(f"SELECT {cols} FROM {TABLE} ORDER BY instance_id, seq, id")
-    else:
-        rows = await conn.fetch(
-            f'WITH starts AS (SELECT instance_id, min(seq) AS s FROM {TABLE} '
-            f'WHERE "timestamp" >= $1 GROUP BY instance_id) '
-            f"SELECT {', '.join('t.' + c for c in cols.split(', '))} FROM {TABLE} t "
-            f"JOIN starts USING (instance_id) WHERE t.seq >= starts.s "
-            f"ORDER BY t.instance_id, t.seq, t.id",
-            since,
-        )
-    findings: list[Finding] = []
-    chain: list[dict[str, Any]] = []
+    """Walk every chain; return (rows checked, changes found)."""
+    report = await audit_report(conn, since)
+    return report.checked, report.findings
+
+
+async def audit_report(
+    conn: asyncpg.Connection, since: datetime | None = None, keys: list[bytes] | None = None
+) -> Report:
+    """Walk every chain and compare its end with its checkpoints (``audit_checkpoints``)."""
+    rows = await _chain_rows(conn, since)
+    anchored = since is not None
+    report = Report(checked=len(rows))
+    chains: dict[str, list[dict[str, Any]]] = {}
     for record in rows:
         row = from_db(record)
-        if chain and chain[0]["instance_id"] != row["instance_id"]:
-            findings += _check_chain(chain, anchored=since is not None)
-            chain = []
-        chain.append(row)
-    if chain:
-        findings += _check_chain(chain, anchored=since is not None)
-    return len(rows), findings
+        chains.setdefault(row["instance_id"], []).append(row)
+    marks = await _marks(conn)
+    now = await conn.fetchval("SELECT now()")
+    for inst, chain in chains.items():
+        found = _check_chain(chain, anchored=anchored)
+        state, at_end = _check_end(chain, marks.by_chain.get(inst, []), marks, keys, now,
+                                   anchored)
+        named = {f.seq for f in found}
+        report.chains.append(state)
+        report.findings += found + [f for f in at_end if f.kind != "forged" or f.seq not in named]
+    if not anchored:
+        report.findings += await _vanished(conn, marks, set(chains))
+    report.notes = _notes(marks, set(chains), keys)
+    return report
+
+
+async def _chain_rows(conn: asyncpg.Connection, since: datetime | None) -> list[Any]:
+    cols = ", ".join(f'"{n}"' for n in NAMES)
+    if since is None:
+        return list(await conn.fetch(f"SELECT {cols} FROM {TABLE} ORDER BY instance_id, seq, id"))
+    return list(await conn.fetch(
+        f'WITH starts AS (SELECT instance_id, min(seq) AS s FROM {TABLE} '
+        f'WHERE "timestamp" >= $1 GROUP BY instance_id) '
+        f"SELECT {', '.join('t.' + c for c in cols.split(', '))} FROM {TABLE} t "
+        f"JOIN starts USING (instance_id) WHERE t.seq >= starts.s "
+        f"ORDER BY t.instance_id, t.seq, t.id",
+        since,
+    ))
+
+
+async def _marks(conn: asyncpg.Connection) -> Marks:
+    out = Marks()
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", cp.TABLE):
+        return out
+    out.present = True
+    records = await conn.fetch(
+        f"SELECT {', '.join(cp.COLUMNS)} FROM {cp.TABLE} ORDER BY instance_id, seq, at")
+    for record in records:
+        if record["kind"] == "installed":
+            out.installed = min(out.installed or record["at"], record["at"])
+            continue
+        mark = cp.Mark.from_record(record)
+        out.by_chain.setdefault(mark.instance_id, []).append(mark)
+    return out
+
+
+def _check_end(
+    chain: list[dict[str, Any]], marks: list[cp.Mark], table: Marks, keys: list[bytes] | None,
+    now: datetime, anchored: bool,
+) -> tuple[Finding, list[Finding]]:
+    """The chain's state (closed, live, unclosed, unchecked) and what its checkpoints show
+    changed: a tail cut short, a re-hashed row, a checkpoint failing its MAC."""
+    inst = chain[0]["instance_id"]
+    by_seq: dict[int, dict[str, Any]] = {}
+    for row in chain:
+        by_seq.setdefault(row["seq"], row)
+    first, last = chain[0]["seq"], max(by_seq)
+    if not marks:
+        return _unchecked(inst, chain[0], table, anchored), []
+    found: list[Finding] = []
+    if keys:
+        signed = [m for m in marks if m.mac]
+        bad = [m for m in signed if not m.mac_matches(keys)]
+        if bad:
+            found.append(Finding("mac-invalid", inst, bad[-1].seq, None,
+                                 f"{len(bad)} checkpoint(s) fail their MAC (written or changed "
+                                 "without the key, or made with another AUDIT_CHAIN_KEY)"))
+        if signed and len(signed) < len(marks):
+            found.append(Finding("unsigned", inst, None, None,
+                                 f"{len(marks) - len(signed)} checkpoint(s) without a MAC beside "
+                                 "signed ones (a MAC removed to rewrite them)"))
+        rejected = {id(m) for m in bad}
+        marks = [m for m in marks if id(m) not in rejected]
+        if not marks:
+            return Finding("unchecked", inst, None, None, "no checkpoint passes its MAC: the "
+                           "chain's end cannot be checked"), found
+    beyond = [m for m in marks if m.seq > last
+              and not (m.kind == "close" and m.seq - last <= m.rows_lost)]
+    if beyond:
+        top = max(beyond, key=lambda m: (m.seq, m.kind == "close"))
+        found.append(Finding("truncated", inst, last + 1, None,
+                             f"the {top.kind} mark of {_when(top.at)} names seq {top.seq} but "
+                             f"the chain ends at seq {last}: rows {last + 1}..{top.seq} were "
+                             "deleted from its tail"))
+    seen: set[int] = set()
+    for mark in marks:
+        at_seq = by_seq.get(mark.seq)
+        if at_seq is None or mark.seq in seen or mark.seq < first:
+            continue
+        row = at_seq
+        seen.add(mark.seq)
+        if row["row_hash"].strip() != mark.row_hash:
+            found.append(Finding("rehashed", inst, mark.seq, str(row["id"]),
+                                 f"row hash differs from the {mark.kind} mark of "
+                                 f"{_when(mark.at)}: the row was changed and its hash "
+                                 "recomputed, or replaced"))
+    return _state(inst, by_seq[last], marks, now, found), found
+
+
+def _state(inst: str, last_row: dict[str, Any], marks: list[cp.Mark], now: datetime,
+           found: list[Finding]) -> Finding:
+    last = last_row["seq"]
+    closes = [m for m in marks if m.kind == "close"]
+    if closes:
+        close = max(closes, key=lambda m: m.seq)
+        if close.seq < last:
+            found.append(Finding("forged", inst, close.seq + 1, None,
+                                 f"rows {close.seq + 1}..{last} follow the chain's clean close "
+                                 f"at seq {close.seq}"))
+        lost = close.seq - last if last < close.seq <= last + close.rows_lost else 0
+        extra = f"; its last {lost} row(s) were counted lost by the gateway" if lost else ""
+        return Finding("closed", inst, None, None,
+                       f"closed cleanly at seq {close.seq} ({_when(close.at)}){extra}")
+    newest = max(marks, key=lambda m: m.at)
+    checkpoint = max(marks, key=lambda m: m.seq)
+    age = (now - newest.at).total_seconds()
+    uncovered = max(0, last - checkpoint.seq)
+    if age <= 2 * newest.heartbeat_s + LIVE_SLACK_S:
+        return Finding("live", inst, None, None,
+                       f"no clean close yet: still running (last checkpoint {age:.0f} s ago); "
+                       f"last seq {last}")
+    return Finding("unclosed", inst, None, None,
+                   f"ended without a clean close (crashed or killed): last seq {last} "
+                   f"({_when(last_row['timestamp'])}); last checkpoint at seq {checkpoint.seq} "
+                   f"({_when(newest.at)}), {uncovered} row(s) after it not covered; at most "
+                   f"{newest.max_unwritten} more row(s) lost (rows held only in memory)")
+
+
+def _unchecked(inst: str, first_row: dict[str, Any], table: Marks, anchored: bool) -> Finding:
+    """Why a chain has no checkpoints; never a change: adopted, older, or retention."""
+    if inst == LEGACY_INSTANCE:
+        why = "adopted from the deployed gateway's table by migration 0001"
+    elif not table.present:
+        why = "the database has no checkpoint table (run `plant-gateway db upgrade`)"
+    elif table.installed is not None and first_row["timestamp"] < table.installed:
+        why = f"written before checkpoints were installed ({_when(table.installed)})"
+    elif first_row["seq"] > 1 and not anchored:
+        why = "dropped by retention with the chain's first rows"
+    else:
+        why = "written by a gateway without checkpoints, or they were removed"
+    return Finding("unchecked", inst, None, None,
+                   f"no checkpoints ({why}): a truncated or re-hashed tail cannot be detected")
+
+
+async def _vanished(conn: asyncpg.Connection, marks: Marks, walked: set[str]) -> list[Finding]:
+    """Chains with checkpoints but no row left: deleted, unless retention dropped them (their
+    rows are older than every row the table still holds)."""
+    gone = {inst: ms for inst, ms in marks.by_chain.items() if inst not in walked}
+    if not gone:
+        return []
+    oldest = await conn.fetchval(f'SELECT min("timestamp") FROM {TABLE}')
+    out = []
+    for inst, ms in sorted(gone.items()):
+        top = max(ms, key=lambda m: m.seq)
+        if top.seq == 0 or top.row_ts is None:
+            continue
+        if oldest is None or top.row_ts >= oldest - timedelta(seconds=1):
+            out.append(Finding("truncated", inst, 1, None,
+                               f"the {top.kind} mark of {_when(top.at)} names seq {top.seq} "
+                               "but the table holds no row of this chain: all deleted"))
+    return out
+
+
+def _notes(marks: Marks, walked: set[str], keys: list[bytes] | None) -> list[str]:
+    if not marks.present:
+        return ["no checkpoint table (database before revision 0003): truncated tails and "
+                "unclean closes cannot be detected; run `plant-gateway db upgrade`"]
+    ours = [ms for inst, ms in marks.by_chain.items() if inst in walked]
+    unsigned = sum(1 for ms in ours if not any(m.mac for m in ms))
+    notes = []
+    if unsigned:
+        notes.append(f"{unsigned} chain(s) have unsigned checkpoints (the gateway ran without "
+                     "AUDIT_CHAIN_KEY): a tail edit that also rewrites the checkpoint table "
+                     "cannot be detected")
+    if not keys and len(ours) > unsigned:
+        notes.append("checkpoint MACs not checked: give the gateway's AUDIT_CHAIN_KEY "
+                     "(--chain-key or the environment); until then a tail edit that also "
+                     "rewrites the checkpoint table cannot be detected")
+    return notes
+
+
+def _when(ts: datetime | None) -> str:
+    return "?" if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _check_chain(chain: list[dict[str, Any]], anchored: bool) -> list[Finding]:
@@ -312,23 +519,33 @@ def tail(
 @audit_app.command("verify")
 def verify_cmd(
     since: datetime | None = typer.Option(None, "--since", help="only chains' rows from here"),
+    chain_key: list[str] | None = typer.Option(
+        None, "--chain-key", envvar="AUDIT_CHAIN_KEY", show_envvar=True,
+        help="the gateways' AUDIT_CHAIN_KEY: check the checkpoints' MACs (repeat for an old "
+             "key after a rotation)"),
     database_url: str | None = URL_OPTION,
     state_dir: Path = STATE_OPTION,
 ) -> None:
-    """Walk every instance's hash chain; name each edited, deleted or forged row and each gap."""
+    """Walk every instance's hash chain: name each edited, deleted or forged row and each gap,
+    and compare each chain's end with its checkpoints (closed cleanly, still running, ended
+    without a clean close, truncated or re-hashed tail). Exit 1 when the log was changed."""
+    keys = [k.strip().encode() for k in chain_key or () if k.strip()]
 
-    async def run(dsn: str) -> tuple[int, list]:
+    async def run(dsn: str) -> Report:
         conn = await reader(dsn, admin=True)
         try:
-            return await verify(conn, since)
+            return await audit_report(conn, since, keys)
         finally:
             await conn.close()
 
-    checked, findings = _read(database_url, state_dir, run)
-    for finding in findings:
-        typer.echo(str(finding))
-    typer.echo(f"{checked} rows checked, {len(findings)} problem(s)")
-    raise typer.Exit(1 if findings else 0)
+    report = _read(database_url, state_dir, run)
+    for line in report.chains + report.findings:
+        typer.echo(str(line))
+    for note in report.notes:
+        typer.echo(f"NOTE: {note}")
+    typer.echo(f"{report.checked} rows checked, {len(report.chains)} chain(s), "
+               f"{len(report.findings)} problem(s)")
+    raise typer.Exit(1 if report.findings else 0)
 
 
 @audit_app.command()

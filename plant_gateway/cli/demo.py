@@ -147,6 +147,9 @@ def demo(
         **os.environ, "PORT": str(port), "HOST": "127.0.0.1", "JWT_SECRET": secret,
         "PLANT_BACKEND_URL": f"http://127.0.0.1:{backend_port}", "PLANT_GUARDS": ",".join(guards),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"), "CUSTOMER_ENRICHMENT": "false",
+        # one local instance: /metrics and the detailed /ready on the demo port (no admin port
+        # to collide with another demo or gateway); ADMIN_PORT in the environment wins
+        "ADMIN_PORT": os.environ.get("ADMIN_PORT", "0"),
     }
     _check_config(env)
     backend = subprocess.Popen(  # noqa: S603

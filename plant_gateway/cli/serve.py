@@ -8,8 +8,10 @@ use, an embedded server that does not start) is one log line and exit code 1.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +47,7 @@ def serve(
     from plant_gateway.logging import configure_logging
 
     configure_logging(settings.log_level, settings.google_cloud_project)
+    _open_files(settings)
     worker_count = workers or settings.workers
     shared_redis = _share_counters(settings, worker_count)
     metrics_dir = None
@@ -98,6 +101,22 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
     return proc
 
 
+def _open_files(settings: Settings) -> None:
+    """Room for MAX_CONNECTIONS clients plus the upstream pools (inherited by the workers)."""
+    import logging
+
+    from plant_gateway.runtime import open_files_needed, raise_open_files_limit
+
+    upstreams = 2 if settings.plant_sandbox_url else 1
+    needed = open_files_needed(settings.max_connections, settings.upstream_pool_size, upstreams)
+    soft, _ = raise_open_files_limit(needed)
+    if soft < needed:
+        logging.getLogger("plant_gateway.serve").warning(
+            "open-file limit %d is below the %d that MAX_CONNECTIONS and UPSTREAM_POOL_SIZE "
+            "need: connections beyond it fail to be accepted; lower MAX_CONNECTIONS or raise "
+            "the limit (ulimit -n)", soft, needed, extra={"event": "open_files_short"})
+
+
 def _share_metrics(settings: Settings, worker_count: int) -> Path | None:
     """Several workers: a fresh directory for their metrics snapshots, so /metrics sums them.
 
@@ -122,21 +141,60 @@ HTTP_PROTOCOL = "plant_gateway.http_protocol:CorkedHttpToolsProtocol"
 
 
 def _run(uvicorn: Any, settings: Settings, worker_count: int) -> None:
-    from uvicorn.config import STARTUP_FAILURE
+    """``uvicorn.run`` with the sockets bound here: PORT and, unless 0, ADMIN_PORT.
 
+    Every worker serves both sockets (the app tells them apart by the local port); binding
+    them before the workers start makes a port in use one line naming the setting.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
+        workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
+        log_config=None, access_log=False, proxy_headers=False, server_header=False,
+        date_header=False,
+        # the start of SHUTDOWN_GRACE_S; the audit flush (lifespan shutdown) gets the rest
+        timeout_graceful_shutdown=settings.connection_drain_s,
+    )
+    sockets = [listen("PORT", settings.host, settings.port)]
     try:
-        uvicorn.run(
-            "plant_gateway.app:factory", factory=True, host=settings.host, port=settings.port,
-            workers=worker_count, loop="uvloop", http=HTTP_PROTOCOL, lifespan="on",
-            log_config=None, access_log=False, proxy_headers=False, server_header=False,
-            date_header=False,
-            # the start of SHUTDOWN_GRACE_S; the audit flush (lifespan shutdown) gets the rest
-            timeout_graceful_shutdown=settings.connection_drain_s,
-        )
+        if settings.admin_port:
+            sockets.append(listen("ADMIN_PORT", settings.admin_host, settings.admin_port))
+        server = uvicorn.Server(config)
+        if worker_count > 1:
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass
     except SystemExit as exc:
         if exc.code == STARTUP_FAILURE:  # already logged as one line (app.lifespan, uvicorn)
             raise typer.Exit(RUNTIME_FAILURE) from None
         raise
+    finally:
+        for sock in sockets:
+            sock.close()
+    if worker_count == 1 and not server.started:  # start-up failed, already logged
+        raise typer.Exit(RUNTIME_FAILURE)
+
+
+def listen(setting: str, host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn, or one error line naming ``setting`` and exit 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        logging.getLogger("plant_gateway.serve").error(
+            f"{setting}: cannot listen on {host}:{port}: {reason}"
+        )
+        raise typer.Exit(RUNTIME_FAILURE) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def register(app: typer.Typer) -> None:

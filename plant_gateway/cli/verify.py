@@ -45,6 +45,7 @@ class Options:
     database_url: str | None = None
     timeout_s: float = 10.0
     audit_wait_s: float = 15.0
+    admin_url: str | None = None  # the admin listener: the /ready that names every dependency
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ async def check_health(session: aiohttp.ClientSession, opts: Options) -> list[Ch
 
 async def check_ready(session: aiohttp.ClientSession, opts: Options) -> list[Check]:
     try:
-        ex = await fetch(session, opts.url + "/ready")
+        ex = await fetch(session, (opts.admin_url or opts.url) + "/ready")
     except Unreachable as exc:
         return [Check("ready", "fail", f"unreachable: {exc.kind}")]
     doc = ex.body if isinstance(ex.body, dict) else {}
@@ -310,13 +311,19 @@ def verify(
     timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 10.0,
     audit_wait: Annotated[float, typer.Option(help="how long to wait for audit rows")] = 15.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    admin_url: Annotated[str | None, typer.Option(
+        "--admin-url", help="the admin listener (ADMIN_PORT): read /ready there, with a line "
+        "per dependency; default --url, whose /ready says ready or not")] = None,
 ) -> None:
     """Check a deployed gateway end to end; exit 1 if any check fails."""
     _check_urls(url, database_url)
+    if admin_url:
+        _check_urls(admin_url, None, "--admin-url")
     opts = Options(
         url=url.rstrip("/"), token=token, deny_token=deny_token, jwt_secret=jwt_secret,
         issuer=issuer, path=path, deny_path=deny_path, database_url=database_url,
         timeout_s=timeout, audit_wait_s=audit_wait,
+        admin_url=admin_url.rstrip("/") if admin_url else None,
     )
     checks = asyncio.run(run_checks(opts))
     ok = not any(c.failed for c in checks)
@@ -328,7 +335,7 @@ def verify(
     raise typer.Exit(0 if ok else 1)
 
 
-def _check_urls(url: str, database_url: str | None) -> None:
+def _check_urls(url: str, database_url: str | None, option: str = "--url") -> None:
     from urllib.parse import urlsplit
 
     from plant_gateway.settings import postgres_dsn
@@ -339,7 +346,7 @@ def _check_urls(url: str, database_url: str | None) -> None:
     except ValueError:  # a port that is not a number
         valid = False
     if not valid:
-        usage_fail(f"--url: {url!r} is not an http:// or https:// URL with a host")
+        usage_fail(f"{option}: {url!r} is not an http:// or https:// URL with a host")
     if database_url:
         try:
             postgres_dsn(database_url)

@@ -170,6 +170,9 @@ class AuditRecorder:
         self.instance_id = f"{settings.instance_id}/{os.getpid()}-{secrets.token_hex(3)}"
         self.seq = 0
         self.prev_hash = GENESIS
+        register = getattr(sink, "register_chain", None)
+        if register is not None:  # the sink ends the chain with a close mark at shutdown
+            register(self)
         self.gateway_type = settings.gateway_type
         key = settings.cp_registration_key
         self.secret_values = (key.get_secret_value(),) if key is not None else ()

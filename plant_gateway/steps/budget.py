@@ -131,6 +131,7 @@ class BudgetStep:
                 return None
             return unavailable("budget")
         decision: BudgetDecision = result
+        record(decision)
         headers = budget_headers(decision)
         if decision.allowed:
             ctx.scratch[self.name] = decision.extra.get("charge")
@@ -181,6 +182,14 @@ class BudgetStep:
         except DependencyError:
             return  # the estimate stands; nothing to undo on the response already sent
         charge.cost_usd = actual
+
+
+def record(decision: BudgetDecision) -> None:
+    """The platform's utilisation and the alert level, for the budget alerts (two stores)."""
+    if decision.platform_limit:
+        metrics.BUDGET_UTILIZATION_VALUE.value = decision.platform_spent / decision.platform_limit
+    if decision.alert_level != "normal":
+        metrics.BUDGET_ALERTS.labels(decision.alert_level).inc()
 
 
 def _budget(spent: float | None, limit: float | None, period: str) -> dict[str, Any] | None:

@@ -199,7 +199,8 @@ def spooled_cids(state_dir: Path) -> list[str]:
         offset = int(offset_path.read_text() or 0) if offset_path.exists() else 0
         with path.open("rb") as fh:
             fh.seek(offset)
-            out += [str(from_wire(line)["correlation_id"]) for line in fh if line.endswith(b"\n")]
+            out += [str(from_wire(line)["correlation_id"]) for line in fh
+                    if line.endswith(b"\n") and not line.startswith(b"!")]  # "!": a close mark
     return out
 
 
@@ -247,14 +248,17 @@ async def test_every_answered_request_is_exactly_one_row(target: Target, backend
 
 
 async def _probes(gw: Proc) -> list[str]:
-    """Hit /health, /ready and /metrics with fresh correlation ids; return the ids."""
+    """Hit /health and /ready on both listeners and /metrics on the admin one (404 on the
+    public one) with fresh correlation ids; return the ids."""
     cids = []
+    probes = [(gw.url, "/health"), (gw.url, "/ready"), (gw.url, "/metrics"),
+              (gw.admin_url, "/ready"), (gw.admin_url, "/metrics")]
     async with aiohttp.ClientSession() as session:
-        for path in ("/health", "/ready", "/metrics") * 3:
+        for base, path in probes * 3:
             cid = str(uuid.uuid4())
             cids.append(cid)
-            async with session.get(gw.url + path, headers={"X-Correlation-ID": cid}) as r:
-                assert r.status in (200, 503)
+            async with session.get(base + path, headers={"X-Correlation-ID": cid}) as r:
+                assert r.status in ((404,) if base == gw.url and path == "/metrics" else (200, 503))
     return cids
 
 
@@ -319,16 +323,16 @@ async def test_database_outage_mid_load_still_exactly_n_rows(
         metrics = await _metrics(gw)
     finally:
         gw.stop()
-    assert metrics.get("plant_audit_rows_lost_total") == 0.0
-    assert metrics.get("plant_audit_rows_replayed_total", 0.0) > 0
+    assert metrics.get("plant_gateway_audit_rows_lost_total") == 0.0
+    assert metrics.get("plant_gateway_audit_rows_replayed_total", 0.0) > 0
 
 
 async def _metrics(gw: Proc) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as r:
+    async with aiohttp.ClientSession() as session, session.get(gw.admin_url + "/metrics") as r:
         text = await r.text()
     out: dict[str, Any] = {}
     for line in text.splitlines():
-        if line.startswith("plant_audit_") and " " in line and "{" not in line:
+        if line.startswith("plant_gateway_audit_") and " " in line and "{" not in line:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out

@@ -48,9 +48,9 @@ async def test_rows_answered_by_a_stopped_instance_are_written_by_another(
         status, audit = await ready(gw_a)  # the rows are secured: still serving
         assert status == 200 and "rows in the Redis spool" in audit["detail"]
         found = await metrics(gw_a)
-        assert found["plant_audit_redis_spool_rows"] > 0
-        assert found["plant_audit_rows_redis_spooled_total"] > 0
-        assert found["plant_audit_spool_pending_rows"] == 0  # nothing on the instance's disk
+        assert found["plant_gateway_audit_redis_spool_rows"] > 0
+        assert found["plant_gateway_audit_rows_redis_spooled_total"] > 0
+        assert found["plant_gateway_audit_spool_pending_rows"] == 0  # nothing on its disk
         gw_a.popen.send_signal(signal.SIGTERM)
         try:
             await asyncio.to_thread(gw_a.popen.wait, 10)  # Cloud Run's SIGKILL after 10 s

@@ -30,12 +30,13 @@ def token(**overrides: Any) -> str:
 
 
 async def get(
-    gateway: Proc, path: str = "/api/v1/agents", auth: str | None = None
+    gateway: Proc, path: str = "/api/v1/agents", auth: str | None = None, admin: bool = False
 ) -> tuple[int, dict[str, str], Any]:
     headers = {"Authorization": auth} if auth is not None else {}
+    base = gateway.admin_url if admin else gateway.url  # the detailed /ready: admin listener
     async with (
         aiohttp.ClientSession() as session,
-        session.get(gateway.url + path, headers=headers) as response,
+        session.get(base + path, headers=headers) as response,
     ):
         body = await response.read()
         try:
@@ -195,7 +196,7 @@ async def test_jwks_gateway_kid_rotation_flood_and_outage(
     for result in await asyncio.gather(*flood):
         assert_problem(*result, "invalid-token")
     assert jwks_server["hits"] == hits  # no fetch storm
-    status, _, ready = await get(gateway, "/ready")
+    status, _, ready = await get(gateway, "/ready", admin=True)
     assert ready["dependencies"]["jwt_keys"]["status"] == "up", ready
 
 
@@ -207,6 +208,6 @@ async def test_jwks_down_at_start_denies_and_is_not_ready(
     gateway = await asyncio.to_thread(gateway_factory, env, backend=backend)
     status, _, doc = await get(gateway, auth=f"Bearer {mint(RSA, 'RS256', kid='kid-1')}")
     assert status == 503 and doc["type"].endswith("/errors/dependency-unavailable"), doc
-    status, _, ready = await get(gateway, "/ready")
+    status, _, ready = await get(gateway, "/ready", admin=True)
     assert status == 503 and ready["dependencies"]["jwt_keys"]["status"] == "down", ready
     assert jwks_server["url"] not in json.dumps(ready)

@@ -17,33 +17,25 @@ import asyncpg
 import pytest
 
 from plant_gateway import migrations
+from tests.fixtures.loopback import LoopbackServer
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.processes import Proc, free_port, mint_token, start_gateway
+from tests.fixtures.processes import Proc, mint_token, start_gateway
 
 TOKEN = mint_token(customer_id="cust-A")
 DEEP_ARRAY = b"[" * 2000 + b"]" * 2000
 
 
-class RecordingBackend:
+class RecordingBackend(LoopbackServer):
     """Answers 200 to every request and records its request line (method and target)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.lines: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.port = free_port()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     def saw(self, marker: str) -> bool:
         return any(marker.encode() in line for line in self.lines)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             self.lines.append(head.split(b"\r\n", 1)[0])

@@ -202,6 +202,7 @@ def test_serve_failing_inside_the_server_is_one_json_line(tmp_path: Path) -> Non
         PLANT_BACKEND_URL="http://127.0.0.1:9", JWT_SECRET=JWT_SECRET, HOST="127.0.0.1",
         PORT=str(free_port()), PLANT_STATE_DIR=str(tmp_path / "state"), PLANT_GUARDS="auth",
         REDIS_URL=f"unix://{tmp_path}/redis.sock", REDIS_CLUSTER="true",
+        ADMIN_PORT=str(free_port()),
     )
     done = run(["serve"], env, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -225,8 +226,7 @@ def test_serve_on_a_taken_port_is_one_error_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
     assert done.returncode == 1
     assert [r["message"] for r in records if r["severity"] == "ERROR"] == [
-        f"[Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
-        "address already in use"
+        f"PORT: cannot listen on 127.0.0.1:{port}: address already in use"
     ]
 
 
@@ -236,7 +236,7 @@ def test_db_downgrade_without_yes_keeps_the_audit_table(postgres_dsn: str, tmp_p
         migrations.upgrade(dsn)
         refused = run(["db", "downgrade", "--database-url", dsn], clean_env(), tmp_path)
         assert refused.returncode == 2
-        assert migrations.current(dsn) == "0002"  # unchanged: the newest revision
+        assert migrations.current(dsn) == "0003"  # unchanged: the newest revision
         done = run(["db", "downgrade", "--yes", "--database-url", dsn], clean_env(), tmp_path)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "database at revision base"

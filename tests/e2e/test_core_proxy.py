@@ -241,7 +241,9 @@ async def test_health_reveals_nothing_and_openapi_servers_rewritten(
             text = await r.text()
             assert r.status == 200
         assert str(backend.port) not in text and "http" not in text
-        async with s.get(gw.url + "/ready") as r:
+        async with s.get(gw.url + "/ready") as r:  # public: the status alone
+            assert r.status == 200 and await r.json() == {"status": "ready"}
+        async with s.get(gw.admin_url + "/ready") as r:  # admin: every dependency, no URL
             ready = await r.text()
             assert r.status == 200
         assert str(backend.port) not in ready and "://" not in ready
@@ -251,10 +253,13 @@ async def test_health_reveals_nothing_and_openapi_servers_rewritten(
         assert doc["servers"] == [{"url": f"http://127.0.0.1:{gw.port}"}]
         async with s.get(gw.url + "/docs") as r:
             assert "/openapi.json" in await r.text()
-        async with s.get(gw.url + "/metrics") as r:
+        async with s.get(gw.url + "/metrics") as r:  # not on the public listener
+            assert r.status == 404 and (await r.json())["type"].endswith("/errors/not-found")
+        async with s.get(gw.admin_url + "/metrics") as r:
             metrics_text = await r.text()
-        assert 'gateway_requests_total{method="GET",route="/health",status="200"}' in metrics_text
-        assert "gateway_circuit_state" in metrics_text
+        health = 'plant_gateway_requests_total{method="GET",route="/health",status="200"}'
+        assert health in metrics_text
+        assert "plant_gateway_circuit_state" in metrics_text
 
 
 async def test_backend_timeout_is_504(backend: Proc, gateway_factory) -> None:

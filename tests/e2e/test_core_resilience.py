@@ -9,6 +9,7 @@ import asyncio
 
 import aiohttp
 
+from tests.e2e.wire import metric
 from tests.fixtures.processes import start_backend
 
 
@@ -20,7 +21,7 @@ async def _get(url: str) -> tuple[int, dict]:
 async def _circuit(url: str) -> str:
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         text = await r.text()
-    prefix = 'gateway_circuit_state{upstream="production"}'
+    prefix = 'plant_gateway_circuit_state{upstream="production"}'
     line = next(x for x in text.splitlines() if x.startswith(prefix))
     return line.split()[-1]
 
@@ -40,7 +41,7 @@ async def test_backend_down_503_breaker_opens_then_half_opens(gateway_factory) -
             assert status == 503
             assert doc["type"].endswith("/errors/upstream-unavailable")
             assert "connection failed" in doc["detail"]
-        assert await _circuit(gw.url) == "2.0"  # open
+        assert await _circuit(gw.admin_url) == "2.0"  # open
         status, doc = await _get(gw.url + "/api/v1/x")
         assert status == 503 and "circuit open" in doc["detail"]
 
@@ -48,7 +49,9 @@ async def test_backend_down_503_breaker_opens_then_half_opens(gateway_factory) -
         await asyncio.sleep(1.2)  # past BREAKER_RESET_S: the next call is the half-open probe
         status, doc = await _get(gw.url + "/api/v1/x")
         assert status == 200 and doc["backend"] == "production"
-        assert await _circuit(gw.url) == "0.0"  # closed again
+        assert await _circuit(gw.admin_url) == "0.0"  # closed again
+        assert metric(gw.admin_url, "plant_gateway_circuit_opened_total",
+                      upstream="production") == 1.0  # opened once
     finally:
         backend.stop()
 
@@ -57,12 +60,13 @@ async def test_ready_turns_503_when_backend_is_gone(gateway_factory) -> None:
     backend = start_backend("production")
     gw = gateway_factory({"PLANT_GUARDS": "tenant"}, backend=backend)
     try:
-        status, doc = await _get(gw.url + "/ready")
+        status, doc = await _get(gw.admin_url + "/ready")
         assert status == 200 and doc["status"] == "ready"
         backend.stop()
-        status, doc = await _get(gw.url + "/ready")
+        status, doc = await _get(gw.admin_url + "/ready")
         assert status == 503
         assert doc["dependencies"]["upstream_production"]["status"] == "down"
+        assert await _get(gw.url + "/ready") == (503, {"status": "not_ready"})  # no details
         status, doc = await _get(gw.url + "/openapi.json")
         assert status == 502 and doc["type"].endswith("/errors/bad-gateway")
         status, _ = await _get(gw.url + "/health")

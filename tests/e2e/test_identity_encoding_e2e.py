@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 
 from plant_gateway import migrations
+from tests.fixtures.loopback import LoopbackServer
 from tests.fixtures.postgres import create_database, drop_database
-from tests.fixtures.processes import Proc, free_port, mint_token, start_gateway
+from tests.fixtures.processes import Proc, mint_token, start_gateway
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 IDENTITY = (b"x-user-id", b"x-customer-id", b"x-user-roles")
@@ -33,23 +34,14 @@ ROLES = ["admin", "rôle-漢"]
 NOTE = "café 漢"  # a client header: passed through as the client's bytes on both paths
 
 
-class RawBackend:
+class RawBackend(LoopbackServer):
     """Answers every request, records each request head by its target; 101 for upgrades."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.heads: dict[bytes, bytes] = {}
-        self.server: asyncio.Server | None = None
-        self.port = free_port()
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             self.heads[head.split(b" ", 2)[1]] = head

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.processes import Proc
 
-ROUTE = "/api/v1"
+ROUTE = "/api/v1/*"  # the METRICS_ROUTES pattern every request of a round matches
+PATTERNS = {"METRICS_ROUTES": ROUTE}
 ROUND = 100  # requests per round, each on a fresh connection so that both workers accept some
 MAX_ROUNDS = 10
 CONNECTIONS = 8
@@ -31,7 +32,7 @@ async def send_round(url: str) -> list[int]:
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> int:
-            async with session.get(f"{url}{ROUTE}/things?i={i}") as response:
+            async with session.get(f"{url}/api/v1/things?i={i}") as response:
                 await response.read()
                 return response.status
 
@@ -39,11 +40,11 @@ async def send_round(url: str) -> list[int]:
 
 
 def scrape_requests(url: str) -> float:
-    """``gateway_requests_total`` summed over every series of ROUTE, from one scrape."""
+    """``plant_gateway_requests_total`` summed over every series of ROUTE, from one scrape."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310
         text = resp.read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "gateway_requests_total" and s.labels.get("route") == ROUTE)
+               if s.name == "plant_gateway_requests_total" and s.labels.get("route") == ROUTE)
 
 
 def per_worker_requests(state_dir: Path) -> dict[int, float]:
@@ -51,7 +52,7 @@ def per_worker_requests(state_dir: Path) -> dict[int, float]:
     counts: dict[int, float] = {}
     for path in state_dir.glob("metrics-*/*.json"):
         snap = json.loads(path.read_text())
-        family = next(f for f in snap["families"] if f["name"] == "gateway_requests")
+        family = next(f for f in snap["families"] if f["name"] == "plant_gateway_requests")
         route = family["labelnames"].index("route")  # series: [label values, value, created]
         counts[snap["pid"]] = sum(value for values, value, _ in family["series"]
                                   if values[route] == ROUTE)
@@ -71,7 +72,7 @@ def test_two_workers_scrape_returns_totals_of_both(
     backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "REDIS_URL": None,
-                                  "PLANT_STATE_DIR": str(tmp_path)}
+                                  "PLANT_STATE_DIR": str(tmp_path), **PATTERNS}
     gateway = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
     sent = 0
     for _ in range(MAX_ROUNDS):  # until both workers have served some (accept() decides)
@@ -87,12 +88,12 @@ def test_two_workers_scrape_returns_totals_of_both(
     seen: list[float] = []
 
     def scraped_total() -> bool:
-        seen.append(scrape_requests(gateway.url))
+        seen.append(scrape_requests(gateway.admin_url))
         return seen[-1] == sent
 
     assert wait_for(scraped_total), (sent, seen)
     for _ in range(6):  # whichever worker answers, the total stays exact
-        seen.append(scrape_requests(gateway.url))
+        seen.append(scrape_requests(gateway.admin_url))
     assert seen[-6:] == [sent] * 6, (sent, seen)
     assert seen == sorted(seen), seen  # a counter never goes backwards between scrapes
     assert wait_for(lambda: sum(per_worker_requests(tmp_path).values()) == sent)
@@ -105,12 +106,13 @@ def test_two_workers_scrape_returns_totals_of_both(
 def test_one_worker_serves_its_own_counts_without_snapshots(
     backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
 ) -> None:
-    env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "PLANT_STATE_DIR": str(tmp_path)}
+    env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "PLANT_STATE_DIR": str(tmp_path),
+                                  **PATTERNS}
     gateway = gateway_factory(env=env, backend=backend)
     statuses = asyncio.run(send_round(gateway.url))
     assert statuses == [200] * ROUND
 
-    assert scrape_requests(gateway.url) == ROUND  # no waiting: this process's live values
+    assert scrape_requests(gateway.admin_url) == ROUND  # no waiting: this process's live values
     assert list(tmp_path.glob("metrics-*")) == []
 
 
@@ -118,7 +120,7 @@ def test_restart_after_sigkill_removes_the_dead_serves_directory(
     backend: Proc, gateway_factory: Callable[..., Proc], tmp_path: Path,
 ) -> None:
     env: dict[str, str | None] = {"PLANT_GUARDS": "tenant", "REDIS_URL": None,
-                                  "PLANT_STATE_DIR": str(tmp_path)}
+                                  "PLANT_STATE_DIR": str(tmp_path), **PATTERNS}
     first = gateway_factory(env=env, backend=backend, args=["--workers", "2"])
     assert wait_for(lambda: len(list(tmp_path.glob("metrics-*/*.json"))) == 2), first.output()
     (old,) = tmp_path.glob("metrics-*")

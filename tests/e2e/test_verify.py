@@ -57,7 +57,7 @@ def test_verify_passes_on_a_healthy_gateway(
     backend: Proc, gateway_factory: Callable[..., Proc], audit_dsn: str
 ) -> None:
     gw = gateway_factory(writer_env(audit_dsn), backend=backend)
-    code, doc = verify(gw.url, "--database-url", audit_dsn)
+    code, doc = verify(gw.url, "--database-url", audit_dsn, "--admin-url", gw.admin_url)
     assert code == 0 and doc["ok"], failed(doc) or gw.output()[-3000:]
     checks = by_name(doc)
     assert checks["health"]["status"] == "pass"
@@ -74,11 +74,14 @@ def test_verify_fails_when_the_backend_is_stopped(
     own_backend = start_backend("production")
     gw = gateway_factory(writer_env(audit_dsn), backend=own_backend)
     own_backend.stop()
-    code, doc = verify(gw.url)
+    code, doc = verify(gw.url, "--admin-url", gw.admin_url)
     assert code == 1 and not doc["ok"]
     bad = failed(doc)
     assert "upstream_production" in bad["ready"]
     assert "ready: upstream_production" in bad
+    code, doc = verify(gw.url)  # the public /ready alone: ready or not, nothing named
+    assert code == 1 and failed(doc)["ready"] == "HTTP 503"
+    assert not any(c["name"].startswith("ready: ") for c in doc["checks"])
     assert "upstream-unavailable" in bad["pass-through GET /api/v1/agents"]
     assert by_name(doc)["health"]["status"] == "pass"
 

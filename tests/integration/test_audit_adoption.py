@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncpg
 
 from plant_gateway import migrations
-from plant_gateway.cli.audit import verify
+from plant_gateway.cli.audit import audit_report, verify
 from plant_gateway.migrations.adopt import LEGACY, LEGACY_INSTANCE
 from tests.fixtures.postgres import create_database, drop_database
 
-HEAD = "0002"  # our newest revision
+HEAD = "0003"  # our newest revision
 
 # The deployed table as the backend's revision 007 defines it (restated here, not copied).
 BACKEND_007 = """
@@ -100,6 +100,11 @@ async def test_upgrade_adopts_the_backends_table_and_leaves_its_chain_alone(
             assert sum(r["request_id"] is None for r in adopted) == 13
             checked, findings = await verify(conn)
             assert checked == 25 and findings == []
+            report = await audit_report(conn)  # no checkpoints, and never taken for tampering
+            assert [str(c) for c in report.chains] == [
+                f"NO CHECKPOINTS: {LEGACY_INSTANCE}: no checkpoints (adopted from the deployed "
+                "gateway's table by migration 0001): a truncated or re-hashed tail cannot be "
+                "detected"]
             migrations.upgrade(dsn)  # a second run adopts nothing twice
             checked, _ = await verify(conn)
             assert checked == 25

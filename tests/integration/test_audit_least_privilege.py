@@ -219,13 +219,13 @@ async def test_downgrade_to_0001_and_upgrade_again(pg_admin_dsn: str) -> None:
     dsn = create_database(pg_admin_dsn)
     try:
         migrations.upgrade(dsn)
-        assert migrations.current(dsn) == "0002"
+        assert migrations.current(dsn) == "0003"
         migrations.downgrade(dsn, "0001_audit_log")
         assert migrations.current(dsn) == "0001_audit_log"
         assert await _writer_may_maintain(dsn)  # 0001 as it was
         migrations.upgrade(dsn)
         migrations.upgrade(dsn)  # safe to run twice
-        assert migrations.current(dsn) == "0002"
+        assert migrations.current(dsn) == "0003"
         assert not await _writer_may_maintain(dsn)
     finally:
         drop_database(dsn)

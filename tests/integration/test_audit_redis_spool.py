@@ -88,7 +88,8 @@ async def test_rows_of_an_instance_gone_for_good_are_replayed_by_another_exactly
     status = await sink_a.check()
     assert "rows in the Redis spool" in status.detail
     assert sink_a.redis_spool is not None and sink_a.redis_spool.pending > 0
-    assert REGISTRY.get_sample_value("plant_audit_redis_spool_rows") == sink_a.redis_spool.pending
+    gauge = REGISTRY.get_sample_value("plant_gateway_audit_redis_spool_rows")
+    assert gauge == sink_a.redis_spool.pending
     record(recorder_a, ids, 200)  # queued when close() starts: pushed to Redis at close
     started = time.monotonic()
     await sink_a.close()
@@ -126,7 +127,8 @@ async def test_redis_down_too_sends_rows_to_the_disk_spool_and_back(
     in the table once."""
     sink, recorder = await instance(controlled_pg, tmp_path, redis_server)
     ids: list[str] = []
-    on_disk_before = REGISTRY.get_sample_value("plant_audit_spool_pending_rows")  # per process
+    # the disk gauge is per process (other tests' sinks count in it too)
+    on_disk_before = REGISTRY.get_sample_value("plant_gateway_audit_spool_pending_rows")
     try:
         await asyncio.to_thread(controlled_pg.stop)
         await asyncio.to_thread(redis_server.stop)
@@ -138,7 +140,7 @@ async def test_redis_down_too_sends_rows_to_the_disk_spool_and_back(
         status = await sink.check()
         assert not status.ok and "Redis spool cannot take rows" in status.detail
         assert not status.required  # the disk spool still secures the rows: still serving
-        assert REGISTRY.get_sample_value("plant_audit_redis_spool_writable") == 0
+        assert REGISTRY.get_sample_value("plant_gateway_audit_redis_spool_writable") == 0
 
         await asyncio.to_thread(redis_server.start)  # an empty Redis (no persistence)
         back = time.monotonic()
@@ -153,7 +155,7 @@ async def test_redis_down_too_sends_rows_to_the_disk_spool_and_back(
         # the database still down, the disk rows (which die with a Cloud Run instance) move
         # to Redis too, without a close
         assert await until(lambda: sink._pending() == 0 and in_redis(redis_server) == len(ids))
-        assert REGISTRY.get_sample_value("plant_audit_spool_pending_rows") == on_disk_before
+        assert REGISTRY.get_sample_value("plant_gateway_audit_spool_pending_rows") == on_disk_before
 
         await asyncio.to_thread(controlled_pg.start)
         assert await until(lambda: sink._pending() == 0 and in_redis(redis_server) == 0)

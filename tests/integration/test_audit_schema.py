@@ -48,11 +48,11 @@ def test_migrations_up_down_up_and_twice(pg_admin_dsn: str) -> None:
     try:
         migrations.upgrade(dsn)
         migrations.upgrade(dsn)  # safe to run twice
-        assert migrations.current(dsn) == "0002"
+        assert migrations.current(dsn) == "0003"
         migrations.downgrade(dsn)
         assert migrations.current(dsn) is None
         migrations.upgrade(dsn)
-        assert migrations.current(dsn) == "0002"
+        assert migrations.current(dsn) == "0003"
     finally:
         drop_database(dsn)
 

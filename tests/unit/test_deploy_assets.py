@@ -114,7 +114,7 @@ def test_module_calls_match_module_variables() -> None:
 def test_tfvars_set_every_required_variable(env: str) -> None:
     variables = blocks(load_dir(STACK), "variable")
     required = {n for n, body in variables.items() if "default" not in body} - CI_SUPPLIED_VARS
-    values = {k for k in load(TF / "environments" / f"{env}.tfvars") if k != "__comments__"}
+    values = {k for k in load(TF / "environments" / f"{env}.tfvars") if not k.startswith("__")}
     assert required - values == set()
     assert values - set(variables) == set(), "tfvars sets undeclared variables"
     assert unq(load(TF / "environments" / f"{env}.tfvars")["environment"]) == env
@@ -148,6 +148,10 @@ def test_gateway_secrets_and_env() -> None:
     for name in ("DATABASE_URL", "JWT_SECRET", "LAUNCHDARKLY_SDK_KEY", "CP_REGISTRATION_KEY",
                  "REDIS_URL"):
         assert re.search(rf"^\s*{name}\s*=", secrets_block, re.M), name
+    # the chain key is opt-in: a deployment without that secret still deploys
+    optional_block = main.split("gateway_optional_secrets =", 1)[1].split("\n  }\n", 1)[0]
+    assert "AUDIT_CHAIN_KEY = { secret = var.secret_ids.audit_chain_key }" in optional_block
+    assert "audit_chain_key      = optional(string)" in (STACK / "variables.tf").read_text()
     env_vars = gateway()["env_vars"]
     for name in ("ENVIRONMENT", "PLANT_BACKEND_URL", "OPA_SERVICE_URL",
                  "CLOUD_SQL_CONNECTION_NAME", "GATEWAY_TYPE"):

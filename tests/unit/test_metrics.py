@@ -131,17 +131,18 @@ def test_module_requests_series_show_up_in_render() -> None:
     families = {f.name: f for f in text_string_to_metric_families(rendered)}
 
     requests = {(s.name, s.labels["method"], s.labels["status"]): s.value
-                for s in families["gateway_requests"].samples if s.labels.get("route") == route}
-    assert requests[("gateway_requests_total", "GET", "200")] == 2
-    assert requests[("gateway_requests_total", "POST", "503")] == 1
+                for s in families["plant_gateway_requests"].samples
+                if s.labels.get("route") == route}
+    assert requests[("plant_gateway_requests_total", "GET", "200")] == 2
+    assert requests[("plant_gateway_requests_total", "POST", "503")] == 1
     assert len(requests) == 2
-    assert families["gateway_requests"].type == "counter"
-    created = [s for s in families["gateway_requests_created"].samples
+    assert families["plant_gateway_requests"].type == "counter"
+    created = [s for s in families["plant_gateway_requests_created"].samples
                if s.labels.get("route") == route]
     assert len(created) == 2
-    assert f'gateway_request_duration_seconds_count{{route="{route}"}} 1.0' in rendered
-    assert "gateway_policy_duration_seconds_bucket" in rendered
-    assert "gateway_upstream_duration_seconds" in rendered
+    assert f'plant_gateway_request_duration_seconds_count{{route="{route}"}} 1.0' in rendered
+    assert "plant_gateway_policy_duration_seconds_bucket" in rendered
+    assert "plant_gateway_upstream_duration_seconds" in rendered
 
 
 # --- several workers: snapshots merged by /metrics -----------------------------------------
@@ -151,14 +152,14 @@ def worker_registry(requests: dict[tuple[str, ...], int], observations: Sequence
                     in_flight: float, circuit: float) -> CollectorRegistry:
     """One worker's metrics: the per-request series and two gauges with different merge rules."""
     registry = CollectorRegistry(auto_describe=True)
-    counter = LoopCounter("gateway_requests", "Requests", ["route", "method", "status"],
+    counter = LoopCounter("plant_gateway_requests", "Requests", ["route", "method", "status"],
                           registry=registry)
     for labels, count in requests.items():
         counter.labels(*labels).inc(count)
-    record(LoopHistogram("gateway_request_duration_seconds", "Time", ["route"],
+    record(LoopHistogram("plant_gateway_request_duration_seconds", "Time", ["route"],
                          buckets=SHORT_BUCKETS, registry=registry), {("/api",): observations})
-    Gauge("gateway_in_flight_requests", "In flight", registry=registry).set(in_flight)
-    Gauge("gateway_circuit_state", "Circuit", ["upstream"], registry=registry
+    Gauge("plant_gateway_requests_in_flight", "In flight", registry=registry).set(in_flight)
+    Gauge("plant_gateway_circuit_state", "Circuit", ["upstream"], registry=registry
           ).labels("production").set(circuit)
     return registry
 
@@ -186,20 +187,20 @@ def test_merge_sums_counters_and_histograms_of_two_workers() -> None:
 
     def requests(route: str, method: str, status: str) -> float:
         labels = (("method", method), ("route", route), ("status", status))
-        return samples[("gateway_requests_total", labels)]
+        return samples[("plant_gateway_requests_total", labels)]
 
     assert requests("/api", "GET", "200") == 7
     assert requests("/api", "POST", "502") == 1  # only in the first worker
     assert requests("/x", "GET", "404") == 2  # only in the second worker
-    bucket = {le: samples[("gateway_request_duration_seconds_bucket",
+    bucket = {le: samples[("plant_gateway_request_duration_seconds_bucket",
                            (("le", le), ("route", "/api")))]
               for le in ("0.5", "1.0", "2.0", "+Inf")}
     assert bucket == {"0.5": 2, "1.0": 3, "2.0": 4, "+Inf": 5}  # still cumulative
     route = (("route", "/api"),)
-    assert samples[("gateway_request_duration_seconds_count", route)] == 5
-    assert samples[("gateway_request_duration_seconds_sum", route)] == pytest.approx(7.8)
-    assert samples[("gateway_in_flight_requests", ())] == 3  # summed
-    assert samples[("gateway_circuit_state", (("upstream", "production"),))] == 2  # worst
+    assert samples[("plant_gateway_request_duration_seconds_count", route)] == 5
+    assert samples[("plant_gateway_request_duration_seconds_sum", route)] == pytest.approx(7.8)
+    assert samples[("plant_gateway_requests_in_flight", ())] == 3  # summed
+    assert samples[("plant_gateway_circuit_state", (("upstream", "production"),))] == 2  # worst
 
 
 def test_merge_keeps_counts_of_exited_workers_but_not_their_gauges() -> None:
@@ -209,10 +210,10 @@ def test_merge_keeps_counts_of_exited_workers_but_not_their_gauges() -> None:
         samples = merged_samples(snapshots, live)
 
         labels = (("method", "GET"), ("route", "/api"), ("status", "200"))
-        assert samples[("gateway_requests_total", labels)] == 7  # never goes backwards
-        assert samples[("gateway_request_duration_seconds_count", (("route", "/api"),))] == 5
-        assert samples[("gateway_in_flight_requests", ())] == 2  # the live worker's only
-        assert samples[("gateway_circuit_state", (("upstream", "production"),))] == 0
+        assert samples[("plant_gateway_requests_total", labels)] == 7  # never goes backwards
+        assert samples[("plant_gateway_request_duration_seconds_count", (("route", "/api"),))] == 5
+        assert samples[("plant_gateway_requests_in_flight", ())] == 2  # the live worker's only
+        assert samples[("plant_gateway_circuit_state", (("upstream", "production"),))] == 0
 
 
 def test_created_is_the_earliest_of_the_workers() -> None:
@@ -223,8 +224,8 @@ def test_created_is_the_earliest_of_the_workers() -> None:
     samples = merged_samples([first, second], live={101, 102})
 
     labels = (("method", "GET"), ("route", "/api"), ("status", "200"))
-    assert samples[("gateway_requests_created", labels)] == 1.0
-    assert samples[("gateway_request_duration_seconds_created", (("route", "/api"),))] == 1.0
+    assert samples[("plant_gateway_requests_created", labels)] == 1.0
+    assert samples[("plant_gateway_request_duration_seconds_created", (("route", "/api"),))] == 1.0
 
 
 def test_shared_render_sums_own_live_values_and_other_files(tmp_path: Path) -> None:
@@ -236,9 +237,10 @@ def test_shared_render_sums_own_live_values_and_other_files(tmp_path: Path) -> N
 
     families = {f.name: f for f in text_string_to_metric_families(shared.render().decode())}
 
-    assert [s.value for s in families["gateway_requests"].samples
-            if s.name == "gateway_requests_total"] == [7]
-    assert [s.value for s in families["gateway_in_flight_requests"].samples] == [4]  # pid gone
+    assert [s.value for s in families["plant_gateway_requests"].samples
+            if s.name == "plant_gateway_requests_total"] == [7]
+    in_flight = families["plant_gateway_requests_in_flight"].samples
+    assert [s.value for s in in_flight] == [4]  # the other worker's pid is gone
     assert json.loads((tmp_path / f"{os.getpid()}.json").read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["999999999.json", f"{os.getpid()}.json"])  # no temp file left behind

@@ -19,4 +19,5 @@ secret_ids = {
   jwt_secret           = "jwt-secret-demo"
   launchdarkly_sdk_key = "launchdarkly-sdk-key-demo"
   cp_registration_key  = "cp-registration-key-demo"
+  # audit_chain_key    = "plant-gateway-audit-chain-key-demo"  # opt-in: create the secret, then set it
 }

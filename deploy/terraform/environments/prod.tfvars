@@ -19,4 +19,5 @@ secret_ids = {
   jwt_secret           = "jwt-secret-prod"
   launchdarkly_sdk_key = "launchdarkly-sdk-key-prod"
   cp_registration_key  = "cp-registration-key-prod"
+  # audit_chain_key    = "plant-gateway-audit-chain-key-prod"  # opt-in: create the secret, then set it
 }

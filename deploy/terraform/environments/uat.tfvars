@@ -19,4 +19,5 @@ secret_ids = {
   jwt_secret           = "jwt-secret-uat"
   launchdarkly_sdk_key = "launchdarkly-sdk-key-uat"
   cp_registration_key  = "cp-registration-key-uat"
+  # audit_chain_key    = "plant-gateway-audit-chain-key-uat"  # opt-in: create the secret, then set it
 }

@@ -1,5 +1,6 @@
 # A reusable Cloud Run (v2) service: one container, env + Secret Manager secrets, optional VPC
-# connector and Cloud SQL mount, ingress setting and an explicit invoker list.
+# connector and Cloud SQL mount, ingress setting and an explicit invoker list; optionally a
+# Managed Service for Prometheus sidecar that scrapes the container over the instance's loopback.
 
 resource "google_cloud_run_v2_service" "this" {
   project             = var.project_id
@@ -38,7 +39,24 @@ resource "google_cloud_run_v2_service" "this" {
       }
     }
 
+    # The collector's RunMonitoring document (what it scrapes), a Secret Manager secret mounted
+    # as /etc/rungmp/config.yaml, the one path the sidecar reads.
+    dynamic "volumes" {
+      for_each = var.metrics_collector == null ? [] : [var.metrics_collector]
+      content {
+        name = "rungmp-config"
+        secret {
+          secret = volumes.value.config_secret
+          items {
+            version = "latest"
+            path    = "config.yaml"
+          }
+        }
+      }
+    }
+
     containers {
+      name  = var.container_name
       image = var.image
       args  = var.args
 
@@ -108,6 +126,28 @@ resource "google_cloud_run_v2_service" "this" {
             path = liveness_probe.value
             port = var.port
           }
+        }
+      }
+    }
+
+    # Managed Service for Prometheus collector: starts after the service's container, scrapes
+    # what the RunMonitoring document names (e.g. 127.0.0.1:<admin port>/metrics) and writes to
+    # Cloud Monitoring with the service's identity (roles/monitoring.metricWriter).
+    dynamic "containers" {
+      for_each = var.metrics_collector == null ? [] : [var.metrics_collector]
+      content {
+        name       = "metrics-collector"
+        image      = containers.value.image
+        depends_on = [var.container_name]
+        resources {
+          limits = {
+            cpu    = containers.value.cpu
+            memory = containers.value.memory
+          }
+        }
+        volume_mounts {
+          name       = "rungmp-config"
+          mount_path = "/etc/rungmp"
         }
       }
     }

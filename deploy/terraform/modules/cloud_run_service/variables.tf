@@ -153,3 +153,20 @@ variable "deletion_protection" {
   type    = bool
   default = true
 }
+
+variable "container_name" {
+  type        = string
+  default     = "service"
+  description = "Name of the service's (ingress) container; a sidecar starts after it."
+}
+
+variable "metrics_collector" {
+  type = object({
+    image         = string
+    config_secret = string
+    cpu           = optional(string, "500m")
+    memory        = optional(string, "256Mi")
+  })
+  default     = null
+  description = "Managed Service for Prometheus sidecar: its image and the Secret Manager secret holding its RunMonitoring config.yaml (null: no sidecar)."
+}

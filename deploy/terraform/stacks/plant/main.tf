@@ -18,6 +18,10 @@ locals {
     CP_REGISTRATION_KEY  = { secret = var.secret_ids.cp_registration_key }
     REDIS_URL            = { secret = google_secret_manager_secret.redis_url.secret_id }
   }
+  # opt-in: a deployment without the secret keeps deploying (checkpoints unsigned, one warning)
+  gateway_optional_secrets = var.secret_ids.audit_chain_key == null ? {} : {
+    AUDIT_CHAIN_KEY = { secret = var.secret_ids.audit_chain_key }
+  }
 }
 
 data "google_sql_database_instance" "plant" {
@@ -58,7 +62,7 @@ resource "google_project_iam_member" "backend_sql_client" {
 }
 
 resource "google_secret_manager_secret_iam_member" "gateway" {
-  for_each = local.gateway_secrets
+  for_each = merge(local.gateway_secrets, local.gateway_optional_secrets)
 
   project   = var.project_id
   secret_id = each.value.secret
@@ -174,9 +178,17 @@ module "plant_gateway" {
   vpc_connector         = google_vpc_access_connector.plant.id
   vpc_egress            = "ALL_TRAFFIC"
   cloud_sql_instances   = [data.google_sql_database_instance.plant.connection_name]
-  health_path           = "/health"
+  # probes on the public port: /health answers there; /metrics and the detailed /ready only on
+  # the admin listener (ADMIN_PORT, loopback), scraped by the collector sidecar (monitoring.tf)
+  health_path    = "/health"
+  container_name = "gateway"
+  metrics_collector = var.enable_metrics_collector ? {
+    image         = var.metrics_collector_image
+    config_secret = google_secret_manager_secret.run_monitoring[0].secret_id
+  } : null
   env_vars = merge({
     ENVIRONMENT                = var.environment
+    ADMIN_PORT                 = tostring(var.gateway_admin_port)
     GATEWAY_TYPE               = var.gateway_type
     PLANT_BACKEND_URL          = module.plant_backend.uri
     PLANT_BACKEND_USE_ID_TOKEN = "true"
@@ -191,7 +203,7 @@ module "plant_gateway" {
     LOG_LEVEL                  = var.environment == "prod" ? "INFO" : "DEBUG"
     GOOGLE_CLOUD_PROJECT       = var.project_id
   }, var.extra_env)
-  secrets = local.gateway_secrets
+  secrets = merge(local.gateway_secrets, local.gateway_optional_secrets)
   # Reachable only through the load balancer; every caller is authenticated by the gateway.
   ingress         = "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"
   invoker_members = ["allUsers"]
@@ -201,6 +213,9 @@ module "plant_gateway" {
     google_secret_manager_secret_iam_member.gateway,
     google_secret_manager_secret_version.redis_url,
     google_project_iam_member.gateway_sql_client,
+    google_secret_manager_secret_version.run_monitoring,
+    google_secret_manager_secret_iam_member.gateway_run_monitoring,
+    google_project_iam_member.gateway_metric_writer,
   ]
 }
 

@@ -96,8 +96,9 @@ variable "secret_ids" {
     jwt_secret           = string
     launchdarkly_sdk_key = string
     cp_registration_key  = string
+    audit_chain_key      = optional(string)
   })
-  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY."
+  description = "Secret Manager secret ids wired into DATABASE_URL, JWT_SECRET, LAUNCHDARKLY_SDK_KEY, CP_REGISTRATION_KEY, and, when set, AUDIT_CHAIN_KEY (the audit checkpoints' MAC key: `openssl rand -hex 32`; optional so that an existing deployment keeps deploying without it)."
 }
 
 # --- network, database, Redis -----------------------------------------------------------------
@@ -137,4 +138,36 @@ variable "redis_memory_gb" {
 variable "domains" {
   type        = list(string)
   description = "Public host names served by the HTTPS load balancer (managed certificate)."
+}
+
+# --- observability (monitoring.tf) -------------------------------------------------------------
+
+variable "gateway_admin_port" {
+  type        = number
+  default     = 8081
+  description = "The gateway's admin listener (ADMIN_PORT: /metrics, the detailed /ready), on the instance's loopback; the collector sidecar scrapes it."
+}
+
+variable "enable_metrics_collector" {
+  type        = bool
+  default     = true
+  description = "Run the Managed Service for Prometheus sidecar in the gateway's instances, and the metric alert policies."
+}
+
+variable "metrics_collector_image" {
+  type        = string
+  default     = "us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.2.0"
+  description = "Managed Service for Prometheus sidecar image for Cloud Run."
+}
+
+variable "metrics_scrape_interval" {
+  type        = string
+  default     = "30s"
+  description = "How often the sidecar scrapes the admin listener's /metrics."
+}
+
+variable "alert_notification_channels" {
+  type        = list(string)
+  default     = []
+  description = "Cloud Monitoring notification channel ids (projects/<p>/notificationChannels/<id>) for every alert policy."
 }
