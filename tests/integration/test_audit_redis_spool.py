@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from plant_gateway.backends.audit_checkpoints import MARK_PREFIX
 from plant_gateway.backends.audit_postgres import PostgresAuditSink
 from plant_gateway.backends.audit_spool_redis import TAG
 from plant_gateway.metrics import REGISTRY
@@ -44,12 +45,17 @@ def record(recorder: AuditRecorder, ids: list[str], count: int) -> None:
         recorder.record(ctx)
 
 
-def in_redis(server: RedisServer) -> int:
-    """Rows in the shared spool: waiting, or taken by a replayer and not confirmed (counted
-    from the lists themselves, with a client of the test's own)."""
+def redis_lines(server: RedisServer) -> list[bytes]:
+    """The shared spool's lines: waiting, or taken by a replayer and not confirmed (read from
+    the lists themselves, with a client of the test's own)."""
     with redis.Redis.from_url(server.url) as client:
         lists = [f"{TAG}:rows", *client.keys(f"{TAG}:processing:*")]
-        return sum(int(client.llen(key)) for key in lists)
+        return [line for key in lists for line in client.lrange(key, 0, -1)]  # type: ignore[union-attr]
+
+
+def in_redis(server: RedisServer) -> int:
+    """Rows in the shared spool (a chain's close mark, spooled after its rows, is no row)."""
+    return sum(1 for line in redis_lines(server) if not line.startswith(MARK_PREFIX))
 
 
 def size_counts(server: RedisServer) -> dict[bytes, bytes]:
@@ -96,6 +102,7 @@ async def test_rows_of_an_instance_gone_for_good_are_replayed_by_another_exactly
     assert time.monotonic() - started < sink_a.close_budget_s + 0.5
     assert sink_a.stats["lost"] == 0 and sink_a.stats["spooled"] == 0  # nothing on disk
     assert in_redis(redis_server) == 1200
+    assert redis_lines(redis_server)[-1].startswith(MARK_PREFIX)  # A's close mark, after them
     shutil.rmtree(state_a)  # the instance is gone, and its memory file system with it
 
     await asyncio.to_thread(controlled_pg.start)
@@ -114,6 +121,10 @@ async def test_rows_of_an_instance_gone_for_good_are_replayed_by_another_exactly
                        recorder_a.instance_id)
     xmins = [r["x"] for r in rows]  # one transaction per batch: xmin grows with seq
     assert len(xmins) == 1200 and xmins == sorted(xmins)
+    closes = await fetch(controlled_pg.admin_dsn,
+                         "SELECT seq FROM gateway_audit_checkpoints "
+                         "WHERE instance_id = $1 AND kind = 'close'", recorder_a.instance_id)
+    assert [r["seq"] for r in closes] == [1300]  # A's chain ends cleanly, replayed by B
     # nothing left behind but the counts, back at zero
     assert redis_keys(redis_server) <= {f"{TAG}:size", f"{TAG}:replayers"}
     assert size_counts(redis_server) == {b"rows": b"0", b"bytes": b"0"}
