@@ -30,9 +30,10 @@ Delivery: at least once. A replayer (one at a time: the lease) moves up to a bat
 of ``rows`` into its own ``processing`` list in one script, writes it, then deletes it (ack).
 A replayer whose heartbeat expired (SIGKILL, a stopped instance) has its batch put back at the
 head of ``rows``, in order, by the next lease holder; a batch written just before its replayer
-died is thus written twice, and the writer's ``ON CONFLICT DO NOTHING`` retry absorbs it (the
-row id is its primary key). A failed write leaves the batch in ``processing``; the same
-replayer retries it before taking anything newer.
+died is thus written twice, and the writer's ``ON CONFLICT DO NOTHING`` retry absorbs it (a
+row's id and timestamp are the primary key). A failed write leaves the batch in
+``processing``; the same replayer retries it before taking anything newer. A chain's close
+mark (``audit_checkpoints``) spooled after its rows is stored after them the same way.
 
 Order: one list, pushed a whole batch at a time by each instance in its own order and replayed
 from the head by one replayer at a time, so the rows of one hash chain (one instance) reach the
