@@ -67,6 +67,18 @@ locals {
       for      = "300s"
       query    = "sum(plant_gateway_audit_queue_depth{job=\"${local.metrics_job}\"}) / sum(plant_gateway_audit_queue_capacity_rows{job=\"${local.metrics_job}\"}) > 0.8"
     }
+    PlantGatewayAuditRedisSpoolNearlyFull = {
+      severity = "warning"
+      summary  = "The shared Redis audit spool is above 80 % of its row cap"
+      for      = "300s"
+      query    = "max(plant_gateway_audit_redis_spool_rows{job=\"${local.metrics_job}\"}) / max(plant_gateway_audit_redis_spool_capacity_rows{job=\"${local.metrics_job}\"}) > 0.8"
+    }
+    PlantGatewayAuditRedisSpoolVanished = {
+      severity = "critical"
+      summary  = "Audit rows waiting in Redis vanished (Redis restarted empty or was flushed)"
+      for      = "0s"
+      query    = "sum(increase(plant_gateway_audit_redis_spool_vanished_rows_total{job=\"${local.metrics_job}\"}[10m])) > 0"
+    }
     PlantGatewayAuditDatabaseDown = {
       severity = "warning"
       summary  = "The audit database does not take rows (rows go to the disk spool)"
