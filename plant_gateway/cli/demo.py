@@ -5,6 +5,7 @@ Prints three ready-to-paste curl commands: one passes, one has a bad token, one 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,6 +65,22 @@ def _token(secret: str, **kwargs: str) -> str:
         "cust-demo-1", False, 3600, "waooaw.com", [],
     )
     return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def _demo_chain_key() -> str:
+    """The demo's audit chain key (signed checkpoints, as in production), kept beside its other
+    state so that `plant-gateway audit verify --chain-key` checks a later demo's rows too."""
+    path = Path(os.environ.get("PLANT_STATE_DIR", ".plant-gateway")) / "demo-audit-chain-key"
+    with contextlib.suppress(OSError):
+        key = path.read_text().strip()
+        if len(key) >= 32:
+            return key
+    key = secrets.token_hex(32)
+    with contextlib.suppress(OSError):  # a read-only directory: this run's key only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+    return key
 
 
 def curl_commands(gateway: str, secret: str) -> list[tuple[str, str]]:
@@ -150,6 +168,7 @@ def demo(
         # one local instance: /metrics and the detailed /ready on the demo port (no admin port
         # to collide with another demo or gateway); ADMIN_PORT in the environment wins
         "ADMIN_PORT": os.environ.get("ADMIN_PORT", "0"),
+        "AUDIT_CHAIN_KEY": os.environ.get("AUDIT_CHAIN_KEY") or _demo_chain_key(),
     }
     _check_config(env)
     backend = subprocess.Popen(  # noqa: S603

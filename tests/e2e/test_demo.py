@@ -36,6 +36,9 @@ def test_demo_check_passes_one_call_and_refuses_two(tmp_path: Path) -> None:
     assert "PASS refused: bad token (401): HTTP 401" in out
     assert "PASS refused by policy: a viewer deleting (403): HTTP 403" in out
     assert proc.returncode == 0
+    # the demo signs its audit checkpoints with a key kept in its state directory
+    key = (tmp_path / "state" / "demo-audit-chain-key").read_text().strip()
+    assert len(key) == 64 and "AUDIT_CHAIN_KEY is not set" not in out
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
