@@ -738,21 +738,8 @@ class PostgresAuditSink:
             lines, new_offset = spool.read(self.batch_size)
             if not lines:
                 break
-            rows: list[bytes] = []
-            marks: list[Mark] = []
-            for line in lines:
-                try:
-                    if line.startswith(MARK_PREFIX):
-                        marks.append(Mark.from_line(line))
-                    else:
-                        rows.append(upgrade_line(line))
-                except (ValueError, TypeError, KeyError):
-                    self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
-            try:
-                written = await self._write(self.replayer, rows)
-                if marks:  # after the rows they name
-                    await self._store_marks(self.replayer, marks, quarantine=True)
-            except Outage:
+            written = await self._write_replayed(lines)
+            if written is None:
                 break
             try:
                 spool.advance(new_offset, len(lines))
@@ -777,8 +764,9 @@ class PostgresAuditSink:
         return await redis_spool.replay(self._write_replayed, REPLAY_BATCHES)
 
     async def _write_replayed(self, lines: list[bytes]) -> int | None:
-        """Lines from the Redis spool into the table (rows, then the chain marks after the rows
-        they name, as ``_drain_spool`` does); None if the database cannot take them."""
+        """Spooled lines (disk or Redis) into the table on the replay's connection: the rows,
+        then the chain marks after the rows they name; unparseable lines to the dead letters.
+        None if the database cannot take them."""
         rows: list[bytes] = []
         marks: list[Mark] = []
         for line in lines:
@@ -791,7 +779,7 @@ class PostgresAuditSink:
                 self._dead_letter({"raw": line.decode(errors="replace")}, "unparseable")
         try:
             written = await self._write(self.replayer, rows)
-            if marks:
+            if marks:  # after the rows they name
                 await self._store_marks(self.replayer, marks, quarantine=True)
         except Outage:
             return None
