@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +74,21 @@ async def count_ids(dsn: str, correlation_ids: list[str]) -> tuple[int, int]:
         correlation_ids,
     )
     return rows[0]["n"], rows[0]["d"]
+
+
+async def until(condition: Callable[[], bool], within_s: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``within_s`` passed (False)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def record(recorder: AuditRecorder, ids: list[str], count: int) -> None:
+    """``count`` answered requests recorded; their correlation ids appended to ``ids``."""
+    for _ in range(count):
+        ctx = context(status=200)
+        ids.append(ctx.correlation_id)
+        recorder.record(ctx)

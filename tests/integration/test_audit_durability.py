@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,27 +18,10 @@ from plant_gateway.backends.audit_postgres import PostgresAuditSink
 from plant_gateway.backends.audit_spool import Spool
 from plant_gateway.steps.audit import AuditRecorder
 from tests.fixtures.postgres import ControlledPostgres
-from tests.integration.audit_support import context, count_ids, fetch, started_sink
+from tests.integration.audit_support import count_ids, fetch, record, started_sink, until
 
 # a 64 KiB spool (the smallest cap) holds ~90 rows of these contexts; a short queue
 SMALL = {"audit_spool_max_bytes": 65536, "audit_queue_max": 100, "audit_batch_size": 50}
-
-
-async def until(condition: Callable[[], bool], within_s: float = 30.0) -> bool:
-    """Poll ``condition`` until it holds (True) or ``within_s`` passed (False)."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def record(recorder: AuditRecorder, ids: list[str], count: int) -> None:
-    for _ in range(count):
-        ctx = context(status=200)
-        ids.append(ctx.correlation_id)
-        recorder.record(ctx)
 
 
 def settled(sink: PostgresAuditSink) -> bool:

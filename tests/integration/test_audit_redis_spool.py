@@ -12,7 +12,6 @@ import asyncio
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,7 @@ from plant_gateway.metrics import REGISTRY
 from plant_gateway.steps.audit import AuditRecorder
 from tests.fixtures.postgres import ControlledPostgres
 from tests.fixtures.redis import RedisServer
-from tests.integration.audit_support import context, count_ids, fetch, started_sink
-
-
-async def until(condition: Callable[[], bool], within_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def record(recorder: AuditRecorder, ids: list[str], count: int) -> None:
-    for _ in range(count):
-        ctx = context(status=200)
-        ids.append(ctx.correlation_id)
-        recorder.record(ctx)
+from tests.integration.audit_support import count_ids, fetch, record, started_sink, until
 
 
 def redis_lines(server: RedisServer) -> list[bytes]:
