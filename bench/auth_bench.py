@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import RequestContext
+from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.settings import load_settings
-from plant_gateway.steps.auth import AuthStep
 
 SECRET = "bench-secret-that-is-long-enough-0123456789"
 
@@ -53,7 +53,7 @@ def _step(alg: str, cache_size: int) -> tuple[AuthStep, Any]:
         overrides = {"jwt_public_key": _pem(key)}
     cfg = load_settings(plant_backend_url="http://127.0.0.1:9", jwt_claims_cache_size=cache_size,
                         guards=["auth"], **overrides)
-    return AuthStep(cfg, create_keys(cfg), create_counters(cfg)), key
+    return AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), create_counters(cfg)), key
 
 
 async def _measure(step: AuthStep, tokens: list[str]) -> float:

@@ -27,8 +27,9 @@ from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.backends.counters_redis import SCRIPTS, RedisCounters, budget_args
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.deps import Dependencies
+from plant_gateway.guards import auth, budget, rate_limit, trial_quota
+from plant_gateway.pipeline import counter_batch
 from plant_gateway.settings import RateTier, Settings
-from plant_gateway.steps import admit, auth, budget, rate_limit, trial_quota
 
 TRIAL = Identity(user_id="bench-user", roles=["user"], trial_mode=True, agent_id="agent-1")
 
@@ -81,15 +82,16 @@ def bearer(s: Settings) -> str:
 
 
 def guard_chain(counters: Any, s: Settings, batched: bool) -> Callable[[], Awaitable[None]]:
-    """The real steps auth, rate_limit, trial_quota, budget (+ admit, which runs the batch).
+    """The real steps auth, rate_limit, trial_quota, budget (+ the counter batch, which runs them).
 
-    ``batched``: as ``build_pipeline`` binds them (one round trip); else each step awaits its
+    ``batched``: as ``build_pipeline`` sets them (one round trip); else each step awaits its
     own op (one round trip per guard, the pre-batching path).
     """
     deps = Dependencies(settings=s, counters=counters, flags=None)  # type: ignore[arg-type]
-    steps: list[Any] = [m.build(s, deps) for m in (auth, rate_limit, trial_quota, budget, admit)]
-    if batched:
-        steps[-1].bind(steps)
+    steps: list[Any] = [m.GUARD.create(s, deps) for m in (auth, rate_limit, trial_quota, budget)]
+    for step in steps:
+        step.batched = batched
+    steps.append(counter_batch.build(s, deps))
     header = bearer(s)
 
     async def run() -> None:

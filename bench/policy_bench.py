@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 from plant_gateway.backends.policy_local import LocalPolicyEngine  # noqa: E402
 from plant_gateway.backends.policy_remote import RemotePolicyEngine  # noqa: E402
 from plant_gateway.context import Identity, RequestContext  # noqa: E402
+from plant_gateway.guards.policy import build_input  # noqa: E402
 from plant_gateway.settings import Settings  # noqa: E402
-from plant_gateway.steps.policy import build_input  # noqa: E402
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -40,7 +40,7 @@ def sample_input(settings: Settings, user: int) -> dict[str, Any]:
     ctx = RequestContext(request_id="r", correlation_id="c", method="POST",
                          path=f"/api/v1/agents/agent-{user}/execute", query_string="",
                          headers={}, client_ip="127.0.0.1", identity=identity)
-    return build_input(ctx, settings, None)
+    return build_input(ctx, settings.gateway_type, None)
 
 
 def bench_local(settings: Settings, n: int) -> list[str]:

@@ -15,16 +15,16 @@ from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
 from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import request_var
-from plant_gateway.pipeline import build_pipeline
+from plant_gateway.pipeline.counter_batch import flush_on_refusal
+from plant_gateway.pipeline.ingress import BodySource, context_from_scope
+from plant_gateway.pipeline.registry import PLUMBING, build_pipeline
+from plant_gateway.pipeline.step import Step
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError
 from plant_gateway.shutdown_watchdog import ShutdownWatchdog
-from plant_gateway.steps import Step
-from plant_gateway.steps.admit import settle
-from plant_gateway.steps.ingress import BodySource, context_from_scope
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -67,7 +67,7 @@ def startup_failure(exc: Exception) -> str:
     return f"start-up failed: {type(exc).__name__}: {exc}"
 
 
-class Tracker:
+class ResponseTracker:
     """Wraps ``send`` to know whether the response head already left, and the body bytes sent."""
 
     __slots__ = ("send", "started", "sent")
@@ -134,8 +134,7 @@ class GatewayApp:
         self.audit = build_audit_recorder(self.settings, self.deps)
         if not isinstance(self.audit, NoAudit):
             self.audit_sample_cap = self.settings.audit_body_cap_bytes
-        plumbing = ("ingress", "routes", "admit")
-        self.guards = [s.name for s in self.pipeline if s.name not in plumbing]
+        self.guards = [s.name for s in self.pipeline if s.name not in PLUMBING]
         if not isinstance(self.audit, NoAudit):
             self.guards.append("audit")
         for guard in self.settings.guards:
@@ -210,7 +209,7 @@ class GatewayApp:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_from_scope(scope, self.settings)
         token = request_var.set(ctx)
-        tracker = Tracker(send)
+        tracker = ResponseTracker(send)
         req_headers = ctx.headers
         has_body = bool(req_headers.get("transfer-encoding")) or (
             "content-length" in req_headers
@@ -266,22 +265,30 @@ class GatewayApp:
             request_var.reset(token)
 
     async def run_pipeline(
-        self, ctx: RequestContext, body: BodySource, send: Tracker, ran: list[Any],
+        self, ctx: RequestContext, body: BodySource, send: ResponseTracker, ran: list[Any],
         client: ClientLink | None = None,
     ) -> None:
-        problem: Problem | None = None
+        problem = await self.run_steps(ctx, ran)
+        if problem is None:
+            problem = await self.forward(ctx, body, send, self.common_headers(ctx), client)
+        if problem is not None:
+            await self.send_problem(ctx, send, problem, "proxy")  # unless a guard refused
+
+    async def run_steps(self, ctx: RequestContext, ran: list[Any]) -> Problem | None:
+        """The pipeline for one request (HTTP or WebSocket handshake): the first refusal, or None.
+
+        Steps with an ``after`` hook are collected in ``ran`` for ``finish``.
+        """
         for step, has_after in self.steps:
             if has_after:
                 ran.append(step)
             problem = await step.run(ctx)
             if problem is not None:
-                problem = await settle(ctx, problem)  # pending counter ops: earlier refusal wins
-                ctx.refused_by = ctx.refused_by or step.name  # admit/settle name their guard
-                break
-        if problem is None:
-            problem = await self.forward(ctx, body, send, self.common_headers(ctx), client)
-        if problem is not None:
-            await self.send_problem(ctx, send, problem, "proxy")  # unless a guard refused
+                # pending counter ops run now: an earlier guard's refusal wins
+                problem = await flush_on_refusal(ctx, problem)
+                ctx.refused_by = ctx.refused_by or step.name  # the batch names its guard
+                return problem
+        return None
 
     async def finish(
         self, ctx: RequestContext, ran: list[Any], probe: bool, sent: int = 0
@@ -322,7 +329,7 @@ class GatewayApp:
         metrics.UPSTREAM_LATENCY.labels(route, ctx.target_backend).observe(upstream_ms / 1000)
         metrics.OVERHEAD.labels(route).observe(max(0.0, elapsed_ms - upstream_ms) / 1000)
 
-    async def ops_route(self, ctx: RequestContext, send: Tracker, listener: str) -> None:
+    async def ops_route(self, ctx: RequestContext, send: ResponseTracker, listener: str) -> None:
         assert self.deps is not None
         result = await ops.handle(
             ctx, self.settings, self.deps, self.proxy, self.guards, listener, self.public_ready
@@ -337,7 +344,7 @@ class GatewayApp:
         await self.respond(send, result.status, headers + self.common_headers(ctx), body)
 
     async def send_problem(
-        self, ctx: RequestContext, send: Tracker, problem: Problem, source: str = "gateway"
+        self, ctx: RequestContext, send: ResponseTracker, problem: Problem, source: str = "gateway"
     ) -> None:
         """Answer with ``problem``; counted under the guard that refused, else ``source``."""
         ctx.status_code = problem.status
@@ -372,21 +379,13 @@ class GatewayApp:
             return
         ctx = context_from_scope(scope, self.settings)
         token = request_var.set(ctx)
-        tracker = Tracker(send)
+        tracker = ResponseTracker(send)
         ran: list[Any] = []
         try:
             message = await receive()
             if message["type"] != "websocket.connect":
                 return
-            problem: Problem | None = None
-            for step in self.pipeline:
-                if hasattr(step, "after"):
-                    ran.append(step)
-                problem = await step.run(ctx)
-                if problem is not None:
-                    problem = await settle(ctx, problem)
-                    ctx.refused_by = ctx.refused_by or step.name
-                    break
+            problem = await self.run_steps(ctx, ran)
             if problem is None:
                 problem = await self.proxy.websocket(ctx, receive, tracker)
             if problem is not None:
@@ -400,7 +399,9 @@ class GatewayApp:
             await self.finish(ctx, ran, False)
             request_var.reset(token)
 
-    async def refuse_websocket(self, ctx: RequestContext, send: Tracker, problem: Problem) -> None:
+    async def refuse_websocket(
+        self, ctx: RequestContext, send: ResponseTracker, problem: Problem
+    ) -> None:
         """Refuse the handshake with the problem as an HTTP answer when the server supports it."""
         ctx.status_code = problem.status
         ctx.error_type = ctx.error_type or problem.kind

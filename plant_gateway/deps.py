@@ -29,13 +29,14 @@ class Dependencies:
     keys: Any = None  # plant_gateway.backends.keys.KeySource
     audit_sink: AuditSink | None = None
     approvals: Approvals | None = None  # APPROVALS_URL: the platform's Governor approvals
-    extra: list[Dependency] = field(default_factory=list)
+    # backends a guard made for itself at build time (the customer enricher): closed with these
+    guard_backends: list[Dependency] = field(default_factory=list)
 
     def all(self) -> list[Dependency]:
         items: list[Any] = [
             self.counters, self.flags, self.policy, self.keys, self.audit_sink, self.approvals,
         ]
-        return [d for d in items if d is not None] + list(self.extra)
+        return [d for d in items if d is not None] + list(self.guard_backends)
 
 
 async def create_dependencies(settings: Settings) -> Dependencies:

@@ -15,12 +15,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway import json_limits
+from plant_gateway import json_limits, problems
 from plant_gateway.backends.base import ApprovalRecord, CounterOp, DependencyError
 from plant_gateway.context import RequestContext
+from plant_gateway.pipeline.counter_batch import submit
+from plant_gateway.pipeline.ingress import read_body
 from plant_gateway.problems import Problem
-from plant_gateway.steps.admit import submit
-from plant_gateway.steps.ingress import read_body
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Approvals, Counters
@@ -117,10 +117,9 @@ def with_note(ctx: RequestContext, decision: dict[str, Any]) -> dict[str, Any]:
 
 
 def unavailable(reason: str) -> Problem:
-    return Problem(
-        503, "approvals-unavailable",
-        f"The approval could not be checked ({reason}); the request was denied.",
-        headers=[("retry-after", "5")],
+    return problems.unavailable(
+        "approvals", f"The approval could not be checked ({reason}); the request was denied.",
+        kind="approvals-unavailable", retry_after_s=5,
     )
 
 

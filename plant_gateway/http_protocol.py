@@ -44,8 +44,8 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from plant_gateway import metrics
+from plant_gateway.pipeline.ingress import new_uuid4
 from plant_gateway.problems import Problem
-from plant_gateway.steps.ingress import new_uuid4
 
 if TYPE_CHECKING:
     from plant_gateway.settings import Settings

@@ -20,8 +20,8 @@ import aiohttp
 
 from plant_gateway import metrics
 from plant_gateway.backends.base import DependencyStatus
+from plant_gateway.pipeline.ingress import trusted_hops
 from plant_gateway.problems import Problem
-from plant_gateway.steps.ingress import trusted_hops
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext

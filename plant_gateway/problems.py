@@ -82,14 +82,28 @@ def unauthorized(kind: str, detail: str) -> Problem:
     return Problem(401, kind, detail, headers=[("www-authenticate", challenge)])
 
 
+def unavailable(
+    dependency: str, detail: str, *, kind: str = "dependency-unavailable",
+    retry_after_s: int = 1, extra: dict[str, Any] | None = None,
+) -> Problem:
+    """The fail-closed 503 of the request path: ``dependency`` is down or did not answer.
+
+    Every guard refuses through this one builder (deny by default), so each such answer names
+    its dependency and carries ``Retry-After``.
+    """
+    return Problem(
+        503, kind, detail, extra={"dependency": dependency, **(extra or {})},
+        headers=[("retry-after", str(retry_after_s))],
+    )
+
+
 # Retry-After of an audit refusal: the writer retries the database at least every 5 s
 AUDIT_RETRY_AFTER_S = 5
 
 
 def audit_unavailable() -> Problem:
     """The 503 for a request whose audit row could not be secured (``AUDIT_ON_LOSS=refuse``)."""
-    return Problem(
-        503, "audit-unavailable",
-        "the audit log cannot record requests right now; the request was not processed",
-        headers=[("retry-after", str(AUDIT_RETRY_AFTER_S))],
+    return unavailable(
+        "audit", "the audit log cannot record requests right now; the request was not processed",
+        kind="audit-unavailable", retry_after_s=AUDIT_RETRY_AFTER_S,
     )

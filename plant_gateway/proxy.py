@@ -29,8 +29,7 @@ from yarl import URL
 
 from plant_gateway import events, masking, metrics
 from plant_gateway.backends.base import DependencyStatus
-from plant_gateway.problems import Problem
-from plant_gateway.steps.ingress import (
+from plant_gateway.pipeline.ingress import (
     BodySource,
     BodyTimeout,
     BodyTooLarge,
@@ -39,6 +38,7 @@ from plant_gateway.steps.ingress import (
     read_body,
     too_large,
 )
+from plant_gateway.problems import Problem
 from plant_gateway.upstream_client import (
     ConnectError,
     Disconnected,

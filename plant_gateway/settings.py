@@ -13,14 +13,23 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import pydantic_settings
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -35,7 +44,21 @@ GatewayType = Literal["CP", "PP", "PLANT"]
 FailMode = Literal["closed", "open"]
 # list settings given in the environment as "a,b,c" (or as a JSON list)
 CommaList = Annotated[list[str], NoDecode]
-GUARDS = ("auth", "rate_limit", "policy", "budget", "tenant", "audit")
+
+
+def known_guards() -> tuple[str, ...]:
+    """Every ``PLANT_GUARDS`` name: the switches the guard registry declares."""
+    from plant_gateway.pipeline.registry import switches
+
+    return switches()
+
+
+def default_guards() -> list[str]:
+    """The ``PLANT_GUARDS`` default: every guard but the opt-in ones."""
+    from plant_gateway.pipeline.registry import default_switches
+
+    return list(default_switches())
+
 
 # The deployed gateway's public API routes (callers without a token yet, or with an expired
 # one: logout must revoke the refresh token; audit events carry the backend's own service key).
@@ -184,7 +207,9 @@ class Settings(BaseSettings):
         validation_alias=env_alias("PLANT_INSTANCE_ID"),
     )
     state_dir: Path = Field(Path(".plant-gateway"), validation_alias=env_alias("PLANT_STATE_DIR"))
-    guards: CommaList = Field(list(GUARDS), validation_alias=env_alias("PLANT_GUARDS"))
+    guards: CommaList = Field(
+        default_factory=default_guards, validation_alias=env_alias("PLANT_GUARDS")
+    )
     problem_type_base: str = Field(
         "https://waooaw.com", validation_alias=env_alias("PROBLEM_TYPE_BASE")
     )
@@ -578,9 +603,10 @@ class Settings(BaseSettings):
     @field_validator("guards")
     @classmethod
     def _known_guards(cls, value: list[str]) -> list[str]:
-        bad = [g for g in value if g not in GUARDS]
+        known = known_guards()
+        bad = [g for g in value if g not in known]
         if bad:
-            raise ValueError(f"unknown guard(s) {bad}; known: {list(GUARDS)}")
+            raise ValueError(f"unknown guard(s) {bad}; known: {list(known)}")
         return value
 
     @field_validator("cors_origins")
@@ -665,8 +691,22 @@ class Settings(BaseSettings):
             return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
         return None
 
+    # the guards' own settings sections (``GuardSettings``), each parsed once (``section``)
+    _sections: dict[type[Any], Any] = PrivateAttr(default_factory=dict)
+
     def guard_on(self, name: str) -> bool:
         return name in self.guards
+
+    def section(self, model: type[SectionT]) -> SectionT:
+        """A guard's own settings, read from the same sources as these, once.
+
+        ``load_settings`` reads every registered section up front, so a bad value stops
+        start-up with one line like any other setting.
+        """
+        found = self._sections.get(model)
+        if found is None:
+            found = self._sections[model] = model()
+        return found  # type: ignore[no-any-return]
 
     @classmethod
     def settings_customise_sources(
@@ -682,6 +722,41 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+class GuardSettings(BaseSettings):
+    """The base of a guard's own settings: a guard added later declares its variables itself.
+
+    Read like ``Settings`` (environment names win over the ``PLANT_CONFIG`` file), once per
+    ``Settings`` (``Settings.section``); its keys are valid in the config file.
+    """
+
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, case_sensitive=False, frozen=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return Settings.settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
+
+
+SectionT = TypeVar("SectionT", bound=GuardSettings)
+
+
+def guard_sections() -> tuple[type[GuardSettings], ...]:
+    """The settings sections the registered guards declare."""
+    from plant_gateway.pipeline.registry import sections
+
+    return sections()
 
 
 class SettingsError(Exception):
@@ -714,11 +789,13 @@ def _check_host_and_port(url: str, expected: str) -> None:
 def config_keys() -> dict[str, str]:
     """Every key a PLANT_CONFIG file may hold (lower case) -> the setting's name."""
     keys: dict[str, str] = {}
-    for name, field in Settings.model_fields.items():
-        keys[name] = name
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            keys.update({str(choice).lower(): name for choice in alias.choices})
+    models: tuple[type[BaseSettings], ...] = (Settings, *guard_sections())
+    for model in models:
+        for name, field in model.model_fields.items():
+            keys[name] = name
+            alias = field.validation_alias
+            if isinstance(alias, AliasChoices):
+                keys.update({str(choice).lower(): name for choice in alias.choices})
     return keys
 
 
@@ -756,8 +833,20 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError(f"PLANT_CONFIG: config file {config_file!r} does not exist")
     if config_file:
         read_config_file(config_file)
+    settings = _parsed(Settings, lambda: Settings(**overrides))
+    for model in guard_sections():
+        _parsed(model, lambda model=model: settings.section(model))  # type: ignore[misc]
+    _check_consistency(settings)
+    return settings
+
+
+ParsedT = TypeVar("ParsedT")
+
+
+def _parsed(model: type[BaseSettings], parse: Callable[[], ParsedT]) -> ParsedT:
+    """``parse()`` of ``model``, its failure reduced to a SettingsError naming the setting."""
     try:
-        settings = Settings(**overrides)
+        return parse()
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"
@@ -767,10 +856,17 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError(f"{name}: {message}") from None
     except pydantic_settings.SettingsError as exc:  # a value that is not valid JSON
         match = re.search(r'field "(\w+)"', str(exc))
-        name = match.group(1).upper() if match else "settings"
+        name = _variable(model, match.group(1)) if match else "settings"
         raise SettingsError(f"{name}: not a valid value (expected JSON)") from None
-    _check_consistency(settings)
-    return settings
+
+
+def _variable(model: type[BaseSettings], field_name: str) -> str:
+    """The environment variable of ``model``'s field (its first alias), upper case."""
+    field = model.model_fields.get(field_name)
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, AliasChoices) and alias.choices:
+        return str(alias.choices[0]).upper()
+    return field_name.upper()
 
 
 def _check_consistency(settings: Settings) -> None:

@@ -31,9 +31,9 @@ from plant_gateway.redaction import MASK, mask_text, sensitive_key
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
+    from plant_gateway.pipeline.step import Step
     from plant_gateway.problems import Problem
     from plant_gateway.settings import Settings
-    from plant_gateway.steps import Step
 
 CONTEXT_KEY = "otel_context"  # ctx.scratch: an OpenTelemetry Context holding the server span
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
@@ -264,7 +264,7 @@ def client_outcome(span: Any, ctx: RequestContext, problem: Problem | None) -> N
 
 
 class TracedStep:
-    """A pipeline step with a span around ``run``: ``guard <name>``, ``counters`` for admit.
+    """A pipeline step with a span around ``run``: ``guard <name>``; ``counters`` for the batch.
 
     Only the policy guard's span is made current (its engine's ``policy decision`` span finds
     its parent there); the others name the server span as their parent.
@@ -281,7 +281,7 @@ class TracedStep:
         self.kind = SpanKind.INTERNAL
         self.span_name = f"guard {step.name}"
         self.current = step.name == "policy"
-        if step.name == "admit":
+        if step.name == "counter_batch":
             self.span_name, self.attributes = "counters", counter_attributes(counters)
             if self.attributes.get("db.system.name"):
                 self.kind = SpanKind.CLIENT
@@ -291,7 +291,7 @@ class TracedStep:
         if parent is None:
             return await self.step.run(ctx)
         span = self.tracer.start_span(self.span_name, parent, self.kind, self.attributes)
-        if self.name == "admit":
+        if self.name == "counter_batch":
             batch = ctx.scratch.get("counter_batch")
             span.set_attribute("plant.counters.ops", len(batch.pending) if batch else 0)
         token = otel_context.attach(trace.set_span_in_context(span, parent)) \

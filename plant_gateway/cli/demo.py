@@ -6,7 +6,6 @@ Prints three ready-to-paste curl commands: one passes, one has a bad token, one 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 import signal
@@ -22,24 +21,13 @@ from typing import Annotated
 import typer
 
 from plant_gateway.cli.common import config_fail, fail, usage_fail
-from plant_gateway.settings import GUARDS
-
-# the modules each guard needs; a guard whose code is not there yet is left out of the demo
-GUARD_MODULES = {
-    "auth": ["plant_gateway.steps.auth", "plant_gateway.backends.keys"],
-    "rate_limit": ["plant_gateway.steps.rate_limit"],
-    "policy": ["plant_gateway.steps.policy", "plant_gateway.backends.policy"],
-    "budget": ["plant_gateway.steps.budget"],
-    "tenant": ["plant_gateway.steps.tenant"],
-    "audit": ["plant_gateway.steps.audit", "plant_gateway.backends.audit_postgres"],
-}
 
 
 def available_guards() -> list[str]:
-    return [
-        g for g in GUARDS
-        if all(importlib.util.find_spec(m) is not None for m in GUARD_MODULES.get(g, []))
-    ]
+    """The guards the demo runs: the default ``PLANT_GUARDS``."""
+    from plant_gateway.settings import default_guards
+
+    return default_guards()
 
 
 def _wait(url: str, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:

@@ -44,9 +44,9 @@ from plant_gateway.backends.audit_schema import (
 )
 from plant_gateway.json_limits import MAX_DEPTH as MAX_JSON_DEPTH
 from plant_gateway.json_limits import too_deep
+from plant_gateway.pipeline.identity import CACHED_IDENTITY
 from plant_gateway.redaction import MASK, redact, sensitive_key
 from plant_gateway.redaction import mask_text as _mask_text
-from plant_gateway.steps.auth import CACHED_IDENTITY
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import RowSink

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from plant_gateway import migrations
-from plant_gateway.settings import GUARDS
+from plant_gateway.settings import default_guards
 from tests.fixtures.postgres import create_database, drop_database, with_user
 from tests.fixtures.processes import JWT_SECRET, ROOT, Proc, free_port, start_backend
 
-HAS_POLICY = importlib.util.find_spec("plant_gateway.steps.policy") is not None
+HAS_POLICY = importlib.util.find_spec("plant_gateway.guards.policy") is not None
 needs_policy = pytest.mark.skipif(not HAS_POLICY, reason="policy step not built yet")
 
 
@@ -48,7 +48,7 @@ def audit_dsn(postgres_dsn: str) -> Iterator[str]:
 def writer_env(audit_dsn: str, **extra: str) -> dict[str, str]:
     env = {"DATABASE_URL": with_user(audit_dsn, "plant_audit_writer"), **extra}
     if not HAS_POLICY:
-        env["PLANT_GUARDS"] = ",".join(g for g in GUARDS if g != "policy")
+        env["PLANT_GUARDS"] = ",".join(g for g in default_guards() if g != "policy")
     return env
 
 

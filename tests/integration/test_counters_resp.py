@@ -35,9 +35,9 @@ from plant_gateway.backends.counters_resp import (
     RespChannel,
     pack,
 )
+from plant_gateway.guards.rate_limit import RateLimitConfig, RateLimitStep
+from plant_gateway.pipeline.counter_batch import CounterBatchStep
 from plant_gateway.settings import Settings
-from plant_gateway.steps.admit import AdmitStep
-from plant_gateway.steps.rate_limit import RateLimitStep
 from tests.fixtures.redis import RedisServer
 from tests.unit.auth_support import context
 
@@ -271,9 +271,10 @@ async def test_a_paused_redis_gets_no_more_than_the_bound_of_waiting_batches(
             isinstance(r, DependencyError) and str(r) == "redis: ConnectionError"
             for [r] in refused
         )
-        # the admit step denies such a request with a 503 problem, as for a Redis outage
-        steps: list[Any] = [RateLimitStep(s, counters), AdmitStep(counters)]
-        steps[-1].bind(steps)
+        # the counter batch step denies such a request with a 503 problem, as for a Redis outage
+        limiter = RateLimitStep(RateLimitConfig.from_settings(s), counters)
+        limiter.batched = True  # as in a pipeline with a counter batch
+        steps: list[Any] = [limiter, CounterBatchStep(counters)]
         ctx = context()
         assert await steps[0].run(ctx) is None  # enqueued on the request's batch
         problem = await steps[1].run(ctx)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import JwksKeySource, create
-from plant_gateway.steps.auth import AuthStep
+from plant_gateway.guards.auth import AuthConfig, AuthStep
 from tests.unit.auth_support import (
     claims,
     context,
@@ -95,7 +95,7 @@ async def started_step(
     keys = create(cfg)
     assert isinstance(keys, JwksKeySource)
     await keys.start()
-    return AuthStep(cfg, keys, create_counters(cfg)), keys
+    return AuthStep(AuthConfig.from_settings(cfg), keys, create_counters(cfg)), keys
 
 
 async def outcome(step: AuthStep, token: str) -> str:
@@ -200,7 +200,7 @@ async def test_bogus_kid_flood_after_interval_costs_one_fetch(server: JwksServer
 async def test_start_up_burst_shares_one_fetch(server: JwksServer) -> None:
     cfg = settings(jwt_secret=None, jwt_jwks_url=server.url, jwks_min_refetch_s=0)
     keys = create(cfg)
-    step = AuthStep(cfg, keys, create_counters(cfg))
+    step = AuthStep(AuthConfig.from_settings(cfg), keys, create_counters(cfg))
     server.delay_s = 0.1
     try:
         # requests arrive before start() finished: they all wait on the same fetch

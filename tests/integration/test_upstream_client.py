@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from plant_gateway.context import Identity
+from plant_gateway.pipeline.ingress import BodySource, context_from_scope
 from plant_gateway.proxy import Proxy, request_head
 from plant_gateway.settings import Settings
-from plant_gateway.steps.ingress import BodySource, context_from_scope
 from plant_gateway.upstream_client import (
     HIGH_WATER,
     BadResponse,

@@ -21,9 +21,9 @@ import pytest
 from pydantic import SecretStr
 
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.pipeline.identity import CACHED_IDENTITY, copy_identity
 from plant_gateway.settings import Settings
 from plant_gateway.steps.audit import AuditRecorder
-from plant_gateway.steps.auth import CACHED_IDENTITY, copy_identity
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "audit_golden_lines.json"
 NOW = 5000.0

@@ -12,8 +12,8 @@ import pytest
 
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import CompositeKeySource, StaticKeySource, create
+from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.settings import SettingsError
-from plant_gateway.steps.auth import AuthStep
 from tests.unit.auth_support import (
     SECRET,
     claims,
@@ -34,7 +34,7 @@ EC = ec_key()
 def step_for(**overrides: Any) -> AuthStep:
     overrides.setdefault("jwt_secret", None)
     cfg = settings(**overrides)
-    return AuthStep(cfg, create(cfg), create_counters(cfg))
+    return AuthStep(AuthConfig.from_settings(cfg), create(cfg), create_counters(cfg))
 
 
 async def outcome(step: AuthStep, token: str) -> str:

@@ -17,10 +17,11 @@ from plant_gateway import json_limits, masking
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.guards import tenant
+from plant_gateway.guards.auth import AuthConfig, AuthStep
+from plant_gateway.pipeline import ingress
 from plant_gateway.settings import Settings, TenantRule
-from plant_gateway.steps import ingress, tenant
 from plant_gateway.steps.audit import body_json
-from plant_gateway.steps.auth import AuthStep
 from tests.unit.auth_support import SECRET, context
 from tests.unit.auth_support import settings as auth_settings
 
@@ -112,7 +113,7 @@ async def test_bad_host_is_a_400(
     headers: list[tuple[bytes, bytes]], version: str, detail: str
 ) -> None:
     ctx = ctx_for(headers, version=version)
-    problem = await ingress.IngressStep(SETTINGS).run(ctx)
+    problem = await ingress.IngressStep(SETTINGS.max_body_bytes).run(ctx)
     assert problem is not None and (problem.status, problem.detail) == (400, detail)
     assert ctx.error_type == "invalid-host"
 
@@ -124,7 +125,7 @@ async def test_bad_host_is_a_400(
 ])
 async def test_good_host_passes(headers: list[tuple[bytes, bytes]], version: str) -> None:
     ctx = ctx_for(headers, version=version)
-    assert await ingress.IngressStep(SETTINGS).run(ctx) is None
+    assert await ingress.IngressStep(SETTINGS.max_body_bytes).run(ctx) is None
 
 
 # --- methods -----------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ async def test_good_host_passes(headers: list[tuple[bytes, bytes]], version: str
 @pytest.mark.parametrize("method", ["TRACE", "TRACK", "CONNECT"])
 async def test_trace_track_connect_are_405_with_allow(method: str) -> None:
     ctx = ctx_for([(b"host", b"gw")], method=method)
-    problem = await ingress.IngressStep(SETTINGS).run(ctx)
+    problem = await ingress.IngressStep(SETTINGS.max_body_bytes).run(ctx)
     assert problem is not None and (problem.status, problem.kind) == (405, "method-not-allowed")
     allow = dict(problem.headers)["allow"]
     assert "GET" in allow and "TRACE" not in allow and "TRACK" not in allow
@@ -157,6 +158,6 @@ def deep_token(where: str) -> str:
 async def test_deeply_nested_token_is_a_401_not_a_500(where: str) -> None:
     """PyJWT turns its json.loads RecursionError into DecodeError (since 2.x): keep it so."""
     cfg = auth_settings()
-    step = AuthStep(cfg, create_keys(cfg), create_counters(cfg))
+    step = AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), create_counters(cfg))
     problem = await step.run(context(deep_token(where)))
     assert problem is not None and (problem.status, problem.kind) == (401, "invalid-token-format")

@@ -14,6 +14,8 @@ from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
 from plant_gateway.deps import Dependencies
+from plant_gateway.guards import tenant
+from plant_gateway.pipeline import ingress, routes
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import (
     CircuitBreaker,
@@ -21,7 +23,6 @@ from plant_gateway.proxy import (
     upstream_request_headers,
 )
 from plant_gateway.settings import Settings, TenantRule
-from plant_gateway.steps import ingress, routes, tenant
 
 SETTINGS = Settings(plant_backend_url="http://backend:9000", guards=["tenant"],
                     cp_registration_key="k" * 20, trusted_proxy_hops=1)
@@ -121,7 +122,7 @@ def test_client_ip_never_the_spoofable_first_entry() -> None:
      ([(b"content-length", b"10")], None)],
 )
 async def test_ingress_framing(headers, status) -> None:
-    problem = await ingress.IngressStep(SETTINGS).run(ctx_for(headers=headers))
+    problem = await ingress.IngressStep(SETTINGS.max_body_bytes).run(ctx_for(headers=headers))
     assert (problem.status if problem else None) == status
 
 
@@ -337,7 +338,7 @@ async def test_routes_the_deployed_gateway_leaves_unbound(method: str, path: str
 def test_tenant_build_off_when_guard_off() -> None:
     off = Settings(plant_backend_url="http://b", guards=[])
     deps = Dependencies(settings=off, counters=create_counters(off), flags=DefaultFlags(off))
-    assert tenant.build(off, deps) is None
+    assert tenant.GUARD.create(off, deps) is None
 
 
 # --- proxy header hygiene ----------------------------------------------------------------------

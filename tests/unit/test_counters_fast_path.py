@@ -15,8 +15,8 @@ import pytest
 from plant_gateway.backends.base import BudgetRequest, CounterOp, RateDecision
 from plant_gateway.backends.counters import Gcra, day_ttl, month_ttl, utc_day, utc_month
 from plant_gateway.backends.counters_memory import MemoryCounters
+from plant_gateway.guards.rate_limit import rate_headers
 from plant_gateway.settings import Settings
-from plant_gateway.steps.rate_limit import rate_headers
 
 NOW = 1_764_000_000.25
 

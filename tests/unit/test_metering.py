@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plant_gateway import metering
-from tests.integration.test_guard_steps import envelope
+from tests.integration.guards.test_counter_guards import envelope
 
 SECRET = b"m" * 32
 NOW = 1_800_000_000

@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from plant_gateway.context import RequestContext
 from plant_gateway.logging import SPAN_KEY
+from plant_gateway.pipeline.ingress import propagate_traceparent
 from plant_gateway.settings import Settings
-from plant_gateway.steps.ingress import propagate_traceparent
 from plant_gateway.tracing import Tracing, split_host
 
 CALLER = "4bf92f3577b34da6a3ce929d0e0e4736"

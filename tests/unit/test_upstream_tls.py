@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from yarl import URL
 
+from plant_gateway.pipeline.ingress import BodySource, context_from_scope
 from plant_gateway.proxy import Proxy
 from plant_gateway.settings import Settings
-from plant_gateway.steps.ingress import BodySource, context_from_scope
 from plant_gateway.upstream_client import HIGH_WATER, ConnectError, UpstreamPool, pool_for_url
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB

@@ -12,15 +12,16 @@ from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.counters import day_ttl, month_ttl, next_utc_midnight, utc_day
 from plant_gateway.backends.counters_memory import UtcWindows
 from plant_gateway.backends.keys import create as create_keys
-from plant_gateway.steps.auth import AuthStep, cached_identity, copy_identity
-from plant_gateway.steps.policy import JwtInputCache, build_input, jwt_input
-from plant_gateway.steps.rate_limit import RateLimitStep
+from plant_gateway.guards.auth import AuthConfig, AuthStep
+from plant_gateway.guards.policy import JwtInputCache, build_input, jwt_input
+from plant_gateway.guards.rate_limit import RateLimitConfig, RateLimitStep
+from plant_gateway.pipeline.identity import cached_identity, copy_identity
 from tests.unit.auth_support import context, mint, settings
 
 
 def make_auth() -> AuthStep:
     cfg = settings()
-    return AuthStep(cfg, create_keys(cfg), create_counters(cfg))
+    return AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), create_counters(cfg))
 
 
 async def test_cached_identity_is_the_pristine_one_only_for_untouched_copies() -> None:
@@ -42,20 +43,20 @@ async def test_policy_jwt_document_follows_the_request_identity() -> None:
     docs = JwtInputCache()
     first = context(token)
     assert await step.run(first) is None
-    doc = build_input(first, cfg, None, docs)["jwt"]
+    doc = build_input(first, cfg.gateway_type, None, docs)["jwt"]
     assert doc == jwt_input(first.identity)
     assert first.identity is not None
     first.identity.roles.append("admin")  # tampering with a finished request's copy...
     second = context(token)
     assert await step.run(second) is None
-    again = build_input(second, cfg, None, docs)["jwt"]
+    again = build_input(second, cfg.gateway_type, None, docs)["jwt"]
     assert again["roles"] == ["user"] and again == jwt_input(second.identity)  # ...never leaks
 
 
 async def test_rate_limit_tier_per_token_matches_uncached() -> None:
     auth = make_auth()
     cfg = settings(guards=["auth", "rate_limit"])
-    step = RateLimitStep(cfg, create_counters(cfg))
+    step = RateLimitStep(RateLimitConfig.from_settings(cfg), create_counters(cfg))
     for roles, trial in ((["user"], False), (["admin"], False), (["user"], True)):
         extra: dict[str, Any] = {}
         if trial:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
+from plant_gateway.backends.base import CounterOp, RateDecision
 from plant_gateway.backends.counters import Clock, next_utc_midnight
 from plant_gateway.context import RequestContext
+from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.pipeline.identity import principal_of
+from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
-from plant_gateway.steps.admit import submit
-from plant_gateway.steps.rate_limit import flag_on, principal_of, unavailable
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -26,6 +28,18 @@ ENABLE_TRIAL_MODE = "enable_trial_mode"
 OBLIGATION = "count_trial_task"
 TASK_RESOURCES = frozenset({"agents", "tasks"})
 TASK_ACTIONS = frozenset({"create", "execute"})
+
+
+@dataclass(frozen=True, slots=True)
+class TrialQuotaConfig:
+    """``TRIAL_DAILY_TASKS``; it fails like the rate limit (``RATE_LIMIT_FAIL_MODE``)."""
+
+    daily_tasks: int
+    fail_open: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrialQuotaConfig:
+        return cls(settings.trial_daily_tasks, settings.rate_limit_fail_mode == "open")
 
 
 def is_trial_task(ctx: RequestContext) -> bool:
@@ -41,13 +55,13 @@ def is_trial_task(ctx: RequestContext) -> bool:
 class TrialQuotaStep:
     name = "trial_quota"
 
-    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
-        self.settings = settings
+    def __init__(self, config: TrialQuotaConfig, counters: Counters, flags: Any = None) -> None:
+        self.config = config
         self.counters = counters
         self.flags = flags
-        self.limit = settings.trial_daily_tasks
+        self.limit = config.daily_tasks
         self.clock: Clock = getattr(counters, "clock", time.time)
-        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
+        self.batched = False  # set by the registry when the pipeline has a counter batch
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         identity = ctx.identity
@@ -63,11 +77,7 @@ class TrialQuotaStep:
     def resolve(self, result: Any) -> Problem | None:
         """The outcome of this request's quota op (or of its failure)."""
         if isinstance(result, BaseException):
-            if not isinstance(result, DependencyError):
-                raise result
-            if self.settings.rate_limit_fail_mode == "open":
-                return None
-            return unavailable("trial quota")
+            return store_failure(result, "trial quota", self.config.fail_open)
         decision: RateDecision = result
         if decision.allowed:
             return None
@@ -88,7 +98,12 @@ class TrialQuotaStep:
         )
 
 
-def build(settings: Settings, deps: Dependencies) -> TrialQuotaStep | None:
-    if not settings.guard_on("rate_limit"):
-        return None
-    return TrialQuotaStep(settings, deps.counters, getattr(deps, "flags", None))
+def build(config: TrialQuotaConfig, deps: Dependencies) -> TrialQuotaStep:
+    return TrialQuotaStep(config, deps.counters, deps.flags)
+
+
+# switched with the rate limit: a deployment that turns rate limiting off turns the quota off
+GUARD = GuardSpec(
+    name="trial_quota", switch="rate_limit", phase=Phase.ACCESS,
+    config=TrialQuotaConfig.from_settings, build=build, batched=True,
+)

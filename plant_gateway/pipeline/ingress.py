@@ -4,7 +4,7 @@ Request/correlation/causation ids, W3C ``traceparent``, client IP through truste
 body limit (413), duplicated or conflicting framing headers and a bad ``Host`` (400), and the
 methods that only echo or tunnel (``TRACE``, ``TRACK``, ``CONNECT``: 405). First of all, a
 request whose audit row could not be secured is refused (503 ``audit-unavailable``, see
-``backends/audit_postgres.py``): one attribute read while the audit sink is healthy.
+the audit sink): one attribute read while the audit sink is healthy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway.context import RequestContext
+from plant_gateway.pipeline.step import Phase, PlumbingSpec
 from plant_gateway.problems import Problem, audit_unavailable
 
 if TYPE_CHECKING:
@@ -412,8 +413,8 @@ def client_gone(ctx: RequestContext) -> Problem:
 class IngressStep:
     name = "ingress"
 
-    def __init__(self, settings: Settings, audit: Any = None) -> None:
-        self.max_body = settings.max_body_bytes
+    def __init__(self, max_body: int, audit: Any = None) -> None:
+        self.max_body = max_body
         # anything with a ``refusing`` flag (the audit sink); without one, never refused
         self.audit = audit if hasattr(audit, "refusing") else _NoAuditSink()
 
@@ -424,4 +425,7 @@ class IngressStep:
 
 
 def build(settings: Settings, deps: Dependencies) -> IngressStep:
-    return IngressStep(settings, deps.audit_sink)
+    return IngressStep(settings.max_body_bytes, deps.audit_sink)
+
+
+STEP = PlumbingSpec(name="ingress", phase=Phase.INGRESS, build=build)

@@ -16,8 +16,8 @@ import pytest
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.policy_local import LocalPolicyEngine, input_digest
 from plant_gateway.context import Identity, RequestContext
-from plant_gateway.settings import Settings
-from plant_gateway.steps.policy import (
+from plant_gateway.guards.policy import (
+    PolicyConfig,
     PolicyStep,
     build,
     build_input,
@@ -25,6 +25,7 @@ from plant_gateway.steps.policy import (
     iso_to_ns,
     split_path,
 )
+from plant_gateway.settings import Settings
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 HOUR = 3600
@@ -123,14 +124,16 @@ def test_iso_to_ns() -> None:
 
 
 def test_input_is_stable_across_requests_and_tokens() -> None:
-    settings = make_settings()
-    a = build_input(make_ctx("GET", "/api/v1/agents/1", ident(["user"], jti="a")), settings, None)
-    b = build_input(make_ctx("GET", "/api/v1/agents/2", ident(["user"], jti="b")), settings, None)
+    gateway_type = make_settings().gateway_type
+    a = build_input(make_ctx("GET", "/api/v1/agents/1", ident(["user"], jti="a")), gateway_type,
+                    None)
+    b = build_input(make_ctx("GET", "/api/v1/agents/2", ident(["user"], jti="b")), gateway_type,
+                    None)
     assert a["path"] == b["path"] == "/api/v1/agents/{id}"
     assert input_digest(a) == input_digest(b)
     assert a["flags"] == {"rbac": True, "trial_mode": True, "governor_approval": True,
                           "sandbox_routing": True}
-    c = build_input(make_ctx("GET", "/api/v1/agents/1", ident(["admin"])), settings, None)
+    c = build_input(make_ctx("GET", "/api/v1/agents/1", ident(["admin"])), gateway_type, None)
     assert input_digest(a) != input_digest(c)
 
 
@@ -149,13 +152,13 @@ def test_decision_key_tells_apart_values_that_compare_equal() -> None:
 
 def test_input_carries_flags_and_approval() -> None:
     ctx = make_ctx("DELETE", "/api/v1/agents/7", ident(["user"]))
-    doc = build_input(ctx, make_settings(), Flags({"enable_rbac", "enable_sandbox_routing"}),
-                      approval_id="ap-1")
+    flags = Flags({"enable_rbac", "enable_sandbox_routing"})
+    doc = build_input(ctx, make_settings().gateway_type, flags, approval_id="ap-1")
     assert doc["flags"] == {"rbac": False, "trial_mode": True, "governor_approval": True,
                             "sandbox_routing": False}
     assert doc["approval"] == {"id": "ap-1"}
     assert doc["resource_id"] == "7"  # the agent a record must name
-    assert "approval" not in build_input(ctx, make_settings(), None)
+    assert "approval" not in build_input(ctx, make_settings().gateway_type, None)
     assert (ctx.resource, ctx.action, ctx.resource_id) == ("agents", "delete_agent", "7")
     assert "jti" not in doc["jwt"] and doc["jwt"]["roles"] == ["user"]
 
@@ -166,7 +169,7 @@ def test_input_carries_flags_and_approval() -> None:
 async def run(engine: Any, method: str, path: str, identity: Identity | None,
               flags: Any = None, **headers: str) -> tuple[Any, RequestContext]:
     ctx = make_ctx(method, path, identity, **headers)
-    problem = await PolicyStep(make_settings(), engine, flags).run(ctx)
+    problem = await policy_step(engine, flags).run(ctx)
     return problem, ctx
 
 
@@ -239,7 +242,7 @@ async def test_engine_error_is_503_never_open() -> None:
 async def test_public_route_skipped(engine: LocalPolicyEngine) -> None:
     ctx = make_ctx("POST", "/api/v1/auth/login", None)
     ctx.is_public = True
-    assert await PolicyStep(make_settings(), engine, None).run(ctx) is None
+    assert await policy_step(engine).run(ctx) is None
     assert ctx.policy_decision is None
 
 
@@ -247,9 +250,9 @@ async def test_service_key_route_allowed(engine: LocalPolicyEngine) -> None:
     ctx = make_ctx("POST", "/api/v1/customers/register", Identity(
         subject="svc", service_account="svc", roles=["service"]))
     ctx.service_key_route = True
-    assert await PolicyStep(make_settings(), engine, None).run(ctx) is None
+    assert await policy_step(engine).run(ctx) is None
     ctx = make_ctx("POST", "/api/v1/customers/register", ident(["service"]))
-    assert await PolicyStep(make_settings(), engine, None).run(ctx) is not None
+    assert await policy_step(engine).run(ctx) is not None
 
 
 def test_build_none_when_guard_off() -> None:
@@ -389,3 +392,7 @@ def test_dynamic_input_read_turns_projection_off(tmp_path: Path) -> None:
         "package plant.gateway.extra\n\nimport rego.v1\n\ndoc := input\n"
     )
     assert LocalPolicyEngine(make_settings(bundle), watch=False)._compiled.projection is None
+
+
+def policy_step(engine: LocalPolicyEngine, flags: Any = None) -> PolicyStep:
+    return PolicyStep(PolicyConfig.from_settings(make_settings()), engine, flags)

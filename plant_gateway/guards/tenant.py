@@ -8,18 +8,32 @@ A body that is not a JSON object, or nests deeper than ``MAX_JSON_DEPTH``, is a 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 from plant_gateway import json_limits
 from plant_gateway.context import RequestContext
+from plant_gateway.pipeline.ingress import read_body
+from plant_gateway.pipeline.step import GuardSpec, Phase
 from plant_gateway.problems import Problem, unauthorized
 from plant_gateway.routing import RouteSet, for_methods
-from plant_gateway.steps.ingress import read_body
 
 if TYPE_CHECKING:
     from plant_gateway.deps import Dependencies
     from plant_gateway.settings import Settings, TenantRule
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """``TENANT_RULES`` and the JSON depth limit of a body it rewrites."""
+
+    rules: tuple[TenantRule, ...]
+    max_json_depth: int = json_limits.MAX_DEPTH
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantConfig:
+        return cls(tuple(settings.tenant_rules), settings.max_json_depth)
 
 
 def bind_query(query: str, field: str, customer_id: str) -> str:
@@ -121,7 +135,12 @@ class TenantStep:
         return None
 
 
-def build(settings: Settings, deps: Dependencies) -> TenantStep | None:
-    if not settings.guard_on("tenant") or not settings.tenant_rules:
-        return None
-    return TenantStep(list(settings.tenant_rules), settings.max_json_depth)
+def build(config: TenantConfig, deps: Dependencies) -> TenantStep | None:
+    if not config.rules:
+        return None  # nothing to bind: not in the pipeline
+    return TenantStep(list(config.rules), config.max_json_depth)
+
+
+GUARD = GuardSpec(
+    name="tenant", phase=Phase.REWRITE, config=TenantConfig.from_settings, build=build
+)

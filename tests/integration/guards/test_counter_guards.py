@@ -15,8 +15,8 @@ from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.deps import Dependencies
+from plant_gateway.guards import budget, rate_limit, trial_quota
 from plant_gateway.settings import RateTier, Settings
-from plant_gateway.steps import budget, rate_limit, trial_quota
 from tests.fixtures.redis import RedisServer
 from tests.integration.test_counters import FakeClock
 
@@ -89,10 +89,11 @@ GOVERNOR = Identity(user_id="u-3", roles=["admin"], governor_agent_id="gov-1")
 
 
 async def test_tiers_limits_and_headers(make_deps: Any) -> None:
-    step = rate_limit.build(make_deps().settings, make_deps())
+    step = rate_limit.GUARD.create(make_deps().settings, make_deps())
     assert step is not None
     deps = make_deps()
-    step = rate_limit.RateLimitStep(deps.settings, deps.counters)
+    config = rate_limit.RateLimitConfig.from_settings(deps.settings)
+    step = rate_limit.RateLimitStep(config, deps.counters)
     outcomes = [await step.run(ctx_for(USER)) for _ in range(6)]
     assert [o is None for o in outcomes] == [True] * 5 + [False]
     problem = outcomes[-1]
@@ -109,7 +110,8 @@ async def test_tiers_limits_and_headers(make_deps: Any) -> None:
 
 async def test_anonymous_and_brute_force_per_ip(make_deps: Any) -> None:
     deps = make_deps()
-    step = rate_limit.RateLimitStep(deps.settings, deps.counters)
+    config = rate_limit.RateLimitConfig.from_settings(deps.settings)
+    step = rate_limit.RateLimitStep(config, deps.counters)
     results = [await step.run(ctx_for(None, brute_force_route=True)) for _ in range(3)]
     assert [r is None for r in results] == [True, True, False]
     assert [await step.run(ctx_for(None)) is None for _ in range(3)] == [True, True, False]
@@ -120,18 +122,18 @@ async def test_anonymous_and_brute_force_per_ip(make_deps: Any) -> None:
 
 async def test_flag_off_and_guard_off(make_deps: Any) -> None:
     deps = make_deps(flags=FixedFlags(off={"enable_rate_limiting"}))
-    step = rate_limit.build(deps.settings, deps)
+    step = rate_limit.GUARD.create(deps.settings, deps)
     assert step is not None
     assert all([await step.run(ctx_for(USER)) is None for _ in range(10)])
     off = make_deps(guards=["auth", "policy"])
-    assert rate_limit.build(off.settings, off) is None
-    assert trial_quota.build(off.settings, off) is None
-    assert budget.build(off.settings, off) is None
+    assert rate_limit.GUARD.create(off.settings, off) is None
+    assert trial_quota.GUARD.create(off.settings, off) is None
+    assert budget.GUARD.create(off.settings, off) is None
 
 
 async def test_trial_quota_counts_tasks_only(make_deps: Any) -> None:
     deps = make_deps(trial_daily_tasks=2)
-    step = trial_quota.build(deps.settings, deps)
+    step = trial_quota.GUARD.create(deps.settings, deps)
     assert step is not None
     task = {"resource": "agents", "action": "execute"}
     assert await step.run(ctx_for(TRIAL, **task)) is None
@@ -149,7 +151,7 @@ async def test_trial_quota_counts_tasks_only(make_deps: Any) -> None:
 
 async def test_budget_step_headers_402_and_settlement(make_deps: Any) -> None:
     deps = make_deps(agent_daily_budget_usd=0.01, cost_per_request_usd=0.004)
-    step = budget.build(deps.settings, deps)
+    step = budget.GUARD.create(deps.settings, deps)
     assert step is not None
     ctx = ctx_for(USER)
     assert await step.run(ctx) is None
@@ -170,7 +172,7 @@ async def test_service_key_callers_have_their_own_tier_per_calling_address(
     make_deps: Any,
 ) -> None:
     deps = make_deps()
-    step = rate_limit.build(deps.settings, deps)
+    step = rate_limit.GUARD.create(deps.settings, deps)
     assert step is not None
     service = Identity(subject="cp-registration", service_account="cp-registration",
                        roles=["service"])
@@ -186,7 +188,7 @@ async def test_no_flat_price_by_default_only_reported_cost_is_charged(make_deps:
     """Without budget settings no request is refused on a made-up price (issue: the whole
     platform got 402 after ~95k calls); real cost the backend reports still counts."""
     deps = make_deps(platform_monthly_budget_usd=0.01)
-    step = budget.build(deps.settings, deps)
+    step = budget.GUARD.create(deps.settings, deps)
     assert step is not None
     for _ in range(200):
         ctx = ctx_for(USER)
@@ -217,7 +219,7 @@ def envelope(correlation_id: str, cost: str, ts: int, secret: bytes = b"m" * 32)
 
 async def test_verified_metering_envelope_is_charged_before_forwarding(make_deps: Any) -> None:
     deps = make_deps(agent_daily_budget_usd=0.01, metering_envelope_secret="m" * 32)
-    step = budget.build(deps.settings, deps)
+    step = budget.GUARD.create(deps.settings, deps)
     assert step is not None
     now = int(step.clock())
     signed = ctx_for(USER, headers=envelope("c", "0.004", now))
@@ -239,7 +241,7 @@ async def test_verified_metering_envelope_is_charged_before_forwarding(make_deps
 async def test_budget_thresholds_from_flag(make_deps: Any) -> None:
     flags = FixedFlags(values={"budget_alert_thresholds": [0.1, 0.2, 1.0]})
     deps = make_deps(flags=flags, cost_per_request_usd=0.15, platform_monthly_budget_usd=1.0)
-    step = budget.build(deps.settings, deps)
+    step = budget.GUARD.create(deps.settings, deps)
     assert step is not None
     first = ctx_for(GOVERNOR)
     assert await step.run(first) is None
@@ -259,7 +261,7 @@ async def test_redis_outage_fail_mode_then_recovery(
     counters = RedisCounters(s, redis_server.url)
     await counters.start()
     deps = Dependencies(settings=s, counters=counters, flags=None)  # type: ignore[arg-type]
-    rl, bg = rate_limit.build(s, deps), budget.build(s, deps)
+    rl, bg = rate_limit.GUARD.create(s, deps), budget.GUARD.create(s, deps)
     assert rl is not None and bg is not None
     try:
         assert await rl.run(ctx_for(USER)) is None

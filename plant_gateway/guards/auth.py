@@ -2,7 +2,7 @@
 
 Signature and claims are checked once per token (cached by digest until ``exp``); revocation
 and ``token_version`` are checked on every request (in the pipeline as an op of the request's one
-counters round trip, see ``steps/admit.py``); every store outage denies (503).
+counters round trip, see ``pipeline/counter_batch.py``); every store outage denies (503).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -29,10 +28,12 @@ from plant_gateway.backends.base import CounterOp, DependencyError
 from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
-from plant_gateway.problems import Problem, unauthorized
+from plant_gateway.pipeline.counter_batch import submit
+from plant_gateway.pipeline.identity import copy_identity, remember_cached
+from plant_gateway.pipeline.step import GuardSpec, Phase
+from plant_gateway.problems import Problem, unauthorized, unavailable
 from plant_gateway.proxy import IdTokenSource
-from plant_gateway.routing import RouteSet, for_methods
-from plant_gateway.steps.admit import submit
+from plant_gateway.routing import RoutePattern, RouteSet, for_methods
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -56,32 +57,55 @@ def revocation_id(identity: Identity) -> str | None:
     return identity.jti or identity.token_digest
 
 
-_IDENTITY_FIELDS = attrgetter(*(f.name for f in fields(Identity)))
-CACHED_IDENTITY = "auth.cached_identity"
+@dataclass(frozen=True, slots=True)
+class EnrichmentConfig:
+    """Where a token without ``customer_id`` gets its customer (``CUSTOMER_ENRICHMENT``)."""
+
+    backend_url: str
+    audience: str
+    use_id_token: bool
+    timeout_s: float
 
 
-def copy_identity(identity: Identity) -> Identity:
-    """A request's own copy of a cached Identity (its roles list too), field by field."""
-    copy = Identity(*_IDENTITY_FIELDS(identity))
-    copy.roles = list(copy.roles)
-    return copy
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """The ``JWT_*`` checks, and the customer enrichment of tenant-bound routes."""
+
+    algorithms: frozenset[str]
+    issuers: tuple[str, ...]
+    audience: str | None
+    leeway_s: float
+    max_lifetime_s: int
+    claims_cache_size: int
+    # tenant-binding routes (``TENANT_RULES``, when the tenant guard is on): they need a customer
+    customer_routes: tuple[RoutePattern, ...] = ()
+    enrichment: EnrichmentConfig | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuthConfig:
+        rules = settings.tenant_rules if settings.guard_on("tenant") else []
+        enrichment = None
+        if settings.customer_enrichment and rules:
+            enrichment = EnrichmentConfig(
+                backend_url=settings.plant_backend_url,
+                audience=settings.plant_backend_audience or settings.plant_backend_url,
+                use_id_token=settings.plant_backend_use_id_token,
+                timeout_s=settings.enrichment_timeout_s,
+            )
+        return cls(
+            algorithms=frozenset(a for a in settings.jwt_algorithms if a.lower() != "none"),
+            issuers=tuple(settings.jwt_issuers),
+            audience=settings.jwt_audience,
+            leeway_s=settings.jwt_leeway_s,
+            max_lifetime_s=settings.jwt_max_lifetime_s,
+            claims_cache_size=settings.jwt_claims_cache_size,
+            customer_routes=tuple(for_methods(r.path, r.methods) for r in rules),
+            enrichment=enrichment,
+        )
 
 
-def cached_identity(ctx: RequestContext) -> Identity | None:
-    """The claims cache's Identity that ``ctx.identity`` is an untouched copy of, else None.
-
-    It lives as long as its token's cache entry (one object per verified token), is never
-    handed to a request and never mutated: later steps may key per-token work on it (``is``).
-    """
-    found = ctx.scratch.get(CACHED_IDENTITY)
-    if found is None or found[0] is not ctx.identity:
-        return None
-    cached: Identity = found[1]
-    return cached
-
-
-def dependency_unavailable(detail: str) -> Problem:
-    return Problem(503, "dependency-unavailable", detail, headers=[("retry-after", "1")])
+def dependency_unavailable(dependency: str, detail: str) -> Problem:
+    return unavailable(dependency, detail)
 
 
 class ClaimsProblem(Exception):
@@ -236,24 +260,23 @@ class AuthStep:
 
     def __init__(
         self,
-        settings: Settings,
+        config: AuthConfig,
         keys: KeySource,
         counters: Counters,
         enricher: CustomerEnricher | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.keys = keys
         self.counters = counters
         self.enricher = enricher
-        self.cache = ClaimsCache(settings.jwt_claims_cache_size)
+        self.cache = ClaimsCache(config.claims_cache_size)
         self.signature_checks = 0
         self.cache_hits = 0
-        self._allowed = frozenset(a for a in settings.jwt_algorithms if a.lower() != "none")
-        self._issuers = list(settings.jwt_issuers)
-        self._leeway = settings.jwt_leeway_s
-        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
-        rules = settings.tenant_rules if settings.guard_on("tenant") else []
-        self._tenant_routes = RouteSet([for_methods(r.path, r.methods) for r in rules])
+        self._allowed = config.algorithms
+        self._issuers = list(config.issuers)
+        self._leeway = config.leeway_s
+        self.batched = False  # set by the registry when the pipeline has a counter batch
+        self._tenant_routes = RouteSet(list(config.customer_routes))
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         if ctx.is_public or ctx.service_key_route:
@@ -281,7 +304,7 @@ class AuthStep:
             return identity
         if identity is verified.identity:  # not enriched: a copy of the cached one
             identity = copy_identity(identity)
-            ctx.scratch[CACHED_IDENTITY] = (identity, verified.identity)
+            remember_cached(ctx, identity, verified.identity)
         ctx.identity = identity
         ctx.authorization = header
         return None
@@ -321,11 +344,11 @@ class AuthStep:
         except KeyLookupError as exc:
             return unauthorized("invalid-token", f"no trusted key for this token: {exc}")
         except DependencyError:
-            return dependency_unavailable("the token signing keys are unavailable")
+            return dependency_unavailable("keys", "the token signing keys are unavailable")
         try:
             claims = self._decode(token, key.key, list(key.algorithms))
             identity, version = identity_from_claims(
-                claims, digest, self.settings.jwt_max_lifetime_s
+                claims, digest, self.config.max_lifetime_s
             )
         except ExpiredSignatureError:
             return unauthorized("token-expired", "the token has expired")
@@ -339,7 +362,7 @@ class AuthStep:
 
     def _decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
         self.signature_checks += 1
-        audience = self.settings.jwt_audience
+        audience = self.config.audience
         return jwt.decode(
             token,
             key,
@@ -382,7 +405,7 @@ class AuthStep:
         except EnrichmentRejected:
             return unauthorized("invalid-token", "the backend does not recognise this token")
         except DependencyError:
-            return dependency_unavailable("the customer lookup is unavailable")
+            return dependency_unavailable("enrichment", "the customer lookup is unavailable")
         return replace(
             identity, roles=list(identity.roles), customer_id=found.customer_id,
             email=found.email or identity.email,
@@ -394,7 +417,7 @@ def state_problem(result: Any, token_version: int) -> Problem | None:
     if isinstance(result, BaseException):
         if not isinstance(result, DependencyError):  # a store bug must deny, never admit
             log.error("revocation check failed: %s", type(result).__name__)
-        return dependency_unavailable("the token revocation store is unavailable")
+        return dependency_unavailable("counters", "the token revocation store is unavailable")
     revoked, current = result
     if revoked:
         return unauthorized("token-revoked", "the token has been revoked")
@@ -409,22 +432,25 @@ def _safe_reason(exc: Exception) -> str:
     return text[:120]
 
 
-def build(settings: Settings, deps: Dependencies) -> AuthStep | None:
-    if not settings.guard_on("auth"):
-        return None
+def build(config: AuthConfig, deps: Dependencies) -> AuthStep:
     keys = deps.keys
     if keys is None:
         from plant_gateway.backends.keys import create
 
-        keys = deps.keys = create(settings)
+        keys = deps.keys = create(deps.settings)
     enricher = None
-    if settings.customer_enrichment and settings.guard_on("tenant") and settings.tenant_rules:
-        audience = settings.plant_backend_audience or settings.plant_backend_url
+    found = config.enrichment
+    if found is not None:
         enricher = CustomerEnricher(
-            settings.plant_backend_url,
-            timeout_s=settings.enrichment_timeout_s,
-            cache_size=settings.jwt_claims_cache_size,
-            id_token=IdTokenSource(audience) if settings.plant_backend_use_id_token else None,
+            found.backend_url,
+            timeout_s=found.timeout_s,
+            cache_size=config.claims_cache_size,
+            id_token=IdTokenSource(found.audience) if found.use_id_token else None,
         )
-        deps.extra.append(enricher)
-    return AuthStep(settings, keys, deps.counters, enricher)
+        deps.guard_backends.append(enricher)
+    return AuthStep(config, keys, deps.counters, enricher)
+
+
+GUARD = GuardSpec(
+    name="auth", phase=Phase.ACCESS, config=AuthConfig.from_settings, build=build, batched=True,
+)

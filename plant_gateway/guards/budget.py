@@ -1,14 +1,15 @@
 """Budget guard: agent daily, platform monthly and optional customer monthly caps.
 
 Check-and-charge is one atomic backend op before forwarding (in the pipeline it rides in the
-request's one counters round trip, see ``steps/admit.py``); ``after`` settles the real cost
-the backend reported in ``COST_RESPONSE_HEADER`` by charging only the difference.
+request's one counters round trip, see ``pipeline/counter_batch.py``); ``after`` settles the
+real cost the backend reported in ``COST_RESPONSE_HEADER`` by charging only the difference.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metering, metrics
@@ -21,9 +22,9 @@ from plant_gateway.backends.base import (
 )
 from plant_gateway.backends.counters import Clock, next_utc_midnight, next_utc_month
 from plant_gateway.context import RequestContext
+from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
-from plant_gateway.steps.admit import submit
-from plant_gateway.steps.rate_limit import flag_on, unavailable
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -32,6 +33,37 @@ if TYPE_CHECKING:
 
 ENABLE_BUDGET_ENFORCEMENT = "enable_budget_enforcement"
 THRESHOLDS_FLAG = "budget_alert_thresholds"
+DEFAULT_THRESHOLDS = (0.80, 0.95, 1.00)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """The ``*_BUDGET_USD`` caps, prices, alert thresholds, metering and ``BUDGET_FAIL_MODE``."""
+
+    platform_monthly_usd: float
+    agent_daily_usd: float
+    customer_monthly_usd: float | None
+    cost_per_request_usd: float
+    thresholds: tuple[float, float, float]
+    critical_agents: frozenset[str]
+    metering_secret: bytes
+    metering_ttl_s: float
+    fail_open: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BudgetConfig:
+        secret = settings.metering_envelope_secret
+        return cls(
+            platform_monthly_usd=settings.platform_monthly_budget_usd,
+            agent_daily_usd=settings.agent_daily_budget_usd,
+            customer_monthly_usd=settings.customer_monthly_budget_usd,
+            cost_per_request_usd=settings.cost_per_request_usd,
+            thresholds=valid_thresholds(settings.budget_alert_thresholds) or DEFAULT_THRESHOLDS,
+            critical_agents=frozenset(settings.critical_agents),
+            metering_secret=secret.get_secret_value().encode() if secret else b"",
+            metering_ttl_s=settings.metering_envelope_ttl_s,
+            fail_open=settings.budget_fail_mode == "open",
+        )
 
 
 def valid_thresholds(value: Any) -> tuple[float, float, float] | None:
@@ -56,18 +88,15 @@ def percent(spent: float | None, limit: float | None) -> str:
 class BudgetStep:
     name = "budget"
 
-    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
-        self.settings = settings
+    def __init__(self, config: BudgetConfig, counters: Counters, flags: Any = None) -> None:
+        self.config = config
         self.counters = counters
         self.flags = flags
         self.clock: Clock = getattr(counters, "clock", time.time)
-        self.default_thresholds = valid_thresholds(settings.budget_alert_thresholds) or (
-            0.80, 0.95, 1.00,
-        )
-        self.critical_agents = frozenset(settings.critical_agents)
-        secret = settings.metering_envelope_secret
-        self.metering_secret = secret.get_secret_value().encode() if secret else b""
-        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
+        self.default_thresholds = config.thresholds
+        self.critical_agents = config.critical_agents
+        self.metering_secret = config.metering_secret
+        self.batched = False  # the registry sets it (a counter batch runs the op)
         self._last_flag: tuple[Any, tuple[float, float, float]] | None = None
 
     def thresholds(self, ctx: RequestContext) -> tuple[float, float, float]:
@@ -86,15 +115,15 @@ class BudgetStep:
         identity = ctx.identity
         if identity is None:
             return None  # public routes are rate limited per IP, not charged
-        s = self.settings
+        c = self.config
         agent = identity.agent_id or identity.governor_agent_id
         return BudgetRequest(
             cost_usd=self.cost_of(ctx),
-            platform_limit=s.platform_monthly_budget_usd,
+            platform_limit=c.platform_monthly_usd,
             agent_id=agent,
-            agent_limit=s.agent_daily_budget_usd if agent else None,
-            customer_id=identity.customer_id if s.customer_monthly_budget_usd else None,
-            customer_limit=s.customer_monthly_budget_usd,
+            agent_limit=c.agent_daily_usd if agent else None,
+            customer_id=identity.customer_id if c.customer_monthly_usd else None,
+            customer_limit=c.customer_monthly_usd,
             thresholds=self.thresholds(ctx),
             privileged=identity.is_governor or (agent in self.critical_agents),
             override=identity.is_governor,
@@ -105,11 +134,11 @@ class BudgetStep:
         if self.metering_secret and metering.SIGNATURE in ctx.headers:
             cost = metering.verified_cost(
                 ctx.headers, ctx.correlation_id, self.metering_secret,
-                self.settings.metering_envelope_ttl_s, self.clock(),
+                self.config.metering_ttl_s, self.clock(),
             )
             if cost is not None:
                 return cost
-        return self.settings.cost_per_request_usd
+        return self.config.cost_per_request_usd
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         request = self.request_for(ctx)
@@ -125,11 +154,7 @@ class BudgetStep:
     def resolve(self, ctx: RequestContext, result: Any) -> Problem | None:
         """The outcome of this request's check-and-charge (or of its failure)."""
         if isinstance(result, BaseException):
-            if not isinstance(result, DependencyError):
-                raise result
-            if self.settings.budget_fail_mode == "open":
-                return None
-            return unavailable("budget")
+            return store_failure(result, "budget", self.config.fail_open)
         decision: BudgetDecision = result
         record(decision)
         headers = budget_headers(decision)
@@ -214,7 +239,11 @@ def budget_headers(decision: BudgetDecision) -> list[tuple[str, str]]:
     return headers
 
 
-def build(settings: Settings, deps: Dependencies) -> BudgetStep | None:
-    if not settings.guard_on("budget"):
-        return None
-    return BudgetStep(settings, deps.counters, getattr(deps, "flags", None))
+def build(config: BudgetConfig, deps: Dependencies) -> BudgetStep:
+    return BudgetStep(config, deps.counters, deps.flags)
+
+
+GUARD = GuardSpec(
+    name="budget", phase=Phase.ACCESS, config=BudgetConfig.from_settings, build=build,
+    batched=True,
+)

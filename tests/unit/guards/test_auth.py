@@ -14,15 +14,15 @@ from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.deps import Dependencies
+from plant_gateway.guards import auth
+from plant_gateway.guards.auth import AuthConfig, AuthStep, token_digest
 from plant_gateway.problems import Problem
-from plant_gateway.steps import auth
-from plant_gateway.steps.auth import AuthStep, token_digest
 from tests.unit.auth_support import DROP, claims, context, mint, settings, unsigned
 
 
 def make_step(**overrides: Any) -> AuthStep:
     cfg = settings(**overrides)
-    return AuthStep(cfg, create_keys(cfg), create_counters(cfg))
+    return AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), create_counters(cfg))
 
 
 def assert_401(problem: Problem | None, kind: str) -> None:
@@ -66,10 +66,10 @@ async def test_public_and_service_key_routes_are_skipped() -> None:
 def test_build_returns_none_when_auth_guard_is_off() -> None:
     cfg = settings(guards=["rate_limit", "audit"])
     deps = Dependencies(settings=cfg, counters=create_counters(cfg), flags=None)  # type: ignore[arg-type]
-    assert auth.build(cfg, deps) is None
+    assert auth.GUARD.create(cfg, deps) is None
     cfg = settings()
     deps = Dependencies(settings=cfg, counters=create_counters(cfg), flags=None)  # type: ignore[arg-type]
-    assert isinstance(auth.build(cfg, deps), AuthStep)
+    assert isinstance(auth.GUARD.create(cfg, deps), AuthStep)
 
 
 # --- header and format ----------------------------------------------------------------------
@@ -255,7 +255,7 @@ class BrokenCounters:
 async def test_regression_revocation_store_error_fails_closed(error: Exception) -> None:
     """Deployed-gateway defect: it let tokens through when the revocation lookup failed."""
     cfg = settings()
-    step = AuthStep(cfg, create_keys(cfg), BrokenCounters(error))  # type: ignore[arg-type]
+    step = AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), BrokenCounters(error))  # type: ignore[arg-type]
     problem = await run(step, mint())
     assert problem is not None and (problem.status, problem.kind) == (503, "dependency-unavailable")
     # and a cached token does not bypass the store either

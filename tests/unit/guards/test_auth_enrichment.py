@@ -19,8 +19,8 @@ from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.enrichment import VALIDATE_PATH
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.deps import Dependencies
-from plant_gateway.steps import auth
-from plant_gateway.steps.auth import AuthStep
+from plant_gateway.guards import auth
+from plant_gateway.guards.auth import AuthStep
 from tests.unit.auth_support import context, mint, settings
 
 TENANT_PATH = "/api/v1/invoices"  # a default tenant-binding route
@@ -82,9 +82,9 @@ def build_step(backend_url: str, **overrides: Any) -> AuthStep:
     cfg = settings(plant_backend_url=backend_url, enrichment_timeout_s=0.3, **overrides)
     deps = Dependencies(settings=cfg, counters=create_counters(cfg), flags=None)  # type: ignore[arg-type]
     deps.keys = create_keys(cfg)
-    step = auth.build(cfg, deps)
+    step = auth.GUARD.create(cfg, deps)
     assert isinstance(step, AuthStep) and step.enricher is not None
-    assert step.enricher in deps.extra  # closed with the other dependencies
+    assert step.enricher in deps.guard_backends  # closed with the other dependencies
     _OPEN.append(step)
     return step
 
@@ -173,5 +173,5 @@ def test_enrichment_off_builds_no_enricher() -> None:
     for overrides in ({"customer_enrichment": False}, {"guards": ["auth", "audit"]}):
         cfg = settings(**overrides)
         deps = Dependencies(settings=cfg, counters=create_counters(cfg), flags=None)  # type: ignore[arg-type]
-        step = auth.build(cfg, deps)
+        step = auth.GUARD.create(cfg, deps)
         assert isinstance(step, AuthStep) and step.enricher is None

@@ -12,14 +12,17 @@ period sustained. The state lives in the counters backend, so N gateways share o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metrics
-from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
+from plant_gateway.backends.base import CounterOp, RateDecision
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.pipeline.identity import cached_identity, principal_of
+from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
-from plant_gateway.steps.admit import submit
-from plant_gateway.steps.auth import cached_identity
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
@@ -30,22 +33,21 @@ ENABLE_RATE_LIMITING = "enable_rate_limiting"
 BRUTE_FORCE_PERIOD_S = 60.0
 
 
-def flag_on(flags: Any, name: str, ctx: RequestContext) -> bool:
-    """Per-request feature flag; a guard with no flags backend stays on."""
-    if flags is None:
-        return True
-    return bool(flags.enabled(name, ctx))
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``RATE_LIMIT_*`` tiers, ``BRUTE_FORCE_LIMIT_PER_MIN`` and ``RATE_LIMIT_FAIL_MODE``."""
 
+    tiers: Mapping[str, RateTier]
+    brute_force_limit_per_min: int
+    fail_open: bool = False
 
-def unavailable(what: str) -> Problem:
-    """The fail-closed answer of a guard whose counter store is down."""
-    return Problem(
-        503,
-        "dependency-unavailable",
-        f"The {what} store is unavailable; the request was not admitted.",
-        extra={"dependency": "counters"},
-        headers=[("retry-after", "1")],
-    )
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimitConfig:
+        return cls(
+            tiers=dict(settings.rate_tiers),
+            brute_force_limit_per_min=settings.brute_force_limit_per_min,
+            fail_open=settings.rate_limit_fail_mode == "open",
+        )
 
 
 def tier_of(identity: Identity) -> str:
@@ -59,10 +61,6 @@ def tier_of(identity: Identity) -> str:
     if "enterprise" in identity.roles or "enterprise" in (claims.get("tier"), claims.get("plan")):
         return "enterprise"
     return "paid"
-
-
-def principal_of(identity: Identity) -> str | None:
-    return identity.user_id or identity.service_account or identity.subject
 
 
 def rate_headers(decision: RateDecision, period_s: float) -> list[tuple[str, str]]:
@@ -99,14 +97,14 @@ def _fixed_rate_headers(
 class RateLimitStep:
     name = "rate_limit"
 
-    def __init__(self, settings: Settings, counters: Counters, flags: Any = None) -> None:
-        self.settings = settings
+    def __init__(self, config: RateLimitConfig, counters: Counters, flags: Any = None) -> None:
+        self.config = config
         self.counters = counters
         self.flags = flags
-        self.tiers = settings.rate_tiers
-        bf_limit = settings.brute_force_limit_per_min
+        self.tiers = config.tiers
+        bf_limit = config.brute_force_limit_per_min
         self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
-        self.batched = False  # set by the pipeline's admit step: enqueue, don't await
+        self.batched = False  # set by the registry when the pipeline has a counter batch
         self._limits: dict[str, tuple[Identity, tuple[str, str, int, float, int]]] = {}
 
     def limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
@@ -158,11 +156,7 @@ class RateLimitStep:
     ) -> Problem | None:
         """The outcome of this request's rate-limit op (or of its failure)."""
         if isinstance(result, BaseException):
-            if not isinstance(result, DependencyError):
-                raise result
-            if self.settings.rate_limit_fail_mode == "open":
-                return None
-            return unavailable("rate limit")
+            return store_failure(result, "rate limit", self.config.fail_open)
         decision: RateDecision = result
         headers = rate_headers(decision, period)
         if decision.allowed:
@@ -178,7 +172,11 @@ class RateLimitStep:
             headers=[("retry-after", str(retry)), *headers],
         )
 
-def build(settings: Settings, deps: Dependencies) -> RateLimitStep | None:
-    if not settings.guard_on("rate_limit"):
-        return None
-    return RateLimitStep(settings, deps.counters, getattr(deps, "flags", None))
+def build(config: RateLimitConfig, deps: Dependencies) -> RateLimitStep:
+    return RateLimitStep(config, deps.counters, deps.flags)
+
+
+GUARD = GuardSpec(
+    name="rate_limit", phase=Phase.ACCESS, config=RateLimitConfig.from_settings, build=build,
+    batched=True,
+)

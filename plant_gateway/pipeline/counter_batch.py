@@ -1,13 +1,13 @@
-"""Admission: the counter operations of the guards of one request, run in ONE round trip.
+"""The counter batch: the counter operations of the guards of one request, run in ONE round trip.
 
 Auth (revocation, ``token_version``), rate limit, trial quota and budget do not await the
 counters store themselves: each *enqueues* its ``CounterOp`` on the request's ``CounterBatch``
 (``ctx.scratch[BATCH]``) with a *resolver* that turns the op's result into ``Problem | None``.
-The ``admit`` step, last before ``tenant``, runs the batch with ``Counters.execute`` (Redis: one
-pipeline) and resolves the results in step order, so the first refusal in pipeline order
+The ``counter_batch`` step, after the access guards, runs the batch with ``Counters.execute``
+(Redis: one pipeline) and resolves the results in step order, so the first refusal in order
 wins (auth → rate limit → quota → budget), as if the steps had run one by one. When a step in
-between refuses (policy 403, a 503), the app calls ``settle``: the pending ops run and an
-earlier refusal (a revoked token → 401) takes precedence over the later one.
+between refuses (policy 403, a 503), the app calls ``flush_on_refusal``: the pending ops run
+and an earlier refusal (a revoked token → 401) takes precedence over the later one.
 
 Side effects of refused requests: ops of one batch run unconditionally (their keys live in
 different hash slots, so no script can see another's verdict); a quota unit or a budget charge
@@ -16,8 +16,8 @@ path). Rate-limit units consumed before a later refusal stay consumed, as they d
 Governor approval (``approval_consume``, enqueued by the policy step) is only used by a request
 that gets through: it is released whenever the request is refused, before or after its op.
 
-Steps built outside a pipeline with an ``admit`` step (unit tests, tools) are not ``batched``:
-they run their op at once, one round trip each, with the same resolver.
+Steps built outside a pipeline with a ``counter_batch`` step (unit tests, tools) are not
+``batched``: they run their op at once, one round trip each, with the same resolver.
 """
 
 from __future__ import annotations
@@ -34,21 +34,20 @@ from plant_gateway.backends.base import (
     RateDecision,
 )
 from plant_gateway.context import RequestContext
-from plant_gateway.problems import Problem
+from plant_gateway.pipeline.step import Phase, PlumbingSpec
+from plant_gateway.problems import Problem, unavailable
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Counters
     from plant_gateway.deps import Dependencies
     from plant_gateway.settings import Settings
-    from plant_gateway.steps import Step
 
 log = logging.getLogger(__name__)
 
 BATCH = "counter_batch"
-BATCHED_GUARDS = ("auth", "rate_limit", "budget")  # trial_quota rides on rate_limit's switch
 # the guard that enqueued each kind of op: the request log names it when its op refused
 GUARD_OF_OP = {"auth_state": "auth", "rate_limit": "rate_limit", "daily_quota": "trial_quota",
-               "budget_charge": "budget"}
+               "budget_charge": "budget", "approval_consume": "policy"}
 # A resolver gets the op's result, the DependencyError of a failed store, or (a store bug)
 # another exception, and answers with the request's refusal or None.
 Resolver = Callable[[Any], Problem | None]
@@ -70,8 +69,8 @@ class CounterBatch:
     async def flush(self, refused: bool = False) -> Problem | None:
         """Run every pending op in one round trip; the first refusal in order, or None.
 
-        ``refused``: a step refused the request anyway (``settle``), so nothing is kept that
-        only a request that gets through may take (an approval).
+        ``refused``: a step refused the request anyway (``flush_on_refusal``), so nothing is
+        kept that only a request that gets through may take (an approval).
         """
         pending, self.pending = self.pending, []
         if not pending:
@@ -103,7 +102,7 @@ class CounterBatch:
         """``resolve_in_order``, remembering which guard's op refused."""
         problem, refunds, stop = _resolve(pending, results, refused)
         if problem is not None:
-            self.refused_by = GUARD_OF_OP.get(pending[stop][0].kind, "admit")
+            self.refused_by = GUARD_OF_OP.get(pending[stop][0].kind, "counter_batch")
         return problem, refunds
 
 
@@ -174,7 +173,7 @@ async def submit(
     return resolve(result)
 
 
-async def settle(ctx: RequestContext, problem: Problem) -> Problem:
+async def flush_on_refusal(ctx: RequestContext, problem: Problem) -> Problem:
     """A step refused while ops are pending: run them; an earlier-order refusal wins."""
     batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
     if batch is None:
@@ -209,19 +208,17 @@ async def refund(counters: Counters, ops: list[CounterOp | None]) -> None:
             log.warning("refund of a refused request failed: %s", result)
 
 
-class AdmitStep:
-    """Runs the request's counter batch: the guards' one round trip before forwarding."""
+class CounterBatchStep:
+    """Runs the request's counter batch: the guards' one round trip before forwarding.
 
-    name = "admit"
+    The registry puts it after the ACCESS guards when one of them is ``batched``; those guards
+    enqueue from then on instead of awaiting the store themselves.
+    """
+
+    name = "counter_batch"
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
-
-    def bind(self, steps: list[Step]) -> None:
-        """Called by ``build_pipeline``: the guard steps of this pipeline enqueue from now on."""
-        for step in steps:
-            if hasattr(step, "batched") and getattr(step, "counters", None) is self.counters:
-                step.batched = True  # type: ignore[attr-defined]
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         batch: CounterBatch | None = ctx.scratch.pop(BATCH, None)
@@ -239,7 +236,21 @@ class AdmitStep:
         return problem
 
 
-def build(settings: Settings, deps: Dependencies) -> AdmitStep | None:
-    if not any(settings.guard_on(name) for name in BATCHED_GUARDS):
+def store_failure(error: BaseException, what: str, fail_open: bool) -> Problem | None:
+    """A guard's verdict when its counter op failed: None if it fails open, else a 503.
+
+    Only an outage (``DependencyError``) may fail open; anything else is a store bug, already
+    logged by ``execute``/``submit``, and denies like an outage — never admits, never a 500.
+    """
+    if fail_open and isinstance(error, DependencyError):
         return None
-    return AdmitStep(deps.counters)
+    return unavailable(
+        "counters", f"The {what} store is unavailable; the request was not admitted."
+    )
+
+
+def build(settings: Settings, deps: Dependencies) -> CounterBatchStep:
+    return CounterBatchStep(deps.counters)
+
+
+STEP = PlumbingSpec(name="counter_batch", phase=Phase.ADMIT, build=build, with_batched_guards=True)

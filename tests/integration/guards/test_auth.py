@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
-from plant_gateway.steps.auth import AuthStep, token_digest
+from plant_gateway.guards.auth import AuthConfig, AuthStep, token_digest
 from tests.fixtures.redis import RedisServer, free_port
 from tests.unit.auth_support import DROP, context, mint, settings
 
@@ -27,7 +27,7 @@ async def make_step(url: str, prefix: str = "") -> AuthStep:
     )
     counters = create_counters(cfg)
     await counters.start()
-    return AuthStep(cfg, create_keys(cfg), counters)
+    return AuthStep(AuthConfig.from_settings(cfg), create_keys(cfg), counters)
 
 
 async def outcome(step: AuthStep, token: str) -> str:

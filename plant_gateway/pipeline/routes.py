@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING
 
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.pipeline.step import Phase, PlumbingSpec
 from plant_gateway.problems import Problem
 from plant_gateway.routing import RouteSet
 
@@ -107,3 +108,6 @@ class RoutesStep:
 
 def build(settings: Settings, deps: Dependencies) -> RoutesStep:
     return RoutesStep(settings)
+
+
+STEP = PlumbingSpec(name="routes", phase=Phase.INGRESS, build=build)

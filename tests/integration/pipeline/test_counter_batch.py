@@ -21,15 +21,15 @@ from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.guards.auth import AuthConfig, AuthStep
+from plant_gateway.guards.budget import BudgetConfig, BudgetStep
+from plant_gateway.guards.policy import PolicyConfig, PolicyStep
+from plant_gateway.guards.rate_limit import RateLimitConfig, RateLimitStep
+from plant_gateway.guards.trial_quota import TrialQuotaConfig, TrialQuotaStep
+from plant_gateway.pipeline.counter_batch import CounterBatchStep, flush_on_refusal
+from plant_gateway.pipeline.step import Step
 from plant_gateway.problems import Problem
 from plant_gateway.settings import RateTier, Settings
-from plant_gateway.steps import Step
-from plant_gateway.steps.admit import AdmitStep, settle
-from plant_gateway.steps.auth import AuthStep
-from plant_gateway.steps.budget import BudgetStep
-from plant_gateway.steps.policy import PolicyStep
-from plant_gateway.steps.rate_limit import RateLimitStep
-from plant_gateway.steps.trial_quota import TrialQuotaStep
 from tests.fixtures.redis import RedisServer
 from tests.unit.auth_support import SECRET, context, mint
 
@@ -66,14 +66,26 @@ class Deny:
 
 
 def chain(counters: Counters, *middle: Any) -> list[Step]:
-    """auth, rate_limit, [middle], trial_quota, budget, admit — bound like build_pipeline does."""
+    """auth, rate_limit, [middle], trial_quota, budget, counter batch — as build_pipeline sets
+    them up: the guards enqueue, the last step runs the batch."""
     s: Settings = counters.settings  # type: ignore[attr-defined]
     steps: list[Any] = [
-        AuthStep(s, create_keys(s), counters), RateLimitStep(s, counters), *middle,
-        TrialQuotaStep(s, counters), BudgetStep(s, counters), AdmitStep(counters),
+        AuthStep(AuthConfig.from_settings(s), create_keys(s), counters),
+        RateLimitStep(RateLimitConfig.from_settings(s), counters),
+        *middle,
+        TrialQuotaStep(TrialQuotaConfig.from_settings(s), counters),
+        BudgetStep(BudgetConfig.from_settings(s), counters),
+        CounterBatchStep(counters),
     ]
-    steps[-1].bind(steps)
+    batch_them(steps)
     return steps
+
+
+def batch_them(steps: list[Any]) -> None:
+    """What the registry does when the pipeline has a counter batch: the guards enqueue."""
+    for step in steps:
+        if hasattr(step, "batched"):
+            step.batched = True
 
 
 async def run_chain(steps: list[Step], ctx: RequestContext) -> Problem | None:
@@ -81,7 +93,7 @@ async def run_chain(steps: list[Step], ctx: RequestContext) -> Problem | None:
     for step in steps:
         problem = await step.run(ctx)
         if problem is not None:
-            return await settle(ctx, problem)
+            return await flush_on_refusal(ctx, problem)
     return None
 
 
@@ -230,7 +242,10 @@ def approval_chain(
     counters: Counters, engine: LocalPolicyEngine, approvals: StaticApprovals
 ) -> list[Step]:
     s: Settings = counters.settings  # type: ignore[attr-defined]
-    return chain(counters, PolicyStep(s, engine, None, counters=counters, approvals=approvals))
+    policy = PolicyStep(
+        PolicyConfig.from_settings(s), engine, None, counters=counters, approvals=approvals
+    )
+    return chain(counters, policy)
 
 
 def export_ctx(token: str, approval_id: str) -> RequestContext:
@@ -278,8 +293,9 @@ async def test_a_request_refused_by_the_budget_does_not_use_its_approval(
     s: Settings = counters.settings  # type: ignore[attr-defined]
     broke = s.model_copy(update={"platform_monthly_budget_usd": COST / 2})
     steps = approval_chain(counters, engine, platform(approval_id))
-    steps[-2] = BudgetStep(broke, counters)  # every charge is over the platform budget
-    steps[-1].bind(steps)  # type: ignore[attr-defined]
+    # every charge is over the platform budget
+    steps[-2] = BudgetStep(BudgetConfig.from_settings(broke), counters)
+    batch_them(steps)
     admin = mint(user_id="u-pp-admin-2", roles=["admin"])
     refused = export_ctx(admin, approval_id)
     problem = await run_chain(steps, refused)

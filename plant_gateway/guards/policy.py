@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -16,8 +17,10 @@ from urllib.parse import urlencode
 from plant_gateway import governor
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.pipeline.identity import cached_identity
+from plant_gateway.pipeline.step import GuardSpec, Phase
 from plant_gateway.problems import Problem
-from plant_gateway.steps.auth import cached_identity
+from plant_gateway.problems import unavailable as dependency_unavailable
 
 if TYPE_CHECKING:
     from plant_gateway.backends.base import Approvals, Counters, PolicyEngine
@@ -42,6 +45,19 @@ JWT_FIELDS = (
     "user_id", "subject", "email", "roles", "customer_id", "governor_agent_id", "agent_id",
     "trial_mode", "trial_expires_at", "issuer",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``GATEWAY_TYPE`` (in the policy input), ``APPROVAL_UI_URL`` and the JSON depth limit."""
+
+    gateway_type: str
+    approval_ui_url: str
+    max_json_depth: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PolicyConfig:
+        return cls(settings.gateway_type, settings.approval_ui_url, settings.max_json_depth)
 
 
 # --- input derivation --------------------------------------------------------------------------
@@ -186,7 +202,7 @@ def _jwt_doc(ctx: RequestContext, jwt_docs: JwtInputCache | None) -> dict[str, A
 
 def build_input(
     ctx: RequestContext,
-    settings: Settings,
+    gateway_type: str,
     flags: Any,
     jwt_docs: JwtInputCache | None = None,
     static_flags: dict[str, bool] | None = None,
@@ -208,7 +224,7 @@ def build_input(
         "action": action,
         "method": ctx.method.upper(),
         "path": template,
-        "gateway_type": settings.gateway_type,
+        "gateway_type": gateway_type,
         "client": {
             "service_key": bool(ctx.service_key_route),
             "service_account": identity.service_account if identity else None,
@@ -224,7 +240,9 @@ def build_input(
 # --- enforcement --------------------------------------------------------------------------------
 
 
-def governor_redirect(ctx: RequestContext, decision: dict[str, Any], settings: Settings) -> Problem:
+def governor_redirect(
+    ctx: RequestContext, decision: dict[str, Any], approval_ui_url: str
+) -> Problem:
     found = decision.get("redirect")
     redirect: dict[str, Any] = found if isinstance(found, dict) else {}
     action = str(redirect.get("action") or ctx.action or "")
@@ -235,8 +253,8 @@ def governor_redirect(ctx: RequestContext, decision: dict[str, Any], settings: S
         query["agent_id"] = str(agent_id)
     if ctx.resource_id:
         query["resource_id"] = ctx.resource_id
-    separator = "&" if "?" in settings.approval_ui_url else "?"
-    location = f"{settings.approval_ui_url}{separator}{urlencode(query)}"
+    separator = "&" if "?" in approval_ui_url else "?"
+    location = f"{approval_ui_url}{separator}{urlencode(query)}"
     headers = [
         ("location", location),
         ("x-governor-approval-required", "true"),
@@ -248,12 +266,14 @@ def governor_redirect(ctx: RequestContext, decision: dict[str, Any], settings: S
     return Problem(307, "governor-approval-required", detail, extra=extra, headers=headers)
 
 
-def to_problem(ctx: RequestContext, decision: dict[str, Any], settings: Settings) -> Problem:
+def to_problem(
+    ctx: RequestContext, decision: dict[str, Any], approval_ui_url: str
+) -> Problem:
     """The problem for a denying decision (deny is the default for anything unexpected)."""
     status, kind = decision.get("status"), decision.get("kind")
     reason = str(decision.get("reason") or "denied by policy")
     if status == 307 or kind == "governor-approval-required":
-        return governor_redirect(ctx, decision, settings)
+        return governor_redirect(ctx, decision, approval_ui_url)
     if kind == "budget-exceeded":  # the deployed OPA's agent_budget package refused
         return Problem(402, "budget-exceeded", "The budget policy refused the request.",
                        extra={"reason": reason}, headers=[("retry-after", "3600")])
@@ -269,10 +289,9 @@ def to_problem(ctx: RequestContext, decision: dict[str, Any], settings: Settings
 
 
 def unavailable(reason: str) -> Problem:
-    return Problem(
-        503, "policy-unavailable",
-        "The policy engine could not decide; the request was denied.",
-        extra={"reason": reason}, headers=[("retry-after", "5")],
+    return dependency_unavailable(
+        "policy", "The policy engine could not decide; the request was denied.",
+        kind="policy-unavailable", retry_after_s=5, extra={"reason": reason},
     )
 
 
@@ -280,10 +299,10 @@ class PolicyStep:
     name = "policy"
 
     def __init__(
-        self, settings: Settings, engine: PolicyEngine | None, flags: Any,
+        self, config: PolicyConfig, engine: PolicyEngine | None, flags: Any,
         counters: Counters | None = None, approvals: Approvals | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.engine = engine
         self.flags = flags
         self.jwt_docs = JwtInputCache()
@@ -292,10 +311,10 @@ class PolicyStep:
             self.static_flags = {
                 key: bool(flags.enabled(flag, None)) for key, flag in FLAG_NAMES.items()
             }
-        # an approval is consumed on the request's counter batch (``admit`` sets ``batched``)
+        # an approval is consumed on the request's counter batch (the registry sets ``batched``)
         self.counters = counters
         self.batched = False
-        self.governor = governor.GovernorApprovals(approvals, counters, settings.max_json_depth)
+        self.governor = governor.GovernorApprovals(approvals, counters, config.max_json_depth)
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         if ctx.is_public:
@@ -304,7 +323,8 @@ class PolicyStep:
         if isinstance(approval_id, Problem):
             return approval_id
         policy_input = build_input(
-            ctx, self.settings, self.flags, self.jwt_docs, self.static_flags, approval_id
+            ctx, self.config.gateway_type, self.flags, self.jwt_docs, self.static_flags,
+            approval_id,
         )
         if self.engine is None:
             return unavailable("no policy engine is configured")
@@ -346,13 +366,17 @@ class PolicyStep:
         ctx.target_backend = target if target in ("sandbox", "production") else "production"
         if decision.get("allow") is True:
             return None
-        return to_problem(ctx, decision, self.settings)
+        return to_problem(ctx, decision, self.config.approval_ui_url)
 
 
-def build(settings: Settings, deps: Dependencies) -> PolicyStep | None:
-    if not settings.guard_on("policy"):
-        return None
+def build(config: PolicyConfig, deps: Dependencies) -> PolicyStep:
     return PolicyStep(
-        settings, deps.policy, getattr(deps, "flags", None),
-        counters=deps.counters, approvals=getattr(deps, "approvals", None),
+        config, deps.policy, deps.flags, counters=deps.counters, approvals=deps.approvals,
     )
+
+
+# batched: a Governor approval it relies on is consumed in the request's counters round trip
+GUARD = GuardSpec(
+    name="policy", phase=Phase.ACCESS, config=PolicyConfig.from_settings, build=build,
+    batched=True,
+)

@@ -20,11 +20,11 @@ from plant_gateway.backends.base import ApprovalRecord, CounterOp
 from plant_gateway.backends.counters_memory import MemoryCounters
 from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.guards.policy import PolicyConfig, PolicyStep
+from plant_gateway.pipeline.counter_batch import resolve_in_order
+from plant_gateway.pipeline.ingress import BodySource
 from plant_gateway.problems import Problem
 from plant_gateway.settings import Settings
-from plant_gateway.steps.admit import resolve_in_order
-from plant_gateway.steps.ingress import BodySource
-from plant_gateway.steps.policy import PolicyStep
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXPORT = ("GET", "/api/v1/audit/export")
@@ -79,7 +79,8 @@ class World:
         self.settings = make_settings()
         self.approvals = StaticApprovals({r.approval_id: r for r in records})
         self.counters = MemoryCounters(self.settings)
-        self.step = PolicyStep(self.settings, engine, flags, counters=self.counters,
+        self.step = PolicyStep(PolicyConfig.from_settings(self.settings), engine, flags,
+                               counters=self.counters,
                                approvals=self.approvals if platform else None)
 
     async def run(self, ctx: RequestContext) -> Problem | None:
