@@ -17,9 +17,9 @@ from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.policy_local import LocalPolicyEngine, input_digest
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.guards.policy import (
+    GUARD,
     PolicyConfig,
     PolicyStep,
-    build,
     build_input,
     derive_action,
     iso_to_ns,
@@ -257,7 +257,7 @@ async def test_service_key_route_allowed(engine: LocalPolicyEngine) -> None:
 
 def test_build_none_when_guard_off() -> None:
     settings = make_settings(guards=["auth"])
-    assert build(settings, None) is None  # type: ignore[arg-type]
+    assert GUARD.create(settings, None) is None  # type: ignore[arg-type]
 
 
 # --- engine: cache and reload ------------------------------------------------------------
