@@ -27,7 +27,7 @@ from plant_gateway.guards.policy import (
 )
 from plant_gateway.settings import Settings
 
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
+POLICIES = Path(__file__).resolve().parents[3] / "policies"
 HOUR = 3600
 
 
