@@ -17,7 +17,7 @@ from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import request_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
+from plant_gateway.forwarding.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError

@@ -15,7 +15,7 @@ from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
 from plant_gateway.deps import Dependencies
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import (
+from plant_gateway.forwarding.proxy import (
     CircuitBreaker,
     downstream_response_headers,
     upstream_request_headers,
@@ -378,7 +378,7 @@ def test_downstream_headers_drop_hop_by_hop_cors_and_debug() -> None:
 
 def test_circuit_breaker_cycle(monkeypatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("plant_gateway.proxy.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("plant_gateway.forwarding.proxy.time.monotonic", lambda: now[0])
     breaker = CircuitBreaker("unit", threshold=2, reset_s=5)
     assert breaker.allow()
     breaker.failure()

@@ -39,7 +39,7 @@ from plant_gateway.steps.ingress import (
     read_body,
     too_large,
 )
-from plant_gateway.upstream_client import (
+from plant_gateway.forwarding.client import (
     ConnectError,
     Disconnected,
     InvalidHeader,
