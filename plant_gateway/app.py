@@ -13,11 +13,11 @@ from typing import Any
 from plant_gateway import banner, metrics, ops, shutdown_watchdog
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
+from plant_gateway.forwarding import ClientLink, Proxy, ResponseStarted
 from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import request_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
-from plant_gateway.forwarding.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError

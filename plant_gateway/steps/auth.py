@@ -29,8 +29,8 @@ from plant_gateway.backends.base import CounterOp, DependencyError
 from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.forwarding import IdTokenSource
 from plant_gateway.problems import Problem, unauthorized
-from plant_gateway.forwarding.proxy import IdTokenSource
 from plant_gateway.routing import RouteSet, for_methods
 from plant_gateway.steps.admit import submit
 

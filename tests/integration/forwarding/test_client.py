@@ -18,9 +18,7 @@ import pytest
 from aiohttp import web
 
 from plant_gateway.context import Identity
-from plant_gateway.forwarding.proxy import Proxy, request_head
-from plant_gateway.settings import Settings
-from plant_gateway.steps.ingress import BodySource, context_from_scope
+from plant_gateway.forwarding import Proxy
 from plant_gateway.forwarding.client import (
     HIGH_WATER,
     BadResponse,
@@ -30,6 +28,9 @@ from plant_gateway.forwarding.client import (
     PoolTimeout,
     UpstreamPool,
 )
+from plant_gateway.forwarding.headers import request_head
+from plant_gateway.settings import Settings
+from plant_gateway.steps.ingress import BodySource, context_from_scope
 
 BIG = 8 * 1024 * 1024
 BIG_BLOCK = bytes(range(256)) * 256  # 64 KiB
