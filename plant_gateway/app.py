@@ -13,6 +13,7 @@ from typing import Any
 from plant_gateway import banner, metrics, ops, shutdown_watchdog
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
+from plant_gateway.forwarding import ClientLink, Proxy, ResponseStarted
 from plant_gateway.http_protocol import ClientLimits
 from plant_gateway.logging import request_var
 from plant_gateway.pipeline.counter_batch import flush_on_refusal
@@ -20,7 +21,6 @@ from plant_gateway.pipeline.ingress import BodySource, context_from_scope
 from plant_gateway.pipeline.registry import PLUMBING, build_pipeline
 from plant_gateway.pipeline.step import Step
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
 from plant_gateway.request_log import RequestLog
 from plant_gateway.runtime import tune_gc
 from plant_gateway.settings import Settings, SettingsError

@@ -17,7 +17,7 @@ connection closes the longest-idle one that runs no request, or, when all are bu
 and is closed. None of these has a request yet, so they are counted in
 ``plant_gateway_client_connections_closed_total``, not audited.
 
-The protocol is also the client link of its requests (``proxy.ClientLink``, in the scope as
+The protocol is also the client link of its requests (``forwarding.ClientLink``, in the scope as
 ``scope["extensions"]["plant.client"]``, one dict per connection): ``disconnected``,
 ``on_disconnect`` (called once when the client goes away; the proxy then aborts its upstream
 exchange), ``task`` (the running request's), ``body_ready`` and ``abort``. Per connection, not

@@ -26,7 +26,7 @@ from plant_gateway.problems import Problem
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
     from plant_gateway.deps import Dependencies
-    from plant_gateway.proxy import Proxy
+    from plant_gateway.forwarding import Proxy
     from plant_gateway.settings import Settings
 
 # /api/health is the deployed gateway's second liveness path (the PP portal's proxy uses it)

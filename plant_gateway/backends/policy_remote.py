@@ -12,7 +12,7 @@ import aiohttp
 
 from plant_gateway import events
 from plant_gateway.backends.base import DependencyError, DependencyStatus
-from plant_gateway.proxy import IdTokenSource
+from plant_gateway.forwarding import IdTokenSource
 from plant_gateway.settings import Settings
 
 

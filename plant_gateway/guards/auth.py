@@ -28,11 +28,11 @@ from plant_gateway.backends.base import CounterOp, DependencyError
 from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.forwarding import IdTokenSource
 from plant_gateway.pipeline.counter_batch import submit
 from plant_gateway.pipeline.identity import copy_identity, remember_cached
 from plant_gateway.pipeline.step import GuardSpec, Phase
 from plant_gateway.problems import Problem, unauthorized, unavailable
-from plant_gateway.proxy import IdTokenSource
 from plant_gateway.routing import RoutePattern, RouteSet, for_methods
 
 if TYPE_CHECKING:

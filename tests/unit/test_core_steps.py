@@ -1,4 +1,4 @@
-"""Unit tests for the core steps: ingress, routes, tenant binding, proxy header hygiene.
+"""Unit tests for the core steps: ingress, routes, tenant binding.
 
 Pure functions and steps on a RequestContext built from an ASGI scope; no network.
 """
@@ -14,14 +14,10 @@ from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
 from plant_gateway.deps import Dependencies
+from plant_gateway.forwarding.headers import upstream_request_headers
 from plant_gateway.guards import tenant
 from plant_gateway.pipeline import ingress, routes
 from plant_gateway.problems import Problem
-from plant_gateway.proxy import (
-    CircuitBreaker,
-    downstream_response_headers,
-    upstream_request_headers,
-)
 from plant_gateway.settings import Settings, TenantRule
 
 SETTINGS = Settings(plant_backend_url="http://backend:9000", guards=["tenant"],
@@ -339,62 +335,6 @@ def test_tenant_build_off_when_guard_off() -> None:
     off = Settings(plant_backend_url="http://b", guards=[])
     deps = Dependencies(settings=off, counters=create_counters(off), flags=DefaultFlags(off))
     assert tenant.GUARD.create(off, deps) is None
-
-
-# --- proxy header hygiene ----------------------------------------------------------------------
-
-def test_upstream_headers_strip_spoofing_and_hop_by_hop() -> None:
-    raw = [(b"authorization", b"Bearer t"), (b"x-gateway", b"evil"), (b"x-gateway-type", b"PP"),
-           (b"x-user-id", b"attacker"), (b"x-customer-id", b"c"), (b"x-debug-trace", b"1"),
-           (b"x-original-authorization", b"Bearer stolen"), (b"connection", b"keep-alive, x-drop"),
-           (b"x-drop", b"1"), (b"keep-alive", b"5"), (b"te", b"trailers"), (b"upgrade", b"h2c"),
-           (b"proxy-authorization", b"p"), (b"x-keep", b"yes"), (b"x-forwarded-for", b"6.6.6.6")]
-    ctx = ctx_for(headers=raw)
-    ctx.identity = Identity(user_id="u1", customer_id="cust-A", roles=["viewer", "analyst"])
-    out = upstream_request_headers(ctx, SETTINGS)
-    names = [k.lower() for k, _ in out]
-    values = dict((k.lower(), v) for k, v in out)
-    for gone in ("authorization", "x-debug-trace", "connection", "x-drop", "keep-alive", "te",
-                 "upgrade", "proxy-authorization"):
-        assert gone not in names
-    assert names.count("x-gateway") == 1 and values["x-gateway"] == "plant-gateway"
-    assert values["x-original-authorization"] == "Bearer t"
-    assert values["x-user-id"] == "u1" and values["x-customer-id"] == "cust-A"
-    assert values["x-user-roles"] == "viewer,analyst" and values["x-keep"] == "yes"
-    assert values["x-forwarded-for"] == "6.6.6.6"  # one trusted hop: the proxy's view of the client
-    assert values["x-correlation-id"] == ctx.correlation_id
-
-
-def test_downstream_headers_drop_hop_by_hop_cors_and_debug() -> None:
-    ctx = ctx_for()
-    out = dict(downstream_response_headers(
-        [("Content-Encoding", "gzip"), ("Transfer-Encoding", "chunked"), ("Connection", "close"),
-         ("Access-Control-Allow-Origin", "*"), ("X-Debug-Internal-Url", "http://10.0.0.1"),
-         ("X-Correlation-ID", "other")], ctx))
-    assert out[b"content-encoding"] == b"gzip"
-    assert b"transfer-encoding" not in out and b"connection" not in out
-    assert b"access-control-allow-origin" not in out and b"x-debug-internal-url" not in out
-    assert b"x-correlation-id" not in out and out[b"x-target-backend"] == b"production"
-
-
-def test_circuit_breaker_cycle(monkeypatch) -> None:
-    now = [100.0]
-    monkeypatch.setattr("plant_gateway.proxy.time.monotonic", lambda: now[0])
-    breaker = CircuitBreaker("unit", threshold=2, reset_s=5)
-    assert breaker.allow()
-    breaker.failure()
-    assert breaker.state == "closed"
-    breaker.failure()
-    assert breaker.state == "open" and not breaker.allow()
-    now[0] += 5
-    assert breaker.allow() and breaker.state == "half_open"
-    assert not breaker.allow()  # one probe at a time
-    breaker.failure()
-    assert breaker.state == "open"
-    now[0] += 5
-    assert breaker.allow()
-    breaker.success()
-    assert breaker.state == "closed" and breaker.allow()
 
 
 def test_problem_document_shape() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from plant_gateway import events
-from plant_gateway.proxy import CircuitBreaker
+from plant_gateway.forwarding.breaker import CircuitBreaker
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Forwarding to an ``https://`` upstream (plant_gateway.upstream_client) against real TLS servers.
+"""Forwarding to an ``https://`` upstream (plant_gateway.forwarding.client), real TLS servers.
 
 The gateway has no setting of its own for the upstream CA: ``pool_for_url`` builds the pool's
 context with ``ssl.create_default_context()`` when the upstream starts, so it verifies the
@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from yarl import URL
 
+from plant_gateway.forwarding import Proxy
+from plant_gateway.forwarding.client import HIGH_WATER, ConnectError, UpstreamPool, pool_for_url
 from plant_gateway.pipeline.ingress import BodySource, context_from_scope
-from plant_gateway.proxy import Proxy
 from plant_gateway.settings import Settings
-from plant_gateway.upstream_client import HIGH_WATER, ConnectError, UpstreamPool, pool_for_url
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 UPLOAD = BLOCK * 64  # 4 MiB: more than the socket and TLS buffers, so writes must wait

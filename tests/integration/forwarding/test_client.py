@@ -1,4 +1,4 @@
-"""The forwarding client (plant_gateway.upstream_client) against real local servers.
+"""The forwarding client (plant_gateway.forwarding.client) against real local servers.
 
 Two kinds of server on real sockets: an aiohttp.web app (well-behaved HTTP) and a scripted raw
 asyncio server (stale connections, interim responses, malformed answers). The proxy-level
@@ -18,10 +18,8 @@ import pytest
 from aiohttp import web
 
 from plant_gateway.context import Identity
-from plant_gateway.pipeline.ingress import BodySource, context_from_scope
-from plant_gateway.proxy import Proxy, request_head
-from plant_gateway.settings import Settings
-from plant_gateway.upstream_client import (
+from plant_gateway.forwarding import Proxy
+from plant_gateway.forwarding.client import (
     HIGH_WATER,
     BadResponse,
     ConnectionLost,
@@ -30,6 +28,9 @@ from plant_gateway.upstream_client import (
     PoolTimeout,
     UpstreamPool,
 )
+from plant_gateway.forwarding.headers import request_head
+from plant_gateway.pipeline.ingress import BodySource, context_from_scope
+from plant_gateway.settings import Settings
 
 BIG = 8 * 1024 * 1024
 BIG_BLOCK = bytes(range(256)) * 256  # 64 KiB
