@@ -31,7 +31,7 @@ GUARD_MODULES = {
     "policy": ["plant_gateway.steps.policy", "plant_gateway.backends.policy"],
     "budget": ["plant_gateway.steps.budget"],
     "tenant": ["plant_gateway.steps.tenant"],
-    "audit": ["plant_gateway.steps.audit", "plant_gateway.backends.audit_postgres"],
+    "audit": ["plant_gateway.audit.recorder", "plant_gateway.audit.sink"],
 }
 
 

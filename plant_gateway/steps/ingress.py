@@ -4,7 +4,7 @@ Request/correlation/causation ids, W3C ``traceparent``, client IP through truste
 body limit (413), duplicated or conflicting framing headers and a bad ``Host`` (400), and the
 methods that only echo or tunnel (``TRACE``, ``TRACK``, ``CONNECT``: 405). First of all, a
 request whose audit row could not be secured is refused (503 ``audit-unavailable``, see
-``backends/audit_postgres.py``): one attribute read while the audit sink is healthy.
+``audit/sink.py``): one attribute read while the audit sink is healthy.
 """
 
 from __future__ import annotations
