@@ -3,8 +3,8 @@
 Usage: .venv/bin/python bench/audit_bench.py [--rows 100000] [--dsn URL] [--batch 2000]
                                              [--sink-from DIR]
 (default DSN: DATABASE_URL, else 127.0.0.1:5432, else an embedded server; a scratch database).
-``--sink-from DIR`` runs the writer of another version (DIR holding its audit_postgres.py and
-audit_schema.py, e.g. a backup) on the same lines, to compare writers in one session.
+``--sink-from DIR`` runs the writer of another version (DIR holding copies of its
+plant_gateway/audit/sink.py and schema.py) on the same lines, to compare writers in one session.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plant_gateway.backends.audit_postgres import PostgresAuditSink  # noqa: E402
+from plant_gateway.audit.recorder import AuditRecorder  # noqa: E402
+from plant_gateway.audit.sink import PostgresAuditSink  # noqa: E402
 from plant_gateway.context import Identity, RequestContext  # noqa: E402
 from plant_gateway.settings import Settings  # noqa: E402
-from plant_gateway.steps.audit import AuditRecorder  # noqa: E402
 from tests.fixtures.postgres import (  # noqa: E402
     LOOPBACK_DSN,
     _answers,
@@ -67,18 +67,18 @@ def ctx(i: int) -> RequestContext:
 
 
 def load_sink(directory: Path) -> type[PostgresAuditSink]:
-    """The sink class of the audit_postgres.py in ``directory``, bound to the audit_schema.py
-    beside it (its ``from ...audit_schema import`` is pointed there while it loads)."""
-    schema_name = "plant_gateway.backends.audit_schema"
+    """The sink class of the sink.py in ``directory``, bound to the schema.py beside it
+    (its ``from plant_gateway.audit.schema import`` is pointed there while it loads)."""
+    schema_name = "plant_gateway.audit.schema"
     current = sys.modules[schema_name]
     try:
-        for name in ("audit_schema", "audit_postgres"):
+        for name in ("schema", "sink"):
             spec = importlib.util.spec_from_file_location(f"{schema_name}_{name}_alt",
                                                           directory / f"{name}.py")
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            if name == "audit_schema":
+            if name == "schema":
                 sys.modules[schema_name] = module
     finally:
         sys.modules[schema_name] = current

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from plant_gateway import banner, metrics, ops, shutdown_watchdog
+from plant_gateway.audit import AuditOff, build_recorder
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
 from plant_gateway.forwarding import ClientLink, Proxy, ResponseStarted
@@ -31,22 +32,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 log = logging.getLogger("plant_gateway.app")
 _HEAD_MESSAGES = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
-
-
-class NoAudit:
-    """The recorder when the audit guard is switched off in settings."""
-
-    def record(self, ctx: RequestContext) -> None:
-        return None
-
-
-def build_audit_recorder(settings: Settings, deps: Dependencies) -> Any:
-    """The audit step's recorder (non-blocking ``record(ctx)``), or a no-op when audit is off."""
-    if not settings.guard_on("audit"):
-        return NoAudit()
-    from plant_gateway.steps import audit
-
-    return audit.build(settings, deps) or NoAudit()
 
 
 def startup_failure(exc: Exception) -> str:
@@ -101,7 +86,7 @@ class GatewayApp:
         self.client_limits = ClientLimits.from_settings(settings)  # read by http_protocol
         self.proxy = Proxy(settings)
         self.forward = self.proxy.forward  # in a CLIENT span when tracing is on
-        self.audit: Any = NoAudit()
+        self.audit: Any = AuditOff()
         self.audit_sample_cap = 0  # request body bytes kept for the audit row
         self.guards: list[str] = []
         self.request_log = RequestLog(settings)
@@ -131,11 +116,11 @@ class GatewayApp:
             self.steps = [(self.tracing.wrap_step(s, self.deps.counters), a)
                           for s, a in self.steps]
             self.forward = self.tracing.wrap_forward(self.proxy.forward, self.proxy)
-        self.audit = build_audit_recorder(self.settings, self.deps)
-        if not isinstance(self.audit, NoAudit):
+        self.audit = build_recorder(self.settings, self.deps)
+        if not isinstance(self.audit, AuditOff):
             self.audit_sample_cap = self.settings.audit_body_cap_bytes
         self.guards = [s.name for s in self.pipeline if s.name not in PLUMBING]
-        if not isinstance(self.audit, NoAudit):
+        if not isinstance(self.audit, AuditOff):
             self.guards.append("audit")
         for guard in self.settings.guards:
             metrics.GUARD_ACTIVE.labels(guard).set(1 if guard in self.guards else 0)
@@ -145,7 +130,7 @@ class GatewayApp:
         missing = [g for g in self.settings.guards if g not in self.guards]
         if missing:
             log.warning("guards configured on but not active", extra={"guards": missing})
-        if not isinstance(self.audit, NoAudit) and self.settings.audit_chain_key is None:
+        if not isinstance(self.audit, AuditOff) and self.settings.audit_chain_key is None:
             log.warning("audit: AUDIT_CHAIN_KEY is not set: chain checkpoints are unsigned, "
                         "so an edit of a chain's last rows that also rewrites its checkpoints "
                         "cannot be detected by `plant-gateway audit verify`")

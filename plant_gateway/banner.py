@@ -60,7 +60,7 @@ def audit(settings: Settings) -> str:
 
 def audit_spool(settings: Settings) -> str:
     """Where audit rows wait during a database outage (README → Audit durability)."""
-    from plant_gateway.backends.audit_spool_redis import enabled
+    from plant_gateway.audit.spool_redis import enabled
 
     if not settings.guard_on("audit"):
         return "off"

@@ -44,7 +44,8 @@ async def create_dependencies(settings: Settings) -> Dependencies:
 
     Guards switched off in settings get no backend; nothing is started here (see ``start_all``).
     """
-    from plant_gateway.backends import approvals, audit_postgres, counters, flags, keys, policy
+    from plant_gateway.audit import create_sink
+    from plant_gateway.backends import approvals, counters, flags, keys, policy
 
     return Dependencies(
         settings=settings,
@@ -52,7 +53,7 @@ async def create_dependencies(settings: Settings) -> Dependencies:
         flags=flags.create(settings),
         policy=policy.create(settings) if settings.guard_on("policy") else None,
         keys=keys.create(settings) if settings.guard_on("auth") else None,
-        audit_sink=audit_postgres.create(settings) if settings.guard_on("audit") else None,
+        audit_sink=create_sink(settings) if settings.guard_on("audit") else None,
         approvals=approvals.create(settings) if settings.guard_on("policy") else None,
     )
 

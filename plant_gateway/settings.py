@@ -479,7 +479,7 @@ class Settings(BaseSettings):
     audit_spool_max_bytes: int = Field(
         64 * 1024 * 1024, ge=64 * 1024, validation_alias=env_alias("AUDIT_SPOOL_MAX_BYTES")
     )
-    # Chain checkpoints (``backends/audit_checkpoints``): the last stored row of each chain,
+    # Chain checkpoints (``audit/checkpoints``): the last stored row of each chain,
     # recorded outside the audit table so ``audit verify`` sees a truncated or re-hashed tail
     # and a chain that ended without a clean close. Every 5 s a busy instance adds one small
     # row (~17,000 a day at most; an idle one is marked every 30 s), dropped with its rows.
@@ -496,13 +496,13 @@ class Settings(BaseSettings):
     )
     # The deployment's Redis as the first spool (it outlives a Cloud Run instance; the disk
     # spool is then the fallback): auto = whenever REDIS_URL/REDIS_HOST names a real Redis (not
-    # the embedded one `serve` starts), on = required, off = never (backends/audit_spool_redis).
+    # the embedded one `serve` starts), on = required, off = never (audit/spool_redis).
     audit_redis_spool: Literal["auto", "on", "off"] = Field(
         "auto", validation_alias=env_alias("AUDIT_REDIS_SPOOL")
     )
     # Caps of the Redis spool, all instances together: it shares the Redis with the rate-limit
     # keys. ~1.2 KiB of Redis memory per row measured: 100,000 rows ≈ 120-140 MiB, under 15 %
-    # of a 1 GB Memorystore (numbers in backends/audit_spool_redis.py).
+    # of a 1 GB Memorystore (numbers in audit/spool_redis.py).
     audit_redis_spool_max_rows: int = Field(
         100_000, gt=0, validation_alias=env_alias("AUDIT_REDIS_SPOOL_MAX_ROWS")
     )

@@ -231,7 +231,7 @@ class Flags(Dependency, Protocol):
 
 
 class RowSink(Protocol):
-    """Where the recorder hands finished rows (lines, see ``audit_schema``): never blocks."""
+    """Where the recorder hands finished rows (lines, see ``audit/schema``): never blocks."""
 
     def submit(self, row: bytes) -> None: ...
 

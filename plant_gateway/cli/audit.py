@@ -23,9 +23,8 @@ from typing import Any, TypeVar
 import asyncpg
 import typer
 
-from plant_gateway.backends import audit_checkpoints as cp
-from plant_gateway.backends.audit_postgres import AHEAD_DAYS, MAINTAIN_SQL
-from plant_gateway.backends.audit_schema import (
+from plant_gateway.audit import checkpoints as cp
+from plant_gateway.audit.schema import (
     GENESIS,
     MAINTAINER_ROLE,
     NAMES,
@@ -34,6 +33,7 @@ from plant_gateway.backends.audit_schema import (
     from_db,
     row_hash,
 )
+from plant_gateway.audit.sink import AHEAD_DAYS, MAINTAIN_SQL
 from plant_gateway.cli.common import fail, sub_app, usage_fail
 from plant_gateway.cli.db import STATE_OPTION, URL_OPTION, database, database_errors, where
 from plant_gateway.migrations.adopt import LEGACY_INSTANCE
@@ -171,7 +171,7 @@ async def verify(conn: asyncpg.Connection, since: datetime | None = None) -> tup
 async def audit_report(
     conn: asyncpg.Connection, since: datetime | None = None, keys: list[bytes] | None = None
 ) -> Report:
-    """Walk every chain and compare its end with its checkpoints (``audit_checkpoints``)."""
+    """Walk every chain and compare its end with its checkpoints (``audit/checkpoints``)."""
     rows = await _chain_rows(conn, since)
     anchored = since is not None
     report = Report(checked=len(rows))

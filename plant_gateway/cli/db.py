@@ -48,7 +48,7 @@ def database(url: str | None, state_dir: Path, create: bool = False) -> Iterator
             f"DATABASE_URL: not set, and PLANT_STATE_DIR {str(state_dir)!r} holds no embedded "
             "PostgreSQL; pass --database-url, or --state-dir of a gateway that ran"
         )
-    from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+    from plant_gateway.audit.embedded_postgres import EmbeddedPostgres
 
     server = EmbeddedPostgres(pgdata)
     try:

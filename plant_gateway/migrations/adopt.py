@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from plant_gateway.backends.audit_schema import (
+from plant_gateway.audit.schema import (
     GENESIS,
     INSERT_COLUMNS_SQL,
     canonical,

@@ -30,8 +30,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from plant_gateway.backends.audit_checkpoints import MARK_PREFIX
-from plant_gateway.backends.audit_schema import from_wire
+from plant_gateway.audit.checkpoints import MARK_PREFIX
+from plant_gateway.audit.schema import from_wire
 from tests.fixtures.postgres import ControlledPostgres
 from tests.fixtures.processes import Proc, start_gateway
 
@@ -243,7 +243,7 @@ def spooled_cids(state: Path) -> list[str]:
 
 
 def spooled_marks(state: Path) -> int:
-    """Close marks waiting in the spools (``audit_checkpoints``)."""
+    """Close marks waiting in the spools (``audit/checkpoints``)."""
     return sum(1 for path in (state / "audit-spool").glob("*.jsonl")
                for line in path.read_bytes().splitlines() if line.startswith(MARK_PREFIX))
 

@@ -24,8 +24,8 @@ import asyncpg
 import pytest
 
 from plant_gateway import migrations
-from plant_gateway.backends.audit_schema import from_wire
-from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+from plant_gateway.audit.embedded_postgres import EmbeddedPostgres
+from plant_gateway.audit.schema import from_wire
 from tests.fixtures.postgres import ControlledPostgres, create_database, drop_database
 from tests.fixtures.processes import Proc, free_port, mint_token, start_gateway
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from plant_gateway.backends.audit_checkpoints import MARK_PREFIX
-from plant_gateway.backends.audit_spool_redis import TAG
+from plant_gateway.audit.checkpoints import MARK_PREFIX
+from plant_gateway.audit.spool_redis import TAG
 from tests.e2e.test_audit_chaos_e2e import Load, metrics, ready, send, wait_rows
 from tests.fixtures.postgres import ControlledPostgres
 from tests.fixtures.processes import Proc, start_gateway

@@ -31,7 +31,7 @@ from tests.fixtures.processes import (
     start_backend,
     start_gateway,
 )
-from tests.integration.test_audit_adoption import BACKEND_007
+from tests.integration.audit.test_adoption import BACKEND_007
 from tests.integration.test_policy_remote import OpaServer
 
 SERVICE_KEY = "cp-registration-key-for-tests-0123456789"

@@ -14,6 +14,7 @@ import json
 import pytest
 
 from plant_gateway import json_limits, masking
+from plant_gateway.audit.recorder import body_json
 from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import Identity, RequestContext
@@ -21,7 +22,6 @@ from plant_gateway.guards import tenant
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.pipeline import ingress
 from plant_gateway.settings import Settings, TenantRule
-from plant_gateway.steps.audit import body_json
 from tests.unit.auth_support import SECRET, context
 from tests.unit.auth_support import settings as auth_settings
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from plant_gateway import metrics, ops
-from plant_gateway.backends import audit_metrics  # noqa: F401 - registers the audit series
+from plant_gateway.audit import metrics as audit_metrics  # noqa: F401 - registers the series
 from plant_gateway.settings import DEFAULT_METRICS_ROUTES, Settings, SettingsError, load_settings
 
 BASE_UNITS = ("_seconds", "_bytes", "_ratio", "_rows")

@@ -2,7 +2,7 @@
 """Chain checkpoints outside the audit table (issue 14): ``gateway_audit_checkpoints``.
 
 Revision 0003. The gateway records where each hash chain stood (instance, seq, row hash) every
-few seconds and when it closes cleanly (``backends/audit_checkpoints``), so ``audit verify``
+few seconds and when it closes cleanly (``audit/checkpoints``), so ``audit verify``
 sees a truncated or re-hashed tail and a chain that ended without a clean close. Privileges
 follow 0002: the writer may only INSERT (no SELECT, UPDATE, DELETE or TRUNCATE), the reader
 only SELECT. An ``installed`` row remembers when this revision ran: chains that started

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from plant_gateway import migrations
 from tests.fixtures.postgres import ControlledPostgres, create_database, drop_database
-from tests.integration.audit_support import context, count_ids, started_sink
+from tests.integration.audit.support import context, count_ids, started_sink
 
 N = 3000
 

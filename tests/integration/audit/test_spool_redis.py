@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import redis
 
-from plant_gateway.backends.audit_checkpoints import MARK_PREFIX
-from plant_gateway.backends.audit_postgres import PostgresAuditSink
-from plant_gateway.backends.audit_spool_redis import TAG
+from plant_gateway.audit.checkpoints import MARK_PREFIX
+from plant_gateway.audit.recorder import AuditRecorder
+from plant_gateway.audit.sink import PostgresAuditSink
+from plant_gateway.audit.spool_redis import TAG
 from plant_gateway.metrics import REGISTRY
-from plant_gateway.steps.audit import AuditRecorder
 from tests.fixtures.postgres import ControlledPostgres
 from tests.fixtures.redis import RedisServer
-from tests.integration.audit_support import count_ids, fetch, record, started_sink, until
+from tests.integration.audit.support import count_ids, fetch, record, started_sink, until
 
 
 def redis_lines(server: RedisServer) -> list[bytes]:

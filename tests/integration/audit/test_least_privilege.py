@@ -18,10 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from plant_gateway import migrations
-from plant_gateway.backends.audit_postgres import PostgresAuditSink
+from plant_gateway.audit.sink import PostgresAuditSink
 from plant_gateway.cli import app
 from tests.fixtures.postgres import create_database, drop_database, with_user
-from tests.integration.audit_support import settings
+from tests.integration.audit.support import settings
 
 WRITER = "plant_audit_writer"
 MAINTAINER = "plant_audit_maintainer"

@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from plant_gateway.backends.audit_schema import canonical, from_wire, split_line, to_line
+from plant_gateway.audit.recorder import AuditRecorder, _ms
+from plant_gateway.audit.schema import canonical, from_wire, split_line, to_line
 from plant_gateway.context import RequestContext
 from plant_gateway.settings import Settings
-from plant_gateway.steps.audit import AuditRecorder, _ms
 
 CHAIN = ("id", "seq", "prev_hash", "row_hash")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from plant_gateway.backends.audit_spool import Spool, SpoolFull
+from plant_gateway.audit.spool import Spool, SpoolFull
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _row(i: int, size: int = 100) -> bytes:
@@ -110,7 +110,7 @@ def test_a_drained_spool_gives_its_space_back_and_sets_the_reserve_aside(tmp_pat
 FULL_DISK_CHILD = textwrap.dedent("""
     import errno, json, os, sys
     from pathlib import Path
-    from plant_gateway.backends.audit_spool import Spool, SpoolFull
+    from plant_gateway.audit.spool import Spool, SpoolFull
     path = Path(sys.argv[1]) / "s.jsonl"
     spool = Spool(path, max_bytes=10**9, headroom=8192)
     out = {"reserve": spool.make_reserve()}

@@ -15,15 +15,15 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from plant_gateway import migrations
-from plant_gateway.backends.audit_checkpoints import TABLE as MARKS
-from plant_gateway.backends.audit_checkpoints import Mark
-from plant_gateway.backends.audit_postgres import PostgresAuditSink
-from plant_gateway.backends.audit_schema import from_db, row_hash
+from plant_gateway.audit.checkpoints import TABLE as MARKS
+from plant_gateway.audit.checkpoints import Mark
+from plant_gateway.audit.recorder import AuditRecorder
+from plant_gateway.audit.schema import from_db, row_hash
+from plant_gateway.audit.sink import PostgresAuditSink
 from plant_gateway.cli import app
 from plant_gateway.cli.audit import Report, audit_report, reader
-from plant_gateway.steps.audit import AuditRecorder
 from tests.fixtures.postgres import create_database, drop_database, with_user
-from tests.integration.audit_support import context, fetch, settings, started_sink
+from tests.integration.audit.support import context, fetch, settings, started_sink
 
 KEY = "chain-key-" + "0123456789abcdef" * 3
 WRITER = "plant_audit_writer"

@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from plant_gateway.backends.audit_schema import GENESIS, row_hash, to_line
+from plant_gateway.audit.schema import GENESIS, row_hash, to_line
 from plant_gateway.cli.audit import reader, verify
-from tests.integration.audit_support import context, count_ids, fetch, started_sink
+from tests.integration.audit.support import context, count_ids, fetch, started_sink
 
 N = 2000
 

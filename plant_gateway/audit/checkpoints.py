@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from plant_gateway.backends.audit_schema import GENESIS, load_json
+from plant_gateway.audit.schema import GENESIS, load_json
 
 TABLE = "gateway_audit_checkpoints"
 MARK_PREFIX = b"!"  # a spool line holding a mark (rows start with "[" or "{")

@@ -1,7 +1,7 @@
 """The audit sink: rows queued in memory, written to PostgreSQL in COPY batches, spooled on outage.
 
 ``submit`` never blocks. A background writer batches by size or interval; when the database is
-unreachable, batches go to the disk spool (``audit_spool``), which a second task replays, oldest
+unreachable, batches go to the disk spool (``spool``), which a second task replays, oldest
 first, on a connection of its own, all the time (new rows keep going straight to the table; the
 hash chains are ordered by ``seq``, not by arrival). Rows that can never be inserted are
 quarantined to a dead-letter file, never retried forever.
@@ -22,7 +22,7 @@ connection as the DSN's own login, never as the writer: the embedded server's ow
 once; pg_cron (scheduled by migration 0001) or ``plant-gateway audit retention`` with the
 owner's URL does it instead.
 
-Chain checkpoints (``audit_checkpoints``): the writer task records where each chain stands
+Chain checkpoints (``checkpoints``): the writer task records where each chain stands
 between batches, and close() ends each chain with a close mark after its last row (into the
 spool, after the rows, when they wait there).
 """
@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from plant_gateway import events
-from plant_gateway.backends import audit_metrics as m
-from plant_gateway.backends import audit_spool_redis
-from plant_gateway.backends.audit_checkpoints import MARK_PREFIX, Checkpointer, Mark, insert
-from plant_gateway.backends.audit_schema import (
+from plant_gateway.audit import metrics as m
+from plant_gateway.audit import spool_redis
+from plant_gateway.audit.checkpoints import MARK_PREFIX, Checkpointer, Mark, insert
+from plant_gateway.audit.schema import (
     INSERT_COLUMNS_SQL,
     MAINTAINER_ROLE,
     NAMES,
@@ -57,11 +57,11 @@ from plant_gateway.backends.audit_schema import (
     from_wire,
     upgrade_line,
 )
-from plant_gateway.backends.audit_spool import Spool, SpoolFull
+from plant_gateway.audit.spool import Spool, SpoolFull
 from plant_gateway.backends.base import DependencyStatus
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+    from plant_gateway.audit.embedded_postgres import EmbeddedPostgres
     from plant_gateway.settings import Settings
 
 log = logging.getLogger("plant_gateway.audit")
@@ -114,7 +114,7 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 class RowQueue:
-    """A bounded FIFO of lines (see ``audit_schema``) with the ``asyncio.Queue`` methods the
+    """A bounded FIFO of lines (see ``schema``) with the ``asyncio.Queue`` methods the
     sink uses, on a deque (the writer is the only consumer and never waits on it)."""
 
     def __init__(self, maxsize: int) -> None:
@@ -229,7 +229,7 @@ class PostgresAuditSink:
         # the deployment's Redis as the first spool (it outlives the instance), or None; the
         # replayer's name is unique even if PLANT_INSTANCE_ID and the pid (1 in a container)
         # repeat across instances
-        self.redis_spool = audit_spool_redis.create(
+        self.redis_spool = spool_redis.create(
             settings, f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:8]}", self._set_condition
         )
 
@@ -367,13 +367,13 @@ class PostgresAuditSink:
 
     def register_chain(self, recorder: Any) -> None:
         """A recorder (``instance_id``, ``seq``, ``prev_hash``) whose chain close() ends with a
-        close mark (``audit_checkpoints``)."""
+        close mark (``checkpoints``)."""
         self.chains.append(recorder)
         self.checkpoints.register(recorder.instance_id)
 
     # --- the request path ---------------------------------------------------------------------
     def submit(self, row: bytes) -> None:
-        """Queue a finished row (a line, see ``audit_schema``); never blocks, never raises.
+        """Queue a finished row (a line, see ``schema``); never blocks, never raises.
         A full queue spills to disk."""
         rows = self.queue.rows
         if not self._closing and len(rows) < self.queue.maxsize:
@@ -819,7 +819,7 @@ class PostgresAuditSink:
                 orphan.close(remove_if_empty=True)
         return more
 
-    # --- chain checkpoints (audit_checkpoints) ---------------------------------------------------
+    # --- chain checkpoints (checkpoints.py) -----------------------------------------------------
     async def _mark_chains(self) -> None:
         """Periodic checkpoints, written by the writer task between batches."""
         marks = self.checkpoints.marks(self.stats["lost"])
@@ -967,7 +967,7 @@ def create(settings: Settings) -> PostgresAuditSink:
     """The sink on DATABASE_URL, or on an embedded server in ``state_dir/pgdata``."""
     if settings.database_url is not None:
         return PostgresAuditSink(settings, settings.database_url.get_secret_value())
-    from plant_gateway.backends.embedded_postgres import EmbeddedPostgres
+    from plant_gateway.audit.embedded_postgres import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(Path(settings.state_dir) / "pgdata")
     return PostgresAuditSink(settings, None, embedded)

@@ -1,6 +1,6 @@
 """The Redis audit spool: rows the database cannot take yet, kept in the deployment's Redis.
 
-Why: on Cloud Run the disk spool (``audit_spool``) lives in the instance's memory (it counts
+Why: on Cloud Run the disk spool (``spool``) lives in the instance's memory (it counts
 against the 512 MiB limit) and vanishes when the instance is stopped, which Cloud Run does at
 will. The deployment's Redis (Memorystore) outlives every instance, so during a PostgreSQL
 outage the sink tiers its rows: queue -> PostgreSQL; on an outage -> this spool; if Redis cannot
@@ -14,7 +14,7 @@ slot, so each Lua script runs unchanged on a Cluster):
 ==========================================  =============================================  =====
 key                                         value                                          TTL
 ==========================================  =============================================  =====
-``P{audit-spool}:rows``                     LIST of lines (see ``audit_schema``), oldest    none
+``P{audit-spool}:rows``                     LIST of lines (see ``schema``), oldest         none
                                             first
 ``P{audit-spool}:size``                     HASH ``rows``, ``bytes``: the lines in ``rows``   none
                                             and every ``processing`` list (the caps' count);
@@ -33,7 +33,7 @@ head of ``rows``, in order, by the next lease holder; a batch written just befor
 died is thus written twice, and the writer's ``ON CONFLICT DO NOTHING`` retry absorbs it (a
 row's id and timestamp are the primary key). A failed write leaves the batch in
 ``processing``; the same replayer retries it before taking anything newer. A chain's close
-mark (``audit_checkpoints``) spooled after its rows is stored after them the same way.
+mark (``checkpoints``) spooled after its rows is stored after them the same way.
 
 Order: one list, pushed a whole batch at a time by each instance in its own order and replayed
 from the head by one replayer at a time, so the rows of one hash chain (one instance) reach the
@@ -90,7 +90,7 @@ from plant_gateway.metrics import REGISTRY
 from plant_gateway.settings import SettingsError
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.audit_spool import Spool
+    from plant_gateway.audit.spool import Spool
     from plant_gateway.settings import Settings
 
 log = logging.getLogger("plant_gateway.audit")

@@ -1,4 +1,4 @@
-"""The audit step: turns every finished RequestContext into exactly one redacted, hash-chained row.
+"""The audit recorder: every finished RequestContext becomes exactly one redacted, hash-chained row.
 
 The core app calls ``AuditRecorder.record(ctx)`` in ``finally`` for every request except the
 probe routes; it is synchronous, never raises and never waits for the database.
@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 from orjson import Fragment
 from orjson import dumps as dumps
 
-from plant_gateway.backends.audit_schema import (
+from plant_gateway.audit.schema import (
     GENESIS,
     HASHED,
     JSONB,

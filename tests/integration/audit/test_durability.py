@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from plant_gateway.backends.audit_postgres import PostgresAuditSink
-from plant_gateway.backends.audit_spool import Spool
-from plant_gateway.steps.audit import AuditRecorder
+from plant_gateway.audit.recorder import AuditRecorder
+from plant_gateway.audit.sink import PostgresAuditSink
+from plant_gateway.audit.spool import Spool
 from tests.fixtures.postgres import ControlledPostgres
-from tests.integration.audit_support import count_ids, fetch, record, started_sink, until
+from tests.integration.audit.support import count_ids, fetch, record, started_sink, until
 
 # a 64 KiB spool (the smallest cap) holds ~90 rows of these contexts; a short queue
 SMALL = {"audit_spool_max_bytes": 65536, "audit_queue_max": 100, "audit_batch_size": 50}

@@ -8,17 +8,17 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from plant_gateway.backends.audit_checkpoints import (
+from plant_gateway.audit.checkpoints import (
     MARK_PREFIX,
     Checkpointer,
     Mark,
     chain_of,
     seq_of,
 )
-from plant_gateway.backends.audit_schema import from_line
+from plant_gateway.audit.recorder import AuditRecorder
+from plant_gateway.audit.schema import from_line
 from plant_gateway.settings import Settings
-from plant_gateway.steps.audit import AuditRecorder
-from tests.integration.audit_support import context
+from tests.integration.audit.support import context
 
 SECRET = b"k" * 40
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import asyncpg
 
-from plant_gateway.backends.audit_postgres import PostgresAuditSink
+from plant_gateway.audit.recorder import AuditRecorder
+from plant_gateway.audit.sink import PostgresAuditSink
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.settings import Settings
-from plant_gateway.steps.audit import AuditRecorder
 
 
 def settings(state_dir: Path, **extra: Any) -> Settings:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from plant_gateway.backends.audit_spool_redis import RedisSpool, enabled
+from plant_gateway.audit.spool_redis import RedisSpool, enabled
 from plant_gateway.settings import Settings, SettingsError
 
 
