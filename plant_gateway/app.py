@@ -14,7 +14,7 @@ from plant_gateway import banner, metrics, ops, shutdown_watchdog
 from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
 from plant_gateway.http_protocol import ClientLimits
-from plant_gateway.logging import request_var
+from plant_gateway.logs import request_var
 from plant_gateway.pipeline import build_pipeline
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import ClientLink, Proxy, ResponseStarted
@@ -417,7 +417,7 @@ def create_app(
 
 def factory() -> GatewayApp:
     """uvicorn factory (one per worker): settings from the environment set up by ``serve``."""
-    from plant_gateway.logging import configure_logging
+    from plant_gateway.logs import configure_logging
     from plant_gateway.settings import load_settings
 
     settings = load_settings()

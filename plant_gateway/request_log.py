@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
-from plant_gateway.logging import SPAN_KEY, trace_fields, write_line
+from plant_gateway.logs import SPAN_KEY, trace_fields, write_line
 from plant_gateway.redaction import MASK, mask_text, sensitive_key
 
 if TYPE_CHECKING:

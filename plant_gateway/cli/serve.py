@@ -44,7 +44,7 @@ def serve(
         check_backends(settings)
     except SettingsError as exc:
         config_fail(str(exc))
-    from plant_gateway.logging import configure_logging
+    from plant_gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.google_cloud_project)
     _open_files(settings)

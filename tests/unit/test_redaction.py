@@ -16,7 +16,7 @@ import pytest
 
 from plant_gateway.backends.audit_schema import from_wire
 from plant_gateway.context import RequestContext
-from plant_gateway.logging import JsonFormatter
+from plant_gateway.logs import JsonFormatter
 from plant_gateway.redaction import sensitive_key
 from plant_gateway.settings import Settings
 from plant_gateway.steps.audit import AuditRecorder
