@@ -8,15 +8,12 @@ compares the text and OpenMetrics expositions byte for byte, except the values o
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -143,122 +140,3 @@ def test_module_requests_series_show_up_in_render() -> None:
     assert f'plant_gateway_request_duration_seconds_count{{route="{route}"}} 1.0' in rendered
     assert "plant_gateway_policy_duration_seconds_bucket" in rendered
     assert "plant_gateway_upstream_duration_seconds" in rendered
-
-
-# --- several workers: snapshots merged by /metrics -----------------------------------------
-
-
-def worker_registry(requests: dict[tuple[str, ...], int], observations: Sequence[float],
-                    in_flight: float, circuit: float) -> CollectorRegistry:
-    """One worker's metrics: the per-request series and two gauges with different merge rules."""
-    registry = CollectorRegistry(auto_describe=True)
-    counter = LoopCounter("plant_gateway_requests", "Requests", ["route", "method", "status"],
-                          registry=registry)
-    for labels, count in requests.items():
-        counter.labels(*labels).inc(count)
-    record(LoopHistogram("plant_gateway_request_duration_seconds", "Time", ["route"],
-                         buckets=SHORT_BUCKETS, registry=registry), {("/api",): observations})
-    Gauge("plant_gateway_requests_in_flight", "In flight", registry=registry).set(in_flight)
-    Gauge("plant_gateway_circuit_state", "Circuit", ["upstream"], registry=registry
-          ).labels("production").set(circuit)
-    return registry
-
-
-def merged_samples(snapshots: list[metrics.Snapshot], live: set[int]
-                   ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics._Families(metrics.merge(snapshots, live)))
-    text = generate_latest(registry).decode()  # through the exposition and back
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
-def two_workers() -> list[metrics.Snapshot]:
-    first = worker_registry({("/api", "GET", "200"): 3, ("/api", "POST", "502"): 1},
-                            [0.1, 0.7, 5], in_flight=2, circuit=0)
-    second = worker_registry({("/api", "GET", "200"): 4, ("/x", "GET", "404"): 2},
-                             [0.5, 1.5], in_flight=1, circuit=2)
-    return [json.loads(json.dumps(metrics.snapshot(first, pid=101))),  # as read from a file
-            json.loads(json.dumps(metrics.snapshot(second, pid=102)))]
-
-
-def test_merge_sums_counters_and_histograms_of_two_workers() -> None:
-    samples = merged_samples(two_workers(), live={101, 102})
-
-    def requests(route: str, method: str, status: str) -> float:
-        labels = (("method", method), ("route", route), ("status", status))
-        return samples[("plant_gateway_requests_total", labels)]
-
-    assert requests("/api", "GET", "200") == 7
-    assert requests("/api", "POST", "502") == 1  # only in the first worker
-    assert requests("/x", "GET", "404") == 2  # only in the second worker
-    bucket = {le: samples[("plant_gateway_request_duration_seconds_bucket",
-                           (("le", le), ("route", "/api")))]
-              for le in ("0.5", "1.0", "2.0", "+Inf")}
-    assert bucket == {"0.5": 2, "1.0": 3, "2.0": 4, "+Inf": 5}  # still cumulative
-    route = (("route", "/api"),)
-    assert samples[("plant_gateway_request_duration_seconds_count", route)] == 5
-    assert samples[("plant_gateway_request_duration_seconds_sum", route)] == pytest.approx(7.8)
-    assert samples[("plant_gateway_requests_in_flight", ())] == 3  # summed
-    assert samples[("plant_gateway_circuit_state", (("upstream", "production"),))] == 2  # worst
-
-
-def test_merge_keeps_counts_of_exited_workers_but_not_their_gauges() -> None:
-    first, second = two_workers()
-    final = {**second, "final": True}
-    for snapshots, live in (([first, second], {101}), ([first, final], {101, 102})):
-        samples = merged_samples(snapshots, live)
-
-        labels = (("method", "GET"), ("route", "/api"), ("status", "200"))
-        assert samples[("plant_gateway_requests_total", labels)] == 7  # never goes backwards
-        assert samples[("plant_gateway_request_duration_seconds_count", (("route", "/api"),))] == 5
-        assert samples[("plant_gateway_requests_in_flight", ())] == 2  # the live worker's only
-        assert samples[("plant_gateway_circuit_state", (("upstream", "production"),))] == 0
-
-
-def test_created_is_the_earliest_of_the_workers() -> None:
-    first, second = two_workers()
-    for family in second["families"]:
-        for series in family.get("series", []):  # per-request series: [labels, ..., created]
-            series[-1] = 1.0  # an older worker
-    samples = merged_samples([first, second], live={101, 102})
-
-    labels = (("method", "GET"), ("route", "/api"), ("status", "200"))
-    assert samples[("plant_gateway_requests_created", labels)] == 1.0
-    assert samples[("plant_gateway_request_duration_seconds_created", (("route", "/api"),))] == 1.0
-
-
-def test_shared_render_sums_own_live_values_and_other_files(tmp_path: Path) -> None:
-    """SharedMetrics.render: writes this worker's file first, then merges every file."""
-    other = worker_registry({("/api", "GET", "200"): 5}, [0.1], in_flight=1, circuit=1)
-    (tmp_path / "999999999.json").write_text(json.dumps(metrics.snapshot(other, pid=999999999)))
-    own = worker_registry({("/api", "GET", "200"): 2}, [0.2], in_flight=4, circuit=0)
-    shared = metrics.SharedMetrics(tmp_path, own)
-
-    families = {f.name: f for f in text_string_to_metric_families(shared.render().decode())}
-
-    assert [s.value for s in families["plant_gateway_requests"].samples
-            if s.name == "plant_gateway_requests_total"] == [7]
-    in_flight = families["plant_gateway_requests_in_flight"].samples
-    assert [s.value for s in in_flight] == [4]  # the other worker's pid is gone
-    assert json.loads((tmp_path / f"{os.getpid()}.json").read_text())["pid"] == os.getpid()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["999999999.json", f"{os.getpid()}.json"])  # no temp file left behind
-
-
-def test_render_without_sharing_is_this_process_only() -> None:
-    assert metrics._shared is None
-    assert metrics.render() == generate_latest(metrics.REGISTRY)
-
-
-def test_one_snapshot_merged_alone_is_the_workers_own_exposition() -> None:
-    """Round trip through the snapshot (compact Loop* series, stock metrics as samples)."""
-    registry = worker_registry({("/api", "GET", "200"): 3, ("/", "HEAD", "404"): 1},
-                               OBSERVATIONS[SHORT_BUCKETS], in_flight=2, circuit=1)
-    Counter("plant_rows", "Rows", registry=registry).inc(4)
-    Histogram("plant_write_seconds", "Write", buckets=SHORT_BUCKETS, registry=registry).observe(1)
-    snap = json.loads(json.dumps(metrics.snapshot(registry, pid=7)))
-    merged = CollectorRegistry(auto_describe=False)
-    merged.register(metrics._Families(metrics.merge([snap], live_pids={7})))
-
-    assert generate_latest(merged) == generate_latest(registry)
