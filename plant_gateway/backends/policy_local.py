@@ -28,6 +28,7 @@ from regopy.rego_shared import (
 )
 
 from plant_gateway.backends.base import DependencyError, DependencyStatus
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.settings import Settings, SettingsError
 
 log = logging.getLogger("plant_gateway.policy")
@@ -238,8 +239,8 @@ class InputProjection:
     # projections of shared, never-mutated sub-documents (the ``jwt`` document of one token,
     # see steps/policy.py JwtInputCache), keyed by id() and checked with ``is``: holding the
     # source keeps its id from being reused
-    shared: dict[int, tuple[Any, dict[str, Any]]] = field(
-        default_factory=dict, compare=False, repr=False
+    shared: BoundedMemo[int, tuple[Any, dict[str, Any]]] = field(
+        default_factory=lambda: BoundedMemo(SHARED_PROJECTIONS), compare=False, repr=False
     )
     # repr() of those shared projections, keyed by the projection's id() (the decision key)
     shared_reprs: dict[int, tuple[dict[str, Any], str]] = field(
@@ -282,14 +283,13 @@ class InputProjection:
         return out
 
     def _shared_projection(self, value: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
-        entry = self.shared.get(id(value))
+        entry = self.shared.data.get(id(value))
         if entry is not None and entry[0] is value:
             return entry[1]
         projected = {k: v for k, v in value.items() if k in keys and v is not None}
-        if len(self.shared) >= SHARED_PROJECTIONS:
-            self.shared.clear()
-            self.shared_reprs.clear()
-        self.shared[id(value)] = (value, projected)
+        if self.shared.make_room():
+            self.shared_reprs.clear()  # it indexes the projections just dropped
+        self.shared.put(id(value), (value, projected))
         self.shared_reprs[id(projected)] = (projected, repr(projected))
         return projected
 

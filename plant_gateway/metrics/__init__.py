@@ -25,6 +25,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from plant_gateway import __version__, routing
+from plant_gateway.memo import BoundedMemo
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -270,7 +271,7 @@ BUILD_INFO.labels(__version__).set(1)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER_ROUTE = "other"  # the label of a path no METRICS_ROUTES pattern matches
 _CACHE_LIMIT = 4096
-_children: dict[tuple[Any, ...], Any] = {}
+_children: BoundedMemo[tuple[Any, ...], Any] = BoundedMemo(_CACHE_LIMIT)
 
 
 def method_label(method: str) -> str:
@@ -298,10 +299,10 @@ class RouteLabels:
             self.labels.append(text.strip())
             parts.append(f"({pattern.regex().pattern[1:-1]})")  # without its ^ and $
         self.regex = re.compile(f"^(?:{'|'.join(parts)})$") if parts else None
-        self.cache: dict[str, str] = {}
+        self.cache: BoundedMemo[str, str] = BoundedMemo(_CACHE_LIMIT)
 
     def __call__(self, path: str) -> str:
-        label = self.cache.get(path)
+        label = self.cache.data.get(path)
         if label is not None:
             return label
         if path in self.fixed:
@@ -309,20 +310,15 @@ class RouteLabels:
         else:
             found = self.regex.match(path) if self.regex is not None else None
             label = self.labels[found.lastindex - 1] if found and found.lastindex else OTHER_ROUTE
-        if len(self.cache) >= _CACHE_LIMIT:
-            self.cache.clear()
-        self.cache[path] = label
-        return label
+        return self.cache.put(path, label)
 
 
 def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)`` memoised (``labels()`` takes a lock and builds tuples)."""
     key = (metric, *labels)
-    found = _children.get(key)
+    found = _children.data.get(key)
     if found is None:
-        if len(_children) >= _CACHE_LIMIT:
-            _children.clear()
-        found = _children[key] = metric.labels(*labels)
+        found = _children.put(key, metric.labels(*labels))
     return found
 
 
