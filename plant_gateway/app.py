@@ -16,7 +16,7 @@ from plant_gateway.context import RequestContext
 from plant_gateway.deps import Dependencies, close_all, create_dependencies, start_all
 from plant_gateway.forwarding import ClientLink, Proxy, ResponseStarted
 from plant_gateway.http_protocol import ClientLimits
-from plant_gateway.logging import request_var
+from plant_gateway.logs import request_var
 from plant_gateway.pipeline.counter_batch import flush_on_refusal
 from plant_gateway.pipeline.ingress import BodySource, context_from_scope
 from plant_gateway.pipeline.registry import PLUMBING, build_pipeline
@@ -403,7 +403,7 @@ def create_app(
 
 def factory() -> GatewayApp:
     """uvicorn factory (one per worker): settings from the environment set up by ``serve``."""
-    from plant_gateway.logging import configure_logging
+    from plant_gateway.logs import configure_logging
     from plant_gateway.settings import load_settings
 
     settings = load_settings()

@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
-from plant_gateway.logging import SPAN_KEY, trace_fields, write_line
+from plant_gateway.logs import SPAN_KEY, trace_fields, write_line
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.redaction import MASK, mask_text, sensitive_key
 
 if TYPE_CHECKING:
@@ -44,9 +45,12 @@ class RequestLog:
         self.secrets = (key.get_secret_value(),) if key is not None else ()
         self.logger = logging.getLogger(LOGGER)
         self.write = write
-        self._agents: dict[str, str] = {}  # user agent -> masked (a few distinct values)
-        self._queries: dict[str, str] = {}  # query -> redacted, when nothing was masked
-        self._paths: dict[str, tuple[str, str]] = {}  # path -> (masked, as a URL path)
+        # user agent -> masked (a few distinct values)
+        self._agents: BoundedMemo[str, str] = BoundedMemo(_CACHE_MAX)
+        # query -> redacted, when nothing was masked
+        self._queries: BoundedMemo[str, str] = BoundedMemo(_CACHE_MAX)
+        # path -> (masked, as a URL path)
+        self._paths: BoundedMemo[str, tuple[str, str]] = BoundedMemo(_CACHE_MAX)
 
     def wanted(self, ctx: RequestContext, status: int) -> int:
         """The line's level, or 0 when this request is not logged."""
@@ -94,13 +98,10 @@ class RequestLog:
 
     def path(self, raw: str) -> tuple[str, str]:
         """The path masked (JWTs, keys, card numbers), and that as a URL path (memoised)."""
-        found = self._paths.get(raw)
+        found = self._paths.data.get(raw)
         if found is None:
             masked = mask_text(raw, self.secrets)
-            found = (masked, quote(masked, safe=_SAFE))
-            if len(self._paths) >= _CACHE_MAX:
-                self._paths.clear()
-            self._paths[raw] = found
+            found = self._paths.put(raw, (masked, quote(masked, safe=_SAFE)))
         return found
 
     def http_request(
@@ -126,26 +127,21 @@ class RequestLog:
         return out
 
     def user_agent(self, agent: str) -> str:
-        found = self._agents.get(agent)
+        found = self._agents.data.get(agent)
         if found is None:
-            found = mask_text(agent[:TEXT_CAP], self.secrets)
-            if len(self._agents) >= _CACHE_MAX:
-                self._agents.clear()
-            self._agents[agent] = found
+            found = self._agents.put(agent, mask_text(agent[:TEXT_CAP], self.secrets))
         return found
 
     def query(self, query: str) -> str:
         """The query with sensitive parameters masked (memoised only when none was)."""
-        found = self._queries.get(query)
+        found = self._queries.data.get(query)
         if found is not None:
             return found
         pairs = parse_qsl(query, keep_blank_values=True)
         masked = [(k, MASK if sensitive_key(k) else mask_text(v, self.secrets)) for k, v in pairs]
         text = "&".join(f"{quote(k, safe='')}={quote(v, safe=_SAFE_VALUE)}" for k, v in masked)
         if masked == pairs and len(query) <= URL_CAP:
-            if len(self._queries) >= _CACHE_MAX:
-                self._queries.clear()
-            self._queries[query] = text
+            self._queries.put(query, text)
         return text
 
     def refusal(self, ctx: RequestContext) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from plant_gateway import __version__, events
-from plant_gateway.logging import SPAN_KEY
+from plant_gateway.logs import SPAN_KEY
 from plant_gateway.redaction import MASK, mask_text, sensitive_key
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from plant_gateway.backends.base import DependencyStatus
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class LaunchDarklyFlags:
         self._defaults[BUDGET_ALERT_THRESHOLDS] = list(settings.budget_alert_thresholds)
         self._client: LDClient | None = None
         self._generation = 0
-        self._memo: dict[tuple[int, tuple[Any, ...], str], Any] = {}
+        self._memo: BoundedMemo[tuple[int, tuple[Any, ...], str], Any] = BoundedMemo(_MEMO_MAX)
         self._lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class LaunchDarklyFlags:
     def _invalidate(self) -> None:
         with self._lock:
             self._generation += 1
-            self._memo = {}
+            self._memo = BoundedMemo(_MEMO_MAX)
 
     # --- evaluation --------------------------------------------------------------------------
     def _request_flags(self, ctx: RequestContext) -> _RequestFlags:
@@ -234,12 +235,10 @@ class LaunchDarklyFlags:
         if flag in ctx.flags:
             return ctx.flags[flag]
         key = (self._generation, req.key, flag)
-        result = self._memo.get(key, _MISSING)
+        result = self._memo.data.get(key, _MISSING)
         if result is _MISSING:
             result = self._evaluate(flag, build_ld_context(req.key), default)
-            if len(self._memo) >= _MEMO_MAX:
-                self._memo = {}
-            self._memo[key] = result
+            self._memo.put(key, result)
         ctx.flags[flag] = result
         return result
 

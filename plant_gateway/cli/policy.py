@@ -62,11 +62,10 @@ def test_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print passing tests")] = False,
 ) -> None:
     """Run every test_ rule of every package of the bundle."""
-    from plant_gateway.backends.policy_local import (
-        PolicyBundleError,
+    from plant_gateway.backends.policy_local import PolicyBundleError, load_sources
+    from plant_gateway.backends.policy_tests import (
         RegoTestResult,
         discover_tests,
-        load_sources,
         run_rego_tests,
     )
 

@@ -44,7 +44,7 @@ def serve(
         check_backends(settings)
     except SettingsError as exc:
         config_fail(str(exc))
-    from plant_gateway.logging import configure_logging
+    from plant_gateway.logs import configure_logging
 
     configure_logging(settings.log_level, settings.google_cloud_project)
     _open_files(settings)
@@ -120,9 +120,13 @@ def _open_files(settings: Settings) -> None:
 def _share_metrics(settings: Settings, worker_count: int) -> Path | None:
     """Several workers: a fresh directory for their metrics snapshots, so /metrics sums them.
 
-    See ``plant_gateway.metrics`` (SharedMetrics); removed when serve ends.
+    See ``plant_gateway.metrics.sharing`` (SharedMetrics); removed when serve ends.
     """
-    from plant_gateway.metrics import METRICS_DIR_ENV, create_metrics_dir, remove_stale_metrics_dirs
+    from plant_gateway.metrics.sharing import (
+        METRICS_DIR_ENV,
+        create_metrics_dir,
+        remove_stale_metrics_dirs,
+    )
 
     os.environ.pop(METRICS_DIR_ENV, None)
     remove_stale_metrics_dirs(settings.state_dir)

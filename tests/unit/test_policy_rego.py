@@ -13,13 +13,8 @@ from typing import TypedDict, Unpack
 
 import pytest
 
-from plant_gateway.backends.policy_local import (
-    LocalPolicyEngine,
-    PolicyBundleError,
-    discover_tests,
-    load_sources,
-    run_rego_tests,
-)
+from plant_gateway.backends.policy_local import LocalPolicyEngine, PolicyBundleError, load_sources
+from plant_gateway.backends.policy_tests import discover_tests, run_rego_tests
 from plant_gateway.settings import Settings
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"

@@ -17,7 +17,7 @@ import pytest
 from plant_gateway.audit.recorder import AuditRecorder
 from plant_gateway.audit.schema import from_wire
 from plant_gateway.context import RequestContext
-from plant_gateway.logging import JsonFormatter
+from plant_gateway.logs import JsonFormatter
 from plant_gateway.redaction import sensitive_key
 from plant_gateway.settings import Settings
 

@@ -8,7 +8,7 @@ from typing import Any
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from plant_gateway.context import RequestContext
-from plant_gateway.logging import SPAN_KEY
+from plant_gateway.logs import SPAN_KEY
 from plant_gateway.pipeline.ingress import propagate_traceparent
 from plant_gateway.settings import Settings
 from plant_gateway.tracing import Tracing, split_host

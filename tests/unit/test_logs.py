@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from plant_gateway import logging as gw_logging
+from plant_gateway import logs
 from plant_gateway.context import RequestContext
-from plant_gateway.logging import JsonFormatter, configure_logging, request_var, trace_fields
+from plant_gateway.logs import JsonFormatter, configure_logging, request_var, trace_fields
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -39,15 +39,15 @@ def captured() -> Iterator[io.StringIO]:
     saved = (root.handlers[:], root.level, threading.excepthook)
     stream = io.StringIO()
     configure_logging("INFO", "proj-1")
-    assert gw_logging._handler is not None
-    gw_logging._handler.setStream(stream)
+    assert logs._handler is not None
+    logs._handler.setStream(stream)
     try:
         yield stream
     finally:
         root.handlers[:], level, threading.excepthook = saved
         root.setLevel(level)
         logging.captureWarnings(False)
-        gw_logging._handler = None
+        logs._handler = None
 
 
 def test_a_line_has_severity_time_and_message() -> None:
@@ -112,7 +112,7 @@ def test_start_up_narrators_are_quiet_unless_debug(captured: io.StringIO) -> Non
 
 
 def test_write_line_shares_the_handler(captured: io.StringIO) -> None:
-    gw_logging.write_line(b'{"a":1}\n')
+    logs.write_line(b'{"a":1}\n')
     logging.getLogger("plant_gateway.app").warning("after")
     first, second = captured.getvalue().splitlines()
     assert first == '{"a":1}' and json.loads(second)["message"] == "after"
