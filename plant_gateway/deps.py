@@ -43,7 +43,8 @@ async def create_dependencies(settings: Settings) -> Dependencies:
 
     Guards switched off in settings get no backend; nothing is started here (see ``start_all``).
     """
-    from plant_gateway.backends import approvals, audit_postgres, counters, flags, keys, policy
+    from plant_gateway import counters
+    from plant_gateway.backends import approvals, audit_postgres, flags, keys, policy
 
     return Dependencies(
         settings=settings,

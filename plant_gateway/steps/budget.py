@@ -16,11 +16,10 @@ from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
-    CounterOp,
     DependencyError,
 )
-from plant_gateway.backends.counters import Clock, next_utc_midnight, next_utc_month
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import BudgetChargeOp, Clock, next_utc_midnight, next_utc_month
 from plant_gateway.problems import Problem
 from plant_gateway.steps.admit import submit
 from plant_gateway.steps.rate_limit import flag_on, unavailable
@@ -115,7 +114,7 @@ class BudgetStep:
         request = self.request_for(ctx)
         if request is None or not flag_on(self.flags, ENABLE_BUDGET_ENFORCEMENT, ctx):
             return None
-        op = CounterOp("budget_charge", (request,))
+        op = BudgetChargeOp(request)
 
         def resolve(result: Any) -> Problem | None:
             return self.resolve(ctx, result)

@@ -15,8 +15,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metrics
-from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
+from plant_gateway.backends.base import DependencyError, RateDecision
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import RateLimitOp
 from plant_gateway.problems import Problem
 from plant_gateway.steps.admit import submit
 from plant_gateway.steps.auth import cached_identity
@@ -146,7 +147,7 @@ class RateLimitStep:
         if not flag_on(self.flags, ENABLE_RATE_LIMITING, ctx):
             return None
         key, tier, limit, period, burst = self.limit_for(ctx)
-        op = CounterOp("rate_limit", (key, limit, period, burst))
+        op = RateLimitOp(key, limit, period, burst)
 
         def resolve(result: Any) -> Problem | None:
             return self.resolve(ctx, result, tier, limit, period)

@@ -10,9 +10,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
-from plant_gateway.backends.counters import Clock, next_utc_midnight
+from plant_gateway.backends.base import DependencyError, RateDecision
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import Clock, DailyQuotaOp, next_utc_midnight
 from plant_gateway.problems import Problem
 from plant_gateway.steps.admit import submit
 from plant_gateway.steps.rate_limit import flag_on, principal_of, unavailable
@@ -57,7 +57,7 @@ class TrialQuotaStep:
         if principal is None or not flag_on(self.flags, ENABLE_TRIAL_MODE, ctx):
             return None
         now = self.clock()  # fixes the UTC day, so a refund gives back the same day's unit
-        op = CounterOp("daily_quota", (f"trial:{principal}", self.limit, now))
+        op = DailyQuotaOp(f"trial:{principal}", self.limit, now)
         return await submit(ctx, self.counters, op, self.resolve, self.batched)
 
     def resolve(self, result: Any) -> Problem | None:

@@ -16,11 +16,11 @@ from redis.asyncio.connection import Connection
 
 from plant_gateway.backends.approvals import StaticApprovals
 from plant_gateway.backends.base import ApprovalRecord, BudgetRequest, Counters
-from plant_gateway.backends.counters_memory import MemoryCounters
-from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters.memory import MemoryCounters
+from plant_gateway.counters.redis import RedisCounters
 from plant_gateway.problems import Problem
 from plant_gateway.settings import RateTier, Settings
 from plant_gateway.steps import Step

@@ -14,9 +14,9 @@ import json
 import pytest
 
 from plant_gateway import json_limits, masking
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import create as create_counters
 from plant_gateway.settings import Settings, TenantRule
 from plant_gateway.steps import ingress, tenant
 from plant_gateway.steps.audit import body_json

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from plant_gateway import routing
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
+from plant_gateway.counters import create as create_counters
 from plant_gateway.deps import Dependencies
 from plant_gateway.problems import Problem
 from plant_gateway.proxy import (
