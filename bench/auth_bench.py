@@ -16,9 +16,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import create as create_counters
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.settings import load_settings
 

@@ -21,11 +21,18 @@ from typing import Any
 import jwt
 import redis
 
-from plant_gateway.backends.base import BudgetRequest, CounterOp
-from plant_gateway.backends.counters import Gcra, day_ttl, utc_day, utc_month
-from plant_gateway.backends.counters_memory import MemoryCounters
-from plant_gateway.backends.counters_redis import SCRIPTS, RedisCounters, budget_args
+from plant_gateway.backends.base import BudgetRequest
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import (
+    AuthStateOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+)
+from plant_gateway.counters.common import Gcra, day_ttl, utc_day, utc_month
+from plant_gateway.counters.memory import MemoryCounters
+from plant_gateway.counters.redis import SCRIPTS, RedisCounters, budget_args
 from plant_gateway.deps import Dependencies
 from plant_gateway.guards import auth, budget, rate_limit, trial_quota
 from plant_gateway.pipeline import counter_batch
@@ -180,11 +187,11 @@ def script_usec(url: str) -> dict[str, float]:
 def batch_only(counters: RedisCounters) -> Callable[[], Awaitable[Any]]:
     """The counters backend's ``execute`` of one request's ops, no steps around it."""
     request = BudgetRequest(0.001, 10**12, "agent-1", 10**9)
-    ops = [
-        CounterOp("auth_state", ("jti-bench", "bench-user")),
-        CounterOp("rate_limit", ("user:bench-user", 10**9, 3600, 10**6)),
-        CounterOp("daily_quota", ("trial:bench-user", 10**9, None)),
-        CounterOp("budget_charge", (request,)),
+    ops: list[CounterOp] = [
+        AuthStateOp("jti-bench", "bench-user"),
+        RateLimitOp("user:bench-user", 10**9, 3600, 10**6),
+        DailyQuotaOp("trial:bench-user", 10**9, None),
+        BudgetChargeOp(request),
     ]
 
     async def run() -> None:

@@ -17,8 +17,15 @@ from typing import Any
 
 import redis
 
-from plant_gateway.backends.base import BudgetRequest, CounterOp
-from plant_gateway.backends.counters_redis import RedisCounters
+from plant_gateway.backends.base import BudgetRequest
+from plant_gateway.counters import (
+    AuthStateOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+)
+from plant_gateway.counters.redis import RedisCounters
 from plant_gateway.settings import Settings
 
 
@@ -28,13 +35,13 @@ def settings_for(url: str, cluster: bool, prefix: str) -> Settings:
 
 
 def ops_for(kind: str, worker: int, n: int) -> list[CounterOp]:
-    budget = CounterOp("budget_charge", (BudgetRequest(1e-6, 10**12, f"agent-{worker}", 10**9),))
+    budget = BudgetChargeOp(BudgetRequest(1e-6, 10**12, f"agent-{worker}", 10**9))
     if kind == "budget":
         return [budget]
     user = f"u{worker}-{n % 1000}"
-    return [CounterOp("auth_state", (f"jti-{user}", user)),
-            CounterOp("rate_limit", (f"user:{user}", 10**9, 3600, 10**6)),
-            CounterOp("daily_quota", (f"trial:{user}", 10**9, None)), budget]
+    return [AuthStateOp(f"jti-{user}", user),
+            RateLimitOp(f"user:{user}", 10**9, 3600, 10**6),
+            DailyQuotaOp(f"trial:{user}", 10**9, None), budget]
 
 
 async def load(url: str, cluster: bool, prefix: str, kind: str, conc: int, seconds: float,

@@ -44,8 +44,9 @@ async def create_dependencies(settings: Settings) -> Dependencies:
 
     Guards switched off in settings get no backend; nothing is started here (see ``start_all``).
     """
+    from plant_gateway import counters
     from plant_gateway.audit import create_sink
-    from plant_gateway.backends import approvals, counters, flags, keys, policy
+    from plant_gateway.backends import approvals, flags, keys, policy
 
     return Dependencies(
         settings=settings,

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import json_limits, problems
-from plant_gateway.backends.base import ApprovalRecord, CounterOp, DependencyError
+from plant_gateway.backends.base import ApprovalRecord, DependencyError
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import ApprovalConsumeOp
 from plant_gateway.pipeline.counter_batch import submit
 from plant_gateway.pipeline.ingress import read_body
 from plant_gateway.problems import Problem
@@ -220,7 +221,7 @@ class GovernorApprovals:
         if found is None or self.counters is None:
             return None  # no counters (tools, tests): nothing to mark
         ttl = consume_ttl(decision.get("approval_expires_ns"), time.time_ns())
-        op = CounterOp("approval_consume", (found["id"], ttl))
+        op = ApprovalConsumeOp(found["id"], ttl)
         return await submit(ctx, self.counters, op, ConsumeResolver(found["id"], found), batched)
 
 

@@ -173,7 +173,7 @@ class Channel:
 
 class PostgresAuditSink:
     """The one audit sink (see module docstring). ``stats`` mirrors the metrics per instance;
-    ``refusing`` is the flag the request path reads (``steps/ingress.py``)."""
+    ``refusing`` is the flag the request path reads (``pipeline/ingress.py``)."""
 
     name = "audit"
 

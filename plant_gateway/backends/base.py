@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from plant_gateway.context import RequestContext
+    from plant_gateway.counters.ops import CounterOp
 
 
 @dataclass(slots=True)
@@ -119,22 +120,13 @@ class Counters(Dependency, Protocol):
         ...
 
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
-        """Run ``ops`` in ONE round trip (Redis: one non-transactional pipeline).
+        """Run ``ops`` (typed, ``plant_gateway.counters.ops``) in ONE round trip (Redis: one
+        non-transactional pipeline).
 
-        Each result is what the named method would return, or the ``DependencyError`` it
+        Each result is what the op's method would return, or the ``DependencyError`` it
         would raise (a failed round trip fails every op); ``execute`` itself never raises.
         """
         ...
-
-
-@dataclass(slots=True, frozen=True)
-class CounterOp:
-    """One counters call to run in a batch: ``kind`` names the ``Counters`` method."""
-
-    # auth_state, rate_limit, daily_quota, budget_charge, budget_adjust, release_quota,
-    # approval_consume, approval_release
-    kind: str
-    args: tuple[Any, ...]
 
 
 @dataclass(slots=True)

@@ -237,7 +237,7 @@ class InputProjection:
     fields: frozenset[str]
     keys: dict[str, frozenset[str]]
     # projections of shared, never-mutated sub-documents (the ``jwt`` document of one token,
-    # see steps/policy.py JwtInputCache), keyed by id() and checked with ``is``: holding the
+    # see guards/policy.py JwtInputCache), keyed by id() and checked with ``is``: holding the
     # source keeps its id from being reused
     shared: BoundedMemo[int, tuple[Any, dict[str, Any]]] = field(
         default_factory=lambda: BoundedMemo(SHARED_PROJECTIONS), compare=False, repr=False

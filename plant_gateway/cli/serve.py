@@ -91,7 +91,7 @@ def _share_counters(settings: Settings, worker_count: int) -> subprocess.Popen[b
     os.environ["WORKERS"] = str(worker_count)
     if worker_count == 1 or settings.effective_redis_url:
         return None
-    from plant_gateway.backends.counters import start_embedded_redis
+    from plant_gateway.counters import start_embedded_redis
 
     try:
         url, proc = start_embedded_redis(settings.state_dir)

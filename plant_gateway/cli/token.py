@@ -48,7 +48,7 @@ def _counters(settings: Settings) -> Any:
             "REDIS_URL: not set; revocations live in the gateway's shared Redis, without it "
             "they would only exist in this CLI process"
         )
-    from plant_gateway.backends.counters import create
+    from plant_gateway.counters import create
 
     return create(settings)
 

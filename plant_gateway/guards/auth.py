@@ -24,10 +24,11 @@ from jwt.exceptions import (
     PyJWTError,
 )
 
-from plant_gateway.backends.base import CounterOp, DependencyError
+from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.enrichment import CustomerEnricher, EnrichmentRejected
 from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import AuthStateOp
 from plant_gateway.forwarding import IdTokenSource
 from plant_gateway.pipeline.counter_batch import submit
 from plant_gateway.pipeline.identity import copy_identity, remember_cached
@@ -376,7 +377,7 @@ class AuthStep:
     # --- revocation and session version (every request) ---------------------------------------
     async def _check_state(self, ctx: RequestContext, verified: _Verified) -> Problem | None:
         identity = verified.identity
-        op = CounterOp("auth_state", (revocation_id(identity), identity.user_id))
+        op = AuthStateOp(revocation_id(identity), identity.user_id)
 
         def resolve(result: Any) -> Problem | None:
             return state_problem(result, verified.token_version)

@@ -17,11 +17,10 @@ from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
-    CounterOp,
     DependencyError,
 )
-from plant_gateway.backends.counters import Clock, next_utc_midnight, next_utc_month
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import BudgetChargeOp, Clock, next_utc_midnight, next_utc_month
 from plant_gateway.pipeline.counter_batch import store_failure, submit
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
@@ -144,7 +143,7 @@ class BudgetStep:
         request = self.request_for(ctx)
         if request is None or not flag_on(self.flags, ENABLE_BUDGET_ENFORCEMENT, ctx):
             return None
-        op = CounterOp("budget_charge", (request,))
+        op = BudgetChargeOp(request)
 
         def resolve(result: Any) -> Problem | None:
             return self.resolve(ctx, result)

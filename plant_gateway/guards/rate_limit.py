@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway import metrics
-from plant_gateway.backends.base import CounterOp, RateDecision
+from plant_gateway.backends.base import RateDecision
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import RateLimitOp
 from plant_gateway.pipeline.counter_batch import store_failure, submit
 from plant_gateway.pipeline.identity import cached_identity, principal_of
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
@@ -144,7 +145,7 @@ class RateLimitStep:
         if not flag_on(self.flags, ENABLE_RATE_LIMITING, ctx):
             return None
         key, tier, limit, period, burst = self.limit_for(ctx)
-        op = CounterOp("rate_limit", (key, limit, period, burst))
+        op = RateLimitOp(key, limit, period, burst)
 
         def resolve(result: Any) -> Problem | None:
             return self.resolve(ctx, result, tier, limit, period)

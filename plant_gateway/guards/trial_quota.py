@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from plant_gateway.backends.base import CounterOp, RateDecision
-from plant_gateway.backends.counters import Clock, next_utc_midnight
+from plant_gateway.backends.base import RateDecision
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import Clock, DailyQuotaOp, next_utc_midnight
 from plant_gateway.pipeline.counter_batch import store_failure, submit
 from plant_gateway.pipeline.identity import principal_of
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
@@ -71,7 +71,7 @@ class TrialQuotaStep:
         if principal is None or not flag_on(self.flags, ENABLE_TRIAL_MODE, ctx):
             return None
         now = self.clock()  # fixes the UTC day, so a refund gives back the same day's unit
-        op = CounterOp("daily_quota", (f"trial:{principal}", self.limit, now))
+        op = DailyQuotaOp(f"trial:{principal}", self.limit, now)
         return await submit(ctx, self.counters, op, self.resolve, self.batched)
 
     def resolve(self, result: Any) -> Problem | None:

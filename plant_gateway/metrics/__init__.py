@@ -244,7 +244,7 @@ class LastValue:
         self.value = 0.0
 
 
-BUDGET_UTILIZATION_VALUE = LastValue()  # set per budget decision (steps/budget.py)
+BUDGET_UTILIZATION_VALUE = LastValue()  # set per budget decision (guards/budget.py)
 BUDGET_UTILIZATION.set_function(lambda: BUDGET_UTILIZATION_VALUE.value)
 # client connections of this worker (its server's set; summed over workers like every gauge)
 CLIENT_CONNECTIONS = Gauge(

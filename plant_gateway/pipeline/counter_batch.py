@@ -29,11 +29,20 @@ from typing import TYPE_CHECKING, Any
 from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
-    CounterOp,
     DependencyError,
     RateDecision,
 )
 from plant_gateway.context import RequestContext
+from plant_gateway.counters import (
+    ApprovalConsumeOp,
+    ApprovalReleaseOp,
+    BudgetAdjustOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    ReleaseQuotaOp,
+    call,
+)
 from plant_gateway.pipeline.step import Phase, PlumbingSpec
 from plant_gateway.problems import Problem, unavailable
 
@@ -131,7 +140,7 @@ def _resolve(
     refunds = [refund_op(op, res) for (op, _), res in zip(pending[stop + 1 :], results[stop + 1 :],
                                                          strict=True)]
     for (op, resolve), result in zip(pending[:stop], results[:stop], strict=True):
-        if op.kind == "approval_consume" and result is True:
+        if isinstance(op, ApprovalConsumeOp) and result is True:
             refunds.append(refund_op(op, result))
             undo = getattr(resolve, "refunded", None)
             if undo is not None:
@@ -165,7 +174,7 @@ async def submit(
         batch.add(op, resolve)
         return None
     try:
-        result = await getattr(counters, op.kind)(*op.args)
+        result = await call(counters, op)
     except Exception as exc:  # noqa: BLE001 - the resolver decides (DependencyError or a bug)
         if not isinstance(exc, DependencyError):
             log.exception("counters call failed", extra={"op": op.kind})
@@ -186,16 +195,15 @@ async def flush_on_refusal(ctx: RequestContext, problem: Problem) -> Problem:
 
 def refund_op(op: CounterOp, result: Any) -> CounterOp | None:
     """The op that gives back what ``op`` took, when the request was refused after all."""
-    if op.kind == "budget_charge" and isinstance(result, BudgetDecision) and result.allowed:
+    if isinstance(op, BudgetChargeOp) and isinstance(result, BudgetDecision) and result.allowed:
         charge = result.extra.get("charge")
         if isinstance(charge, BudgetCharge):
-            return CounterOp("budget_adjust", (charge, -charge.cost_usd))
-    if op.kind == "daily_quota" and isinstance(result, RateDecision) and result.allowed:
-        key, _limit, now = op.args
-        if now is not None:
-            return CounterOp("release_quota", (key, now))
-    if op.kind == "approval_consume" and result is True:
-        return CounterOp("approval_release", (op.args[0],))
+            return BudgetAdjustOp(charge, -charge.cost_usd)
+    allowed_quota = isinstance(result, RateDecision) and result.allowed
+    if isinstance(op, DailyQuotaOp) and allowed_quota and op.now is not None:
+        return ReleaseQuotaOp(op.key, op.now)
+    if isinstance(op, ApprovalConsumeOp) and result is True:
+        return ApprovalReleaseOp(op.approval_id)
     return None
 
 

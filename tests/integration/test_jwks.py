@@ -15,8 +15,8 @@ import jwt
 import pytest
 from aiohttp import web
 
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import JwksKeySource, create
+from plant_gateway.counters import create as create_counters
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from tests.unit.auth_support import (
     claims,

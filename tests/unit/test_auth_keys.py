@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import CompositeKeySource, StaticKeySource, create
+from plant_gateway.counters import create as create_counters
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.settings import SettingsError
 from tests.unit.auth_support import (

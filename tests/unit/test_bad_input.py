@@ -15,9 +15,9 @@ import pytest
 
 from plant_gateway import json_limits, masking
 from plant_gateway.audit.recorder import body_json
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import create as create_counters
 from plant_gateway.guards import tenant
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.pipeline import ingress

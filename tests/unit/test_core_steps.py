@@ -10,9 +10,9 @@ import json
 import pytest
 
 from plant_gateway import routing
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.flags import DefaultFlags
 from plant_gateway.context import Identity
+from plant_gateway.counters import create as create_counters
 from plant_gateway.deps import Dependencies
 from plant_gateway.forwarding.headers import upstream_request_headers
 from plant_gateway.guards import tenant

@@ -16,10 +16,11 @@ import pytest
 
 from plant_gateway import governor
 from plant_gateway.backends.approvals import StaticApprovals
-from plant_gateway.backends.base import ApprovalRecord, CounterOp
-from plant_gateway.backends.counters_memory import MemoryCounters
+from plant_gateway.backends.base import ApprovalRecord, BudgetRequest
 from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters import ApprovalConsumeOp, ApprovalReleaseOp, BudgetChargeOp, RateLimitOp
+from plant_gateway.counters.memory import MemoryCounters
 from plant_gateway.guards.policy import PolicyConfig, PolicyStep
 from plant_gateway.pipeline.counter_batch import resolve_in_order
 from plant_gateway.pipeline.ingress import BodySource
@@ -282,12 +283,12 @@ def test_an_approval_is_released_when_a_later_guard_refuses() -> None:
     found = {"id": "APR-1", "consumed": None}
     refuse = Problem(402, "budget-exceeded", "over")
     pending: list[Any] = [
-        (CounterOp("approval_consume", ("APR-1", 60)), governor.ConsumeResolver("APR-1", found)),
-        (CounterOp("budget_charge", ()), lambda result: refuse),
+        (ApprovalConsumeOp("APR-1", 60), governor.ConsumeResolver("APR-1", found)),
+        (BudgetChargeOp(BudgetRequest(0.01, 100.0)), lambda result: refuse),
     ]
     problem, refunds = resolve_in_order(pending, [True, None])
     assert problem is refuse
-    assert CounterOp("approval_release", ("APR-1",)) in refunds
+    assert ApprovalReleaseOp("APR-1") in refunds
     assert found == {"id": "APR-1", "consumed": False, "released": True}
 
 
@@ -295,22 +296,22 @@ def test_an_approval_after_a_refusal_is_released_unseen() -> None:
     found = {"id": "APR-1", "consumed": None}
     refuse = Problem(429, "rate-limited", "slow down")
     pending: list[Any] = [
-        (CounterOp("rate_limit", ()), lambda result: refuse),
-        (CounterOp("approval_consume", ("APR-1", 60)), governor.ConsumeResolver("APR-1", found)),
+        (RateLimitOp("user:u1", 10, 60.0, 0), lambda result: refuse),
+        (ApprovalConsumeOp("APR-1", 60), governor.ConsumeResolver("APR-1", found)),
     ]
     problem, refunds = resolve_in_order(pending, [None, True])
-    assert problem is refuse and refunds == [CounterOp("approval_release", ("APR-1",))]
+    assert problem is refuse and refunds == [ApprovalReleaseOp("APR-1")]
     assert found["consumed"] is None
 
 
 def test_a_request_refused_by_another_step_releases_its_approval() -> None:
     found = {"id": "APR-1", "consumed": None}
     pending: list[Any] = [
-        (CounterOp("approval_consume", ("APR-1", 60)), governor.ConsumeResolver("APR-1", found)),
+        (ApprovalConsumeOp("APR-1", 60), governor.ConsumeResolver("APR-1", found)),
     ]
     assert resolve_in_order(pending, [True]) == (None, [])
     problem, refunds = resolve_in_order(pending, [True], refused=True)
-    assert problem is None and refunds == [CounterOp("approval_release", ("APR-1",))]
+    assert problem is None and refunds == [ApprovalReleaseOp("APR-1")]
 
 
 @pytest.mark.parametrize(("expires_in_s", "ttl"), [(60, 60 + 86_400), (None, 366 * 86_400)])

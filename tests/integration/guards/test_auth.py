@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
+from plant_gateway.counters import create as create_counters
 from plant_gateway.guards.auth import AuthConfig, AuthStep, token_digest
 from tests.fixtures.redis import RedisServer, free_port
 from tests.unit.auth_support import DROP, context, mint, settings

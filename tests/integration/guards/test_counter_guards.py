@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.counters_memory import MemoryCounters
-from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters.memory import MemoryCounters
+from plant_gateway.counters.redis import RedisCounters
 from plant_gateway.deps import Dependencies
 from plant_gateway.guards import budget, rate_limit, trial_quota
 from plant_gateway.settings import RateTier, Settings
 from tests.fixtures.redis import RedisServer
-from tests.integration.test_counters import FakeClock
+from tests.integration.counters.test_redis import FakeClock
 
 
 def settings_for(url: str | None, prefix: str, **kw: Any) -> Settings:

@@ -1,4 +1,4 @@
-"""The guards' counter ops batched into one round trip (steps/admit.py), on both backends.
+"""The guards' counter ops batched into one round trip (pipeline/counter_batch.py), on both backends.
 
 Round trips counted on the wire, error precedence across a refusing step in between, refunds
 of a refused request's quota/budget charges, and the fail modes when the batch cannot run.
@@ -16,11 +16,11 @@ from redis.asyncio.connection import Connection
 
 from plant_gateway.backends.approvals import StaticApprovals
 from plant_gateway.backends.base import ApprovalRecord, BudgetRequest, Counters
-from plant_gateway.backends.counters_memory import MemoryCounters
-from plant_gateway.backends.counters_redis import RedisCounters
 from plant_gateway.backends.keys import create as create_keys
 from plant_gateway.backends.policy_local import LocalPolicyEngine
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.counters.memory import MemoryCounters
+from plant_gateway.counters.redis import RedisCounters
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.guards.budget import BudgetConfig, BudgetStep
 from plant_gateway.guards.policy import PolicyConfig, PolicyStep

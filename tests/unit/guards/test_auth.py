@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from plant_gateway.backends.base import DependencyError
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.keys import create as create_keys
+from plant_gateway.counters import create as create_counters
 from plant_gateway.deps import Dependencies
 from plant_gateway.guards import auth
 from plant_gateway.guards.auth import AuthConfig, AuthStep, token_digest

@@ -15,9 +15,9 @@ import jwt
 import pytest
 from aiohttp import web
 
-from plant_gateway.backends.counters import create as create_counters
 from plant_gateway.backends.enrichment import VALIDATE_PATH
 from plant_gateway.backends.keys import create as create_keys
+from plant_gateway.counters import create as create_counters
 from plant_gateway.deps import Dependencies
 from plant_gateway.guards import auth
 from plant_gateway.guards.auth import AuthStep

@@ -8,10 +8,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from plant_gateway.backends.counters import create as create_counters
-from plant_gateway.backends.counters import day_ttl, month_ttl, next_utc_midnight, utc_day
-from plant_gateway.backends.counters_memory import UtcWindows
 from plant_gateway.backends.keys import create as create_keys
+from plant_gateway.counters import create as create_counters
+from plant_gateway.counters.common import (
+    UtcWindows,
+    day_ttl,
+    month_ttl,
+    next_utc_midnight,
+    next_utc_month,
+    utc_day,
+)
 from plant_gateway.guards.auth import AuthConfig, AuthStep
 from plant_gateway.guards.policy import JwtInputCache, build_input, jwt_input
 from plant_gateway.guards.rate_limit import RateLimitConfig, RateLimitStep
@@ -83,4 +89,5 @@ def test_utc_windows_match_the_date_arithmetic_across_boundaries() -> None:
         assert w.day == utc_day(now)
         assert w.month == datetime.fromtimestamp(now, UTC).strftime("%Y%m")
         assert w.midnight == next_utc_midnight(now).timestamp()
+        assert w.month_end == next_utc_month(now).timestamp()
         assert w.day_ttl(now) == day_ttl(now) and w.month_ttl(now) == month_ttl(now)

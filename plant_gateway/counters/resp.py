@@ -22,7 +22,7 @@ once with ``ConnectionError`` (the guards deny with a 503, as for an outage); th
 already sent keep waiting for their replies or their timeout.
 
 Used only for a plain TCP or unix-socket Redis (no TLS, no Cluster); every other command, and
-every other deployment, stays on redis-py (``counters_redis``).
+every other deployment, stays on redis-py (``counters.redis``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,16 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.base import BudgetRequest, CounterOp, RateDecision
-from plant_gateway.backends.counters import Gcra, day_ttl, month_ttl, utc_day, utc_month
-from plant_gateway.backends.counters_memory import MemoryCounters
+from plant_gateway.backends.base import BudgetRequest, RateDecision
+from plant_gateway.counters import (
+    AuthStateOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+)
+from plant_gateway.counters.common import Gcra, day_ttl, month_ttl, utc_day, utc_month
+from plant_gateway.counters.memory import MemoryCounters
 from plant_gateway.guards.rate_limit import rate_headers
 from plant_gateway.settings import Settings
 
@@ -31,10 +38,10 @@ def ops() -> list[CounterOp]:
         customer_id="c1", customer_limit=50.0,
     )
     return [
-        CounterOp("auth_state", ("jti-1", "user-1")),
-        CounterOp("rate_limit", ("user:1", 10, 60.0, 1)),
-        CounterOp("daily_quota", ("trial:1", 2, None)),
-        CounterOp("budget_charge", (tight,)),
+        AuthStateOp("jti-1", "user-1"),
+        RateLimitOp("user:1", 10, 60.0, 1),
+        DailyQuotaOp("trial:1", 2, None),
+        BudgetChargeOp(tight),
     ]
 
 

@@ -7,69 +7,43 @@ read and its write, so on one event loop every check-and-update is atomic.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, assert_never
 
 from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
-    CounterOp,
     DependencyError,
     DependencyStatus,
     RateDecision,
 )
-from plant_gateway.backends.counters import (
-    GRACE_S,
+from plant_gateway.counters.common import (
     MICRO,
     Clock,
     Gcra,
-    alert_level,
+    UtcWindows,
     budget_verdict,
     day_ttl,
+    make_budget_decision,
     month_ttl,
-    next_utc_midnight,
-    next_utc_month,
     to_micro,
     utc_day,
-    utc_month,
+)
+from plant_gateway.counters.ops import (
+    ApprovalConsumeOp,
+    ApprovalReleaseOp,
+    AuthStateOp,
+    BudgetAdjustOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+    ReleaseQuotaOp,
 )
 
 if TYPE_CHECKING:
     from plant_gateway.settings import Settings
-
-
-class UtcWindows:
-    """The UTC day/month key strings and next boundaries, recomputed only when a boundary passes.
-
-    Valid for ``start <= now < end`` (one UTC day), so an injected clock may jump either way.
-    """
-
-    __slots__ = ("day", "month", "midnight", "month_end", "start", "end")
-
-    def __init__(self) -> None:
-        self.start = self.end = 0.0
-        self.day = self.month = ""
-        self.midnight = self.month_end = 0.0
-
-    def at(self, now: float) -> UtcWindows:
-        if not self.start <= now < self.end:
-            day_start = datetime.fromtimestamp(now, UTC).replace(
-                hour=0, minute=0, second=0, microsecond=0
-            )
-            self.day, self.month = utc_day(now), utc_month(now)
-            self.midnight = next_utc_midnight(now).timestamp()
-            self.month_end = next_utc_month(now).timestamp()
-            self.start, self.end = day_start.timestamp(), self.midnight
-        return self
-
-    def day_ttl(self, now: float) -> int:
-        """``counters.day_ttl(now)`` without date arithmetic."""
-        return int(self.midnight - now) + GRACE_S
-
-    def month_ttl(self, now: float) -> int:
-        return int(self.month_end - now) + GRACE_S
 
 
 class MemoryCounters:
@@ -84,16 +58,6 @@ class MemoryCounters:
         self._ops = 0
         self._windows = UtcWindows()
         self._gcra: dict[tuple[int, float, int], Gcra] = {}
-        self._direct: dict[str, Callable[..., Any]] = {
-            "auth_state": self._auth_state,
-            "rate_limit": self._rate_limit,
-            "daily_quota": self._daily_quota,
-            "budget_charge": self._budget_charge,
-            "budget_adjust": self._budget_adjust,
-            "release_quota": self._release_quota,
-            "approval_consume": self._approval_consume,
-            "approval_release": self._approval_release,
-        }
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -248,7 +212,7 @@ class MemoryCounters:
         charge = None
         if allowed:
             cost = int(round(request.cost_usd * MICRO))  # to_micro, inlined
-            month_end = now + (int(windows.month_end - now) + GRACE_S)  # windows.month_ttl
+            month_end = now + windows.month_ttl(now)
             platform += cost
             self._put(platform_key, platform, month_end)
             if agent_key:
@@ -303,65 +267,37 @@ class MemoryCounters:
     # --- batches ----------------------------------------------------------------------------
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
         """In process there is no round trip: run the ops one after another."""
-        results: list[Any] = []
-        direct = self._direct
-        for op in ops:
-            run = direct.get(op.kind)
-            try:
-                if run is not None:
-                    results.append(run(*op.args))
-                else:
-                    results.append(await getattr(self, op.kind)(*op.args))
-            except DependencyError as exc:
-                results.append(exc)
-        return results
+        return self.execute_now(ops)
 
     def execute_now(self, ops: Sequence[CounterOp]) -> list[Any]:
-        """``execute`` without a coroutine, for the batch ops (a ``CounterOp`` kind); the
-        admit step calls it on every request when the store is in process."""
+        """``execute`` without a coroutine; the admit step calls it on every request when the
+        store is in process."""
         results: list[Any] = []
-        direct = self._direct
         for op in ops:
             try:
-                results.append(direct[op.kind](*op.args))
+                results.append(self._run(op))
             except DependencyError as exc:
                 results.append(exc)
         return results
 
-
-def make_budget_decision(
-    request: BudgetRequest,
-    allowed: bool,
-    reason: str,
-    spent_micro: list[int],
-    charge: BudgetCharge | None,
-) -> BudgetDecision:
-    """Build the decision both backends return from micro-dollars spent (after any charge)."""
-    platform_micro, agent_micro, customer_micro = spent_micro
-    platform = platform_micro / 1_000_000
-    agent = agent_micro / 1_000_000
-    customer = customer_micro / 1_000_000
-    agent_limit, customer_limit = request.agent_limit, request.customer_limit
-    has_agent = request.agent_id is not None and agent_limit is not None
-    has_customer = request.customer_id is not None and customer_limit is not None
-    if reason and reason != "platform-high":
-        level = "critical"
-    else:
-        utilization = platform / request.platform_limit
-        if has_agent:
-            utilization = max(utilization, agent / agent_limit)  # type: ignore[operator]
-        if has_customer:
-            utilization = max(utilization, customer / customer_limit)  # type: ignore[operator]
-        level = alert_level(utilization, request.thresholds)
-    return BudgetDecision(
-        allowed,
-        level,
-        platform,
-        request.platform_limit,
-        agent if has_agent else None,
-        agent_limit if has_agent else None,
-        customer if has_customer else None,
-        customer_limit if has_customer else None,
-        0.0,
-        {"reason": reason, "charge": charge},
-    )
+    def _run(self, op: CounterOp) -> Any:
+        """The result of ``op``'s method, by the op's type (the most frequent first)."""
+        match op:
+            case AuthStateOp():
+                return self._auth_state(op.jti, op.user_id)
+            case RateLimitOp():
+                return self._rate_limit(op.key, op.limit, op.period_s, op.burst)
+            case DailyQuotaOp():
+                return self._daily_quota(op.key, op.limit, op.now)
+            case BudgetChargeOp():
+                return self._budget_charge(op.request)
+            case BudgetAdjustOp():
+                return self._budget_adjust(op.charge, op.delta_usd)
+            case ReleaseQuotaOp():
+                return self._release_quota(op.key, op.now)
+            case ApprovalConsumeOp():
+                return self._approval_consume(op.approval_id, op.ttl_s)
+            case ApprovalReleaseOp():
+                return self._approval_release(op.approval_id)
+            case _:
+                assert_never(op)

@@ -1,4 +1,4 @@
-"""The lean RESP channel of the counters hot batch (backends/counters_resp.py) on real Redis.
+"""The lean RESP channel of the counters hot batch (plant_gateway/counters/resp.py) on real Redis.
 
 Many requests' batches pipelined on one connection each get their own replies; a cancelled
 request does not shift the others' replies; losing Redis fails every waiting batch, a stuck
@@ -25,10 +25,16 @@ import pytest
 import redis
 import uvloop
 
-from plant_gateway.backends.base import CounterOp, DependencyError, RateDecision
-from plant_gateway.backends.counters import redis_server_binary
-from plant_gateway.backends.counters_redis import SHAS, RedisCounters
-from plant_gateway.backends.counters_resp import (
+from plant_gateway.backends.base import DependencyError, RateDecision
+from plant_gateway.counters import (
+    AuthStateOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+    redis_server_binary,
+)
+from plant_gateway.counters.redis import SHAS, RedisCounters
+from plant_gateway.counters.resp import (
     MAX_UNSENT_BYTES,
     MAX_WAITING_BATCHES,
     RespAddress,
@@ -56,7 +62,7 @@ def settings_for(url: str, prefix: str, **kw: Any) -> Settings:
 
 
 def version_op(user: str) -> CounterOp:
-    return CounterOp("auth_state", (None, user))
+    return AuthStateOp(None, user)
 
 
 async def test_concurrent_batches_share_one_connection_and_get_their_own_replies(
@@ -162,8 +168,8 @@ async def test_script_flush_reloads_the_scripts_and_applies_each_op_once(
         with redis.Redis.from_url(redis_server.url) as plain:
             plain.script_flush()
             plain.set(f"{s.token_version_prefix}u", 4)
-            ops = [version_op("u"), CounterOp("daily_quota", ("trial:u", 5, None)),
-                   CounterOp("rate_limit", ("ip:b", 100, 60, 10))]
+            ops = [version_op("u"), DailyQuotaOp("trial:u", 5, None),
+                   RateLimitOp("ip:b", 100, 60, 10)]
             version, quota, rate = await counters.execute(ops)
             assert version == (False, 4)
             assert isinstance(quota, RateDecision) and quota.allowed and quota.remaining == 4

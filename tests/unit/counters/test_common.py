@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from plant_gateway.backends import counters
-from plant_gateway.backends.counters_memory import MemoryCounters
+from plant_gateway import counters
+from plant_gateway.counters import common
+from plant_gateway.counters.memory import MemoryCounters
 from plant_gateway.settings import Settings, SettingsError
 
 
@@ -30,13 +31,13 @@ def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: 
     ],
 )
 def test_next_midnight_and_month(now: float, day: datetime, month: datetime) -> None:
-    assert counters.next_utc_midnight(now) == day
-    assert counters.next_utc_month(now) == month
-    assert counters.day_ttl(now) > 0 and counters.month_ttl(now) >= counters.day_ttl(now) - 1
+    assert common.next_utc_midnight(now) == day
+    assert common.next_utc_month(now) == month
+    assert common.day_ttl(now) > 0 and common.month_ttl(now) >= common.day_ttl(now) - 1
 
 
 def test_gcra_burst_then_steady_rate() -> None:
-    gcra = counters.Gcra(limit=10, period_s=10, burst=2)
+    gcra = common.Gcra(limit=10, period_s=10, burst=2)
     tat, now = None, 0
     allowed = []
     for _ in range(4):

@@ -31,7 +31,7 @@ Every guard call is an op planned as commands plus a reply parser; ``execute(ops
 ops of one request (revocation, token_version, rate limit, quota, budget) in ONE pipeline.
 
 On a standalone Redis (TCP or unix socket, no TLS) the batches go through ``RespChannel``
-(``counters_resp``): one connection that pipelines the batches of all concurrent requests,
+(``counters.resp``): one connection that pipelines the batches of all concurrent requests,
 packed and parsed by hiredis, because redis-py's ``Pipeline`` costs the gateway 5-10x more CPU
 per request (numbers in that module). Everything else (script loading, PING, revoke, the CLI
 commands, Cluster) uses the redis-py client.
@@ -40,7 +40,7 @@ commands, Cluster) uses the redis-py client.
 any startup node). Nothing else changes: the cluster pipeline groups the batch's commands by
 node and sends one pipeline per node concurrently (one round trip per node involved, in
 parallel); every EVALSHA carries its keys, all in one slot (``script_slots`` computes them;
-``tests/unit/test_counter_slots.py`` asserts one slot for every op); ``SCRIPT LOAD`` goes
+``tests/unit/counters/test_redis.py`` asserts one slot for every op); ``SCRIPT LOAD`` goes
 to every primary and a ``NOSCRIPT`` from any node (a failed-over or new primary) reloads the
 scripts everywhere and re-sends only the failed commands. A primary that is down makes at least
 the ops whose keys it owns (often the whole batch) ``DependencyError``s, so each guard's fail
@@ -57,7 +57,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -72,18 +72,31 @@ from plant_gateway.backends.base import (
     BudgetCharge,
     BudgetDecision,
     BudgetRequest,
-    CounterOp,
     DependencyError,
     DependencyStatus,
     RateDecision,
 )
-from plant_gateway.backends.counters import (
+from plant_gateway.counters.common import (
     Clock,
     Gcra,
+    calendar,
+    day_ttl,
+    make_budget_decision,
+    month_ttl,
     to_micro,
 )
-from plant_gateway.backends.counters_memory import UtcWindows, make_budget_decision
-from plant_gateway.backends.counters_resp import RespAddress, RespChannel
+from plant_gateway.counters.ops import (
+    ApprovalConsumeOp,
+    ApprovalReleaseOp,
+    AuthStateOp,
+    BudgetAdjustOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+    ReleaseQuotaOp,
+)
+from plant_gateway.counters.resp import RespAddress, RespChannel
 from plant_gateway.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -199,11 +212,6 @@ class RedisCounters:
         )
         self.channel: RespChannel | None = resp_channel(self.client, settings.redis_timeout_s)
         self.health = events.dependency("redis")  # one log line per outage and recovery
-        self.planners: dict[str, Callable[..., Plan]] = {
-            name.removeprefix("_plan_"): getattr(self, name)
-            for name in dir(self)
-            if name.startswith("_plan_")
-        }
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -267,28 +275,28 @@ class RedisCounters:
 
     async def auth_state(self, jti: str | None, user_id: str | None) -> tuple[bool, int | None]:
         """Revocation and token_version in one pipelined round trip (no transaction: two slots)."""
-        return await self._one(CounterOp("auth_state", (jti, user_id)))  # type: ignore[no-any-return]
+        return await self._one(AuthStateOp(jti, user_id))  # type: ignore[no-any-return]
 
     async def rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
-        return await self._one(CounterOp("rate_limit", (key, limit, period_s, burst)))  # type: ignore[no-any-return]
+        return await self._one(RateLimitOp(key, limit, period_s, burst))  # type: ignore[no-any-return]
 
     async def daily_quota(self, key: str, limit: int, now: float | None = None) -> RateDecision:
-        return await self._one(CounterOp("daily_quota", (key, limit, now)))  # type: ignore[no-any-return]
+        return await self._one(DailyQuotaOp(key, limit, now))  # type: ignore[no-any-return]
 
     async def release_quota(self, key: str, now: float) -> None:
-        await self._one(CounterOp("release_quota", (key, now)))
+        await self._one(ReleaseQuotaOp(key, now))
 
     async def budget_charge(self, request: BudgetRequest) -> BudgetDecision:
-        return await self._one(CounterOp("budget_charge", (request,)))  # type: ignore[no-any-return]
+        return await self._one(BudgetChargeOp(request))  # type: ignore[no-any-return]
 
     async def budget_adjust(self, charge: BudgetCharge, delta_usd: float) -> None:
-        await self._one(CounterOp("budget_adjust", (charge, delta_usd)))
+        await self._one(BudgetAdjustOp(charge, delta_usd))
 
     async def approval_consume(self, approval_id: str, ttl_s: int) -> bool:
-        return await self._one(CounterOp("approval_consume", (approval_id, ttl_s)))  # type: ignore[no-any-return]
+        return await self._one(ApprovalConsumeOp(approval_id, ttl_s))  # type: ignore[no-any-return]
 
     async def approval_release(self, approval_id: str) -> None:
-        await self._one(CounterOp("approval_release", (approval_id,)))
+        await self._one(ApprovalReleaseOp(approval_id))
 
     # --- batches: every op is a plan (commands + a reply parser); one pipeline runs them all --
     async def execute(self, ops: Sequence[CounterOp]) -> list[Any]:
@@ -342,10 +350,26 @@ class RedisCounters:
         return replies
 
     def _plan(self, op: CounterOp) -> Plan:
-        planner = self.planners.get(op.kind)
-        if planner is None:
-            raise ValueError(f"unknown counters op {op.kind!r}")
-        return planner(*op.args)
+        """The commands and reply parser of ``op``, by the op's type (the most frequent first)."""
+        match op:
+            case AuthStateOp():
+                return self._plan_auth_state(op.jti, op.user_id)
+            case RateLimitOp():
+                return self._plan_rate_limit(op.key, op.limit, op.period_s, op.burst)
+            case DailyQuotaOp():
+                return self._plan_daily_quota(op.key, op.limit, op.now)
+            case BudgetChargeOp():
+                return self._plan_budget_charge(op.request)
+            case BudgetAdjustOp():
+                return self._plan_budget_adjust(op.charge, op.delta_usd)
+            case ReleaseQuotaOp():
+                return self._plan_release_quota(op.key, op.now)
+            case ApprovalConsumeOp():
+                return self._plan_approval_consume(op.approval_id, op.ttl_s)
+            case ApprovalReleaseOp():
+                return self._plan_approval_release(op.approval_id)
+            case _:
+                assert_never(op)
 
     def _plan_auth_state(self, jti: str | None, user_id: str | None) -> Plan:
         commands: list[Command] = []
@@ -498,24 +522,6 @@ def resp_channel(client: aioredis.Redis | RedisCluster, timeout: float) -> RespC
         password=kwargs.get("password"),
     )
     return RespChannel(address, timeout)
-
-
-# the day/month strings and boundaries, recomputed only when a UTC day passes (datetime
-# arithmetic was a good part of planning a batch); the event loop is the only user
-_WINDOWS = UtcWindows()
-
-
-def calendar(now: float) -> UtcWindows:
-    return _WINDOWS.at(now)
-
-
-def day_ttl(now: float) -> int:
-    """``counters.day_ttl``, from the cached calendar."""
-    return calendar(now).day_ttl(now)
-
-
-def month_ttl(now: float) -> int:
-    return calendar(now).month_ttl(now)
 
 
 def _none(replies: list[Any]) -> None:

@@ -11,8 +11,19 @@ from typing import Any
 
 import pytest
 
-from plant_gateway.backends.base import BudgetCharge, BudgetRequest, CounterOp
-from plant_gateway.backends.counters_redis import RedisCounters, script_slots
+from plant_gateway.backends.base import BudgetCharge, BudgetRequest
+from plant_gateway.counters import (
+    ApprovalConsumeOp,
+    ApprovalReleaseOp,
+    AuthStateOp,
+    BudgetAdjustOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+    ReleaseQuotaOp,
+)
+from plant_gateway.counters.redis import RedisCounters, script_slots
 from plant_gateway.settings import Settings, SettingsError
 
 PREFIXES = ["", "gw:", "a{b}:", "x{", "}{", "{budget}:"]
@@ -38,14 +49,14 @@ def sample_ops() -> dict[str, list[CounterOp]]:
     charges = [BudgetCharge("20250314", "202503", a, c, 0.01)
                for a, c in itertools.product(AGENTS, CUSTOMERS)]
     return {
-        "auth_state": [CounterOp("auth_state", ("jti-1", "user-1"))],
-        "rate_limit": [CounterOp("rate_limit", (p, 100, 3600, 10)) for p in PRINCIPALS],
-        "daily_quota": [CounterOp("daily_quota", (p, 10, NOW)) for p in PRINCIPALS],
-        "release_quota": [CounterOp("release_quota", (p, NOW)) for p in PRINCIPALS],
-        "budget_charge": [CounterOp("budget_charge", (b,)) for b in budgets],
-        "budget_adjust": [CounterOp("budget_adjust", (c, 0.002)) for c in charges],
-        "approval_consume": [CounterOp("approval_consume", ("APR-x", 60))],
-        "approval_release": [CounterOp("approval_release", ("APR-x",))],
+        "auth_state": [AuthStateOp("jti-1", "user-1")],
+        "rate_limit": [RateLimitOp(p, 100, 3600, 10) for p in PRINCIPALS],
+        "daily_quota": [DailyQuotaOp(p, 10, NOW) for p in PRINCIPALS],
+        "release_quota": [ReleaseQuotaOp(p, NOW) for p in PRINCIPALS],
+        "budget_charge": [BudgetChargeOp(b) for b in budgets],
+        "budget_adjust": [BudgetAdjustOp(c, 0.002) for c in charges],
+        "approval_consume": [ApprovalConsumeOp("APR-x", 60)],
+        "approval_release": [ApprovalReleaseOp("APR-x")],
     }
 
 
@@ -93,7 +104,7 @@ def test_principals_spread_over_slots() -> None:
     slots = {
         slot
         for i in range(200)
-        for command in evalsha_commands(backend, CounterOp("rate_limit", (f"user:{i}", 1, 1, 0)))
+        for command in evalsha_commands(backend, RateLimitOp(f"user:{i}", 1, 1, 0))
         for slot in script_slots(command)
     }
     assert len(slots) > 150  # per-principal tags: rate limits scale out with the cluster

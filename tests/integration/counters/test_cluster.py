@@ -17,12 +17,19 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 
-from plant_gateway.backends import counters as counters_factory
-from plant_gateway.backends.base import BudgetRequest, CounterOp, DependencyError
-from plant_gateway.backends.counters_redis import RedisCounters, script_slots
+from plant_gateway import counters as counters_factory
+from plant_gateway.backends.base import BudgetRequest, DependencyError
+from plant_gateway.counters import (
+    AuthStateOp,
+    BudgetChargeOp,
+    CounterOp,
+    DailyQuotaOp,
+    RateLimitOp,
+)
+from plant_gateway.counters.redis import RedisCounters, script_slots
 from plant_gateway.settings import Settings
 from tests.fixtures.redis import RedisClusterProcesses, free_port
-from tests.integration.test_counters import make_settings
+from tests.integration.counters.test_redis import make_settings
 
 
 def cluster_settings(url: str, prefix: str) -> Settings:
@@ -55,10 +62,10 @@ def node_writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
 def request_ops(user: str) -> list[CounterOp]:
     budget = BudgetRequest(0.001, 100.0, "agent-c", 1.0, "cust-c", 10.0)
     return [
-        CounterOp("auth_state", (f"jti-{user}", user)),
-        CounterOp("rate_limit", (f"user:{user}", 100, 3600, 10)),
-        CounterOp("daily_quota", (f"trial:{user}", 10, None)),
-        CounterOp("budget_charge", (budget,)),
+        AuthStateOp(f"jti-{user}", user),
+        RateLimitOp(f"user:{user}", 100, 3600, 10),
+        DailyQuotaOp(f"trial:{user}", 10, None),
+        BudgetChargeOp(budget),
     ]
 
 

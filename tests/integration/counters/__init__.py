@@ -1,0 +1,1 @@
+"""Integration tests of plant_gateway.counters on a real Redis (standalone and Cluster)."""
