@@ -33,7 +33,13 @@ from plant_gateway.forwarding.client import (
 from plant_gateway.forwarding.deadlines import CLIENT_GONE, DEADLINE, ClientLink, Deadlines
 from plant_gateway.forwarding.headers import encoded_header_fields, invalid_header, request_head
 from plant_gateway.forwarding.relay import ResponseStarted, relay
-from plant_gateway.forwarding.upstream import Upstream, bad_gateway, count, unavailable
+from plant_gateway.forwarding.upstream import (
+    Upstream,
+    bad_gateway,
+    count,
+    no_id_token,
+    unavailable,
+)
 from plant_gateway.forwarding.websocket import forward_websocket
 from plant_gateway.pipeline.ingress import (
     BodySource,
@@ -166,7 +172,7 @@ class Proxy:
             fields += await upstream.auth_field()
         except (aiohttp.ClientError, TimeoutError):
             upstream.breaker.failure()
-            return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+            return no_id_token()
         return None
 
     def _stopped(self, ctx: RequestContext, reason: str, started: bool) -> Problem | None:

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from plant_gateway import events, metrics
+from plant_gateway import events, metrics, problems
 from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.forwarding.breaker import CircuitBreaker
 from plant_gateway.forwarding.client import UpstreamPool, pool_for_url
@@ -118,12 +118,19 @@ class Upstream:
         return DependencyStatus(f"upstream_{self.name}", ok, True, detail, latency)
 
 
+def no_id_token() -> Problem:
+    """503: the backend's Google ID token could not be had (the metadata server failed)."""
+    return problems.unavailable(
+        "id-token", "could not obtain a backend identity token", kind="upstream-unavailable"
+    )
+
+
 def unavailable(upstream: Upstream, why: str) -> Problem:
     """503 with the breaker's Retry-After when it is open."""
     retry = upstream.breaker.retry_after() if upstream.breaker.state == "open" else 1
-    return Problem(
-        503, "upstream-unavailable", f"the backend is unavailable: {why}",
-        headers=[("retry-after", str(retry))],
+    return problems.unavailable(
+        "upstream", f"the backend is unavailable: {why}", kind="upstream-unavailable",
+        retry_after_s=retry,
     )
 
 

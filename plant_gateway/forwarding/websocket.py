@@ -13,7 +13,7 @@ import aiohttp
 
 from plant_gateway.forwarding.client import InvalidHeader
 from plant_gateway.forwarding.headers import encoded_header_fields, text_fields
-from plant_gateway.forwarding.upstream import unavailable
+from plant_gateway.forwarding.upstream import no_id_token, unavailable
 from plant_gateway.problems import Problem
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ async def forward_websocket(
         headers = text_fields([f for f in fields if f[0].lower() != b"content-length"])
     except (aiohttp.ClientError, TimeoutError):
         upstream.breaker.failure()
-        return Problem(503, "upstream-unavailable", "could not obtain a backend identity token")
+        return no_id_token()
     except InvalidHeader as exc:
         ctx.error_type = "invalid-header"  # as on the HTTP path
         return Problem(400, "bad-request", f"a header value cannot be forwarded: {exc}")
