@@ -176,10 +176,30 @@ def default_tiers() -> dict[str, RateTier]:
     }
 
 
-class Settings(BaseSettings):
+class SettingsSources(BaseSettings):
+    """Where every setting comes from: the environment, then the ``PLANT_CONFIG`` YAML file."""
+
     model_config = SettingsConfigDict(
         extra="ignore", populate_by_name=True, case_sensitive=False, frozen=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("PLANT_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+class Settings(SettingsSources):
 
     # --- process -------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=env_alias("HOST"))
@@ -708,45 +728,13 @@ class Settings(BaseSettings):
             found = self._sections[model] = model()
         return found  # type: ignore[no-any-return]
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("PLANT_CONFIG")
-        if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
 
-
-class GuardSettings(BaseSettings):
+class GuardSettings(SettingsSources):
     """The base of a guard's own settings: a guard added later declares its variables itself.
 
     Read like ``Settings`` (environment names win over the ``PLANT_CONFIG`` file), once per
     ``Settings`` (``Settings.section``); its keys are valid in the config file.
     """
-
-    model_config = SettingsConfigDict(
-        extra="ignore", populate_by_name=True, case_sensitive=False, frozen=True
-    )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return Settings.settings_customise_sources(
-            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        )
 
 
 SectionT = TypeVar("SectionT", bound=GuardSettings)
