@@ -200,6 +200,7 @@ class SettingsSources(BaseSettings):
 
 
 class Settings(SettingsSources):
+    """Every setting of the gateway but the guards' own sections, validated once."""
 
     # --- process -------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=env_alias("HOST"))
