@@ -69,7 +69,7 @@ def bench_local(settings: Settings, n: int) -> list[str]:
 
 
 async def bench_remote(settings: Settings, n: int) -> list[str]:
-    from tests.integration.test_policy_remote import OpaServer
+    from tests.integration.opa_server import OpaServer
 
     server = OpaServer()
     try:

@@ -18,7 +18,7 @@ import redis
 from aiohttp import web
 
 from tests.fixtures.processes import JWT_SECRET, Proc, free_port, start_gateway
-from tests.integration.test_jwks import jwk
+from tests.integration.backends.test_keys_jwks import jwk
 from tests.unit.auth_support import claims, forge_hs256, mint, public_pem, rsa_key, unsigned
 
 ONLY_AUTH = {"PLANT_GUARDS": "auth,tenant"}

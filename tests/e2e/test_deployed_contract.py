@@ -32,7 +32,7 @@ from tests.fixtures.processes import (
     start_gateway,
 )
 from tests.integration.audit.test_adoption import BACKEND_007
-from tests.integration.test_policy_remote import OpaServer
+from tests.integration.opa_server import OpaServer
 
 SERVICE_KEY = "cp-registration-key-for-tests-0123456789"
 ID_TOKEN = "header.eyJleHAiOjQxMDI0NDQ4MDB9.signature"  # exp far ahead

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.processes import Proc, mint_token, start_gateway
-from tests.integration.test_policy_remote import OpaServer
+from tests.integration.opa_server import OpaServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SENSITIVE = [

@@ -2,6 +2,7 @@
 
 ``POST /_mode {"mode": ...}`` switches failure modes (ok, slow, error, undefined, bool, garbage);
 any other path records the request (``GET /_hits``), so it doubles as a recording backend.
+``OpaServer`` runs this file as a child process for the tests, the e2e suite and the bench.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import TypedDict
@@ -16,6 +22,8 @@ from typing import TypedDict
 from aiohttp import web
 
 from plant_gateway.backends.policy_local import CompiledBundle, compile_bundle, load_sources
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerState(TypedDict):
@@ -73,6 +81,50 @@ def make_app(policy_dir: Path, token: str | None = None) -> web.Application:
     app.router.add_get("/_hits", hits)
     app.router.add_route("*", "/{tail:.*}", record)
     return app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OpaServer:
+    """This file's server as a child process on a free port; ``stop()`` ends it."""
+
+    def __init__(self, policy_dir: Path = ROOT / "policies", token: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.popen = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--port",
+             str(self.port), "--policy-dir", str(policy_dir),
+             *(("--token", token) if token else ())],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                    return
+            except OSError:
+                if self.popen.poll() is not None:
+                    output = self.popen.stderr.read().decode()  # type: ignore[union-attr]
+                    raise RuntimeError(output) from None
+                time.sleep(0.05)
+        raise RuntimeError("OPA test server did not start")
+
+    def mode(self, mode: str) -> None:
+        req = urllib.request.Request(f"{self.url}/_mode", data=json.dumps({"mode": mode}).encode(),
+                                     headers={"content-type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def state(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/_hits", timeout=5) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(10)
 
 
 def main() -> None:

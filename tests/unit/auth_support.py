@@ -1,6 +1,7 @@
 """Helpers for the authentication tests: keys, token minting, settings and request contexts.
 
-Imported by tests/unit/test_auth*.py, tests/integration/test_jwks*.py and the auth e2e tests.
+Imported by the auth and key tests (tests/unit/guards, tests/unit/backends/test_keys.py,
+tests/integration/backends/test_keys_jwks.py), the tests that need a token, and the auth e2e tests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guards' counter ops batched into one round trip (pipeline/counter_batch.py), on both backends.
+"""The guards' counter ops batched into one round trip (pipeline/counter_batch.py) on both backends.
 
 Round trips counted on the wire, error precedence across a refusing step in between, refunds
 of a refused request's quota/budget charges, and the fail modes when the batch cannot run.

@@ -240,7 +240,7 @@ def test_missing_or_malformed_flags_file_stops_start_up(tmp_path: Path) -> None:
 
 
 def test_example_flags_file_is_valid() -> None:
-    example = Path(__file__).resolve().parents[2] / "deploy" / "flags.example.yaml"
+    example = Path(__file__).resolve().parents[3] / "deploy" / "flags.example.yaml"
     assert isinstance(F.create(settings(flags_file=example)), F.LaunchDarklyFlags)
 
 

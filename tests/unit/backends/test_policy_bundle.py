@@ -10,7 +10,7 @@ from pathlib import Path
 from plant_gateway.backends import policy_bundle
 from plant_gateway.backends.policy_local import compile_bundle, load_sources
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_bundle_layout_and_decisions(tmp_path: Path) -> None:

@@ -6,14 +6,7 @@ Covers decisions, decision ids, timeout, 5xx, undefined results, the breaker and
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TypedDict, Unpack
 
 import pytest
@@ -21,52 +14,10 @@ import pytest
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.policy_remote import RemotePolicyEngine
 from plant_gateway.settings import Settings
+from tests.integration.opa_server import OpaServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 ALLOW = {"jwt": {"roles": ["user"]}, "resource": "agents", "action": "read"}
 DENY = {"jwt": {"roles": ["readonly"]}, "resource": "agents", "action": "create"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OpaServer:
-    def __init__(self, policy_dir: Path = ROOT / "policies", token: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.popen = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/integration/opa_server.py"), "--port",
-             str(self.port), "--policy-dir", str(policy_dir),
-             *(("--token", token) if token else ())],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
-                    return
-            except OSError:
-                if self.popen.poll() is not None:
-                    output = self.popen.stderr.read().decode()  # type: ignore[union-attr]
-                    raise RuntimeError(output) from None
-                time.sleep(0.05)
-        raise RuntimeError("OPA test server did not start")
-
-    def mode(self, mode: str) -> None:
-        req = urllib.request.Request(f"{self.url}/_mode", data=json.dumps({"mode": mode}).encode(),
-                                     headers={"content-type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).close()
-
-    def state(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"{self.url}/_hits", timeout=5) as resp:
-            return json.loads(resp.read())  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        self.popen.wait(10)
 
 
 @pytest.fixture(scope="module")

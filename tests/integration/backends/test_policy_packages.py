@@ -16,9 +16,9 @@ from plant_gateway.backends.base import DependencyError
 from plant_gateway.backends.policy import create
 from plant_gateway.backends.policy_packages import PackagesPolicyEngine
 from plant_gateway.settings import Settings
-from tests.integration.test_policy_remote import OpaServer
+from tests.integration.opa_server import OpaServer
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "deployed_opa"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "deployed_opa"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Integration tests of plant_gateway.backends against real local servers (OPA, JWKS, approvals)."""

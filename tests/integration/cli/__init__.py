@@ -1,0 +1,1 @@
+"""Integration tests of plant_gateway.cli commands against real Redis."""
