@@ -44,6 +44,7 @@ from plant_gateway.audit.schema import (
 )
 from plant_gateway.json_limits import MAX_DEPTH as MAX_JSON_DEPTH
 from plant_gateway.json_limits import too_deep
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.pipeline.identity import CACHED_IDENTITY
 from plant_gateway.redaction import MASK, redact, sensitive_key
 from plant_gateway.redaction import mask_text as _mask_text
@@ -182,14 +183,20 @@ class AuditRecorder:
         # row ids: a random UUIDv4-shaped prefix per recorder + a counter (unique, cheap)
         self._id_prefix = str(uuid.uuid4())[:24]
         self._ids = 0
-        self._header_cache: dict[tuple[tuple[str, str], ...], Fragment | None] = {}
+        self._header_cache: BoundedMemo[tuple[tuple[str, str], ...], Fragment | None] = (
+            BoundedMemo(HEADER_CACHE_MAX)
+        )
         # header lists (as tuples of pairs) with no hidden header -> the same Fragment
-        self._open_header_cache: dict[tuple[Any, ...], Fragment | None] = {}
-        self._query_cache: dict[str, Fragment] = {}
+        self._open_header_cache: BoundedMemo[tuple[Any, ...], Fragment | None] = BoundedMemo(
+            HEADER_CACHE_MAX
+        )
+        self._query_cache: BoundedMemo[str, Fragment] = BoundedMemo(HEADER_CACHE_MAX)
         # header name tuple -> itemgetter of its visible values (see ``_header_key``)
-        self._plans: dict[tuple[Any, ...], Any] = {}
+        self._plans: BoundedMemo[tuple[Any, ...], Any] = BoundedMemo(HEADER_CACHE_MAX)
         # id(shared Identity) -> (that Identity, its columns): see ``_identity_values``
-        self._identity_cache: dict[int, tuple[Identity, tuple[Any, ...]]] = {}
+        self._identity_cache: BoundedMemo[int, tuple[Identity, tuple[Any, ...]]] = BoundedMemo(
+            HEADER_CACHE_MAX
+        )
 
     def record(self, ctx: RequestContext) -> None:
         try:
@@ -230,23 +237,19 @@ class AuditRecorder:
         try:
             if headers.__class__ is list:  # response headers: often none hidden
                 pairs = tuple(headers)
-                cached = self._open_header_cache.get(pairs, _MISS)
+                cached = self._open_header_cache.data.get(pairs, _MISS)
                 if cached is not _MISS:
                     return cached  # type: ignore[return-value]
             key = self._header_key(headers)
-            cached = self._header_cache.get(key, _MISS)
+            cached = self._header_cache.data.get(key, _MISS)
         except TypeError:  # unhashable names or items (lists, not tuples): no memo
             return _fragment(dump_json(redact_headers(headers, self.secret_values)))
         if cached is not _MISS:
             return cached  # type: ignore[return-value]
         text = _fragment(dump_json(redact_headers(headers, self.secret_values)))
-        if len(self._header_cache) >= HEADER_CACHE_MAX:
-            self._header_cache.clear()
-        self._header_cache[key] = text
+        self._header_cache.put(key, text)
         if pairs is not None and _all_visible(pairs):
-            if len(self._open_header_cache) >= HEADER_CACHE_MAX:
-                self._open_header_cache.clear()
-            self._open_header_cache[pairs] = text
+            self._open_header_cache.put(pairs, text)
         return text
 
     def _header_key(self, headers: Any) -> tuple[Any, ...]:
@@ -258,7 +261,7 @@ class AuditRecorder:
             if type(headers) is not list:
                 headers = list(headers)
             names = tuple(map(_FIRST, headers))
-        plan = self._plans.get(names, _MISS)
+        plan = self._plans.data.get(names, _MISS)
         if plan is _MISS:
             plan = self._plan(names, isinstance(headers, dict))
         if plan is None:
@@ -268,12 +271,11 @@ class AuditRecorder:
     def _plan(self, names: tuple[Any, ...], by_name: bool) -> Any:
         """An itemgetter of the visible headers' values (by name for a dict, by position for
         a list of pairs), or None when every header is hidden."""
-        if len(self._plans) >= HEADER_CACHE_MAX:
-            self._plans.clear()
+        self._plans.make_room()
         visible = [name if by_name else i for i, name in enumerate(names)
                    if not _hidden_header(str(name).lower())]
         plan = itemgetter(*visible) if visible else None
-        self._plans[names] = plan
+        self._plans.data[names] = plan  # room was made above
         return plan
 
     def _detail_on(self, ctx: RequestContext) -> bool:
@@ -388,13 +390,11 @@ class AuditRecorder:
         if found is None or found[0] is not ident:
             return _identity_columns(ident)
         shared = found[1]
-        entry = self._identity_cache.get(id(shared))
+        entry = self._identity_cache.data.get(id(shared))
         if entry is not None and entry[0] is shared:
             return entry[1]  # type: ignore[no-any-return]
         columns = _identity_columns(shared)
-        if len(self._identity_cache) >= HEADER_CACHE_MAX:
-            self._identity_cache.clear()
-        self._identity_cache[id(shared)] = (shared, columns)  # holds it: no id() reuse
+        self._identity_cache.put(id(shared), (shared, columns))  # holds it: no id() reuse
         return columns
 
     def build_row(self, ctx: RequestContext) -> dict[str, Any]:
@@ -432,7 +432,7 @@ class AuditRecorder:
     def query_json(self, query_string: str) -> Fragment | None:
         """Redacted query parameters as jsonb text, memoised only when nothing was masked
         (so no secret is ever kept in the memo)."""
-        cached = self._query_cache.get(query_string)
+        cached = self._query_cache.data.get(query_string)
         if cached is not None:
             return cached
         text = dump_json(self._query(query_string))
@@ -440,9 +440,7 @@ class AuditRecorder:
             return None
         fragment = Fragment(text)
         if MASK not in text and len(query_string) <= TEXT_CAP:
-            if len(self._query_cache) >= HEADER_CACHE_MAX:
-                self._query_cache.clear()
-            self._query_cache[query_string] = fragment
+            self._query_cache.put(query_string, fragment)
         return fragment
 
     def _query(self, query_string: str) -> dict[str, Any] | None:

@@ -41,9 +41,12 @@ from plant_gateway.counters.ops import (
     RateLimitOp,
     ReleaseQuotaOp,
 )
+from plant_gateway.memo import BoundedMemo
 
 if TYPE_CHECKING:
     from plant_gateway.settings import Settings
+
+_GCRA_MEMO_LIMIT = 1024  # distinct (limit, period, burst) triples: configured, so few in practice
 
 
 class MemoryCounters:
@@ -57,7 +60,7 @@ class MemoryCounters:
         self._data: dict[str, tuple[int, float | None]] = {}
         self._ops = 0
         self._windows = UtcWindows()
-        self._gcra: dict[tuple[int, float, int], Gcra] = {}
+        self._gcra: BoundedMemo[tuple[int, float, int], Gcra] = BoundedMemo(_GCRA_MEMO_LIMIT)
 
     # --- Dependency ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,11 +159,9 @@ class MemoryCounters:
         return self._rate_limit(key, limit, period_s, burst)
 
     def _rate_limit(self, key: str, limit: int, period_s: float, burst: int) -> RateDecision:
-        gcra = self._gcra.get((limit, period_s, burst))
+        gcra = self._gcra.data.get((limit, period_s, burst))
         if gcra is None:
-            if len(self._gcra) >= 1024:
-                self._gcra.clear()
-            gcra = self._gcra[(limit, period_s, burst)] = Gcra(limit, period_s, burst)
+            gcra = self._gcra.put((limit, period_s, burst), Gcra(limit, period_s, burst))
         now = self.clock()
         full_key = "rl:" + key
         allowed, tat, remaining, reset_s, retry = gcra.step(

@@ -17,6 +17,7 @@ from plant_gateway.backends.base import DependencyStatus
 from plant_gateway.forwarding.breaker import CircuitBreaker
 from plant_gateway.forwarding.client import UpstreamPool, pool_for_url
 from plant_gateway.forwarding.id_tokens import IdTokenSource
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.problems import Problem
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class Upstream:
             host = f"[{host}]"
         self.host_header = (host if self.base.is_default_port() else f"{host}:{port}").encode()
         self._base_path = self.base.raw_path.rstrip("/")
-        self._targets: dict[tuple[str, str], bytes] = {}
+        self._targets: BoundedMemo[tuple[str, str], bytes] = BoundedMemo(_URL_CACHE_LIMIT)
         self.id_tokens = (
             IdTokenSource(settings.plant_backend_audience or base_url)
             if settings.plant_backend_use_id_token else None
@@ -81,14 +82,12 @@ class Upstream:
     def target(self, path: str, query: str) -> bytes:
         """The request target (percent-encoded path and query) as bytes, like ``url``."""
         key = (path, query)
-        found = self._targets.get(key)
+        found = self._targets.data.get(key)
         if found is None:
             text = self._base_path + quote(path, safe=SAFE_PATH)
             found = (f"{text}?{query}" if query else text or "/").encode("latin-1", "replace")
             if len(path) + len(query) <= _URL_CACHE_KEY_MAX:
-                if len(self._targets) >= _URL_CACHE_LIMIT:
-                    self._targets.clear()
-                self._targets[key] = found
+                self._targets.put(key, found)
         return found
 
     def url(self, path: str, query: str) -> URL:

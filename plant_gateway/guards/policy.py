@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from plant_gateway import governor
 from plant_gateway.backends.base import DependencyError
 from plant_gateway.context import Identity, RequestContext
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.pipeline.identity import cached_identity
 from plant_gateway.pipeline.step import GuardSpec, Phase
 from plant_gateway.problems import Problem
@@ -67,20 +68,20 @@ def _norm(segment: str) -> str:
     return segment.lower().replace("-", "_")
 
 
-_SPLIT_CACHE: dict[str, tuple[str, str | None, str | None, str]] = {}
 _SPLIT_CACHE_SIZE = 4096
 _SPLIT_CACHE_KEY_MAX = 256
+_SPLIT_CACHE: BoundedMemo[str, tuple[str, str | None, str | None, str]] = BoundedMemo(
+    _SPLIT_CACHE_SIZE
+)
 
 
 def split_path(path: str) -> tuple[str, str | None, str | None, str]:
     """``_split_path`` memoised for short paths (bounded: cleared when full)."""
-    found = _SPLIT_CACHE.get(path)
+    found = _SPLIT_CACHE.data.get(path)
     if found is None:
         found = _split_path(path)
         if len(path) <= _SPLIT_CACHE_KEY_MAX:
-            if len(_SPLIT_CACHE) >= _SPLIT_CACHE_SIZE:
-                _SPLIT_CACHE.clear()
-            _SPLIT_CACHE[path] = found
+            _SPLIT_CACHE.put(path, found)
     return found
 
 
@@ -173,23 +174,20 @@ class JwtInputCache:
     """``jwt_input`` per cached Identity (``auth.cached_identity``): one object per verified
     token, never mutated, so the document is built once per token (checked with ``is``)."""
 
-    __slots__ = ("entries", "size")
+    __slots__ = ("entries",)
 
     def __init__(self, size: int = 10_000) -> None:
-        self.size = size
-        self.entries: dict[str, tuple[Identity, dict[str, Any]]] = {}
+        self.entries: BoundedMemo[str, tuple[Identity, dict[str, Any]]] = BoundedMemo(size)
 
     def get(self, identity: Identity | None) -> dict[str, Any]:
         if identity is None or identity.token_digest is None:
             return jwt_input(identity)
         key = identity.token_digest
-        entry = self.entries.get(key)
+        entry = self.entries.data.get(key)
         if entry is not None and entry[0] is identity:
             return entry[1]
         doc = jwt_input(identity)
-        if len(self.entries) >= self.size:
-            self.entries.clear()
-        self.entries[key] = (identity, doc)
+        self.entries.put(key, (identity, doc))
         return doc
 
 

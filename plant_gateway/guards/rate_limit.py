@@ -20,6 +20,7 @@ from plant_gateway import metrics
 from plant_gateway.backends.base import RateDecision
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.counters import RateLimitOp
+from plant_gateway.memo import BoundedMemo
 from plant_gateway.pipeline.counter_batch import store_failure, submit
 from plant_gateway.pipeline.identity import cached_identity, principal_of
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
@@ -66,7 +67,7 @@ def tier_of(identity: Identity) -> str:
 
 def rate_headers(decision: RateDecision, period_s: float) -> list[tuple[str, str]]:
     reset = decision.retry_after_s if decision.remaining == 0 else decision.reset_s
-    fixed = _FIXED_RATE_HEADERS.get((decision.limit, period_s)) or _fixed_rate_headers(
+    fixed = _FIXED_RATE_HEADERS.data.get((decision.limit, period_s)) or _fixed_rate_headers(
         decision.limit, period_s
     )
     return [
@@ -77,21 +78,21 @@ def rate_headers(decision: RateDecision, period_s: float) -> list[tuple[str, str
     ]
 
 
-_FIXED_RATE_HEADERS: dict[tuple[int, float], tuple[tuple[str, str], tuple[str, str]]] = {}
+_FIXED_RATE_HEADERS: BoundedMemo[tuple[int, float], tuple[tuple[str, str], tuple[str, str]]] = (
+    BoundedMemo(1024)
+)
 
 
 def _fixed_rate_headers(
     limit: int, period_s: float
 ) -> tuple[tuple[str, str], tuple[str, str]]:
     """The limit and policy headers of a tier: formatted once per (limit, period)."""
-    fixed = _FIXED_RATE_HEADERS.get((limit, period_s))
+    fixed = _FIXED_RATE_HEADERS.data.get((limit, period_s))
     if fixed is None:
-        if len(_FIXED_RATE_HEADERS) >= 1024:
-            _FIXED_RATE_HEADERS.clear()
-        fixed = _FIXED_RATE_HEADERS[(limit, period_s)] = (
+        fixed = _FIXED_RATE_HEADERS.put((limit, period_s), (
             ("ratelimit-limit", str(limit)),
             ("ratelimit-policy", f"{limit};w={int(period_s)}"),
-        )
+        ))
     return fixed
 
 
@@ -106,7 +107,9 @@ class RateLimitStep:
         bf_limit = config.brute_force_limit_per_min
         self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
         self.batched = False  # set by the registry when the pipeline has a counter batch
-        self._limits: dict[str, tuple[Identity, tuple[str, str, int, float, int]]] = {}
+        self._limits: BoundedMemo[str, tuple[Identity, tuple[str, str, int, float, int]]] = (
+            BoundedMemo(10_000)
+        )
 
     def limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:
         """(counter key, tier label, limit, period, burst) of this request."""
@@ -116,13 +119,11 @@ class RateLimitStep:
         digest = identity.token_digest if identity is not None else None
         if identity is None or digest is None:
             return self._limit_for(ctx)
-        entry = self._limits.get(digest)
+        entry = self._limits.data.get(digest)
         if entry is not None and entry[0] is identity:
             return entry[1]
         limit = self._limit_for(ctx)
-        if len(self._limits) >= 10_000:
-            self._limits.clear()
-        self._limits[digest] = (identity, limit)
+        self._limits.put(digest, (identity, limit))
         return limit
 
     def _limit_for(self, ctx: RequestContext) -> tuple[str, str, int, float, int]:

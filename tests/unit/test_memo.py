@@ -3,6 +3,8 @@ it full, the same dict object throughout (callers read ``memo.data`` directly)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from plant_gateway.memo import BoundedMemo
 
 
@@ -74,3 +76,57 @@ def test_a_zero_limit_keeps_only_the_latest_entry() -> None:
     memo.put("b", 2)
 
     assert memo.data == {"b": 2}
+
+
+# --- the memos built on it keep their limits and key-size conditions ---------------------------
+
+
+def test_split_path_memoises_only_paths_up_to_256_chars() -> None:
+    from plant_gateway.guards import policy
+
+    short, long = "/api/v1/agents/memo-short", "/api/v1/agents/" + "x" * 256
+    assert policy.split_path(short) == policy._split_path(short)
+    assert policy.split_path(long) == policy._split_path(long)
+
+    assert short in policy._SPLIT_CACHE.data and long not in policy._SPLIT_CACHE.data
+    assert policy._SPLIT_CACHE.limit == 4096
+
+
+def test_upstream_target_memoises_only_keys_up_to_512_chars() -> None:
+    from plant_gateway.forwarding.upstream import Upstream
+    from plant_gateway.settings import Settings
+
+    settings = Settings(plant_backend_url="http://127.0.0.1:9")
+    upstream = Upstream("plant", "http://127.0.0.1:9/base", settings)
+    assert upstream.target("/a b", "q=1") == b"/base/a%20b?q=1"
+    upstream.target("/p", "q=" + "x" * 512)
+
+    assert upstream._targets.data == {("/a b", "q=1"): b"/base/a%20b?q=1"}
+    assert upstream._targets.limit == 1024
+
+
+def test_fixed_rate_headers_and_gcra_memos_keep_their_limits() -> None:
+    from plant_gateway.counters.memory import MemoryCounters
+    from plant_gateway.guards import rate_limit
+    from plant_gateway.settings import Settings
+
+    counters = MemoryCounters(Settings(plant_backend_url="http://127.0.0.1:9"))
+    assert counters._rate_limit("k", 10, 60.0, 2).allowed
+    assert list(counters._gcra.data) == [(10, 60.0, 2)] and counters._gcra.limit == 1024
+    pair = rate_limit._fixed_rate_headers(10, 60.0)
+    assert pair == (("ratelimit-limit", "10"), ("ratelimit-policy", "10;w=60"))
+    assert rate_limit._fixed_rate_headers(10, 60.0) is pair  # served from the memo
+    assert rate_limit._FIXED_RATE_HEADERS.limit == 1024
+
+
+def test_audit_recorder_memos_are_bounded_by_header_cache_max(tmp_path: Path) -> None:
+    from plant_gateway.audit.recorder import HEADER_CACHE_MAX, AuditRecorder
+    from plant_gateway.settings import Settings
+
+    settings = Settings(plant_backend_url="http://127.0.0.1:9", state_dir=tmp_path,
+                        guards=["audit"], database_url=None)
+    rec = AuditRecorder(settings, None)  # type: ignore[arg-type]  # nothing is submitted
+    memos = (rec._header_cache, rec._open_header_cache, rec._query_cache, rec._plans,
+             rec._identity_cache)
+
+    assert {memo.limit for memo in memos} == {HEADER_CACHE_MAX}

@@ -54,7 +54,7 @@ def test_secret_query_is_masked_every_time_and_never_memoised(tmp_path: Path) ->
     secret_rows = [json.loads(r["query_params"]) for r in sink.rows[::2]]
     assert secret_rows == [{"limit": "5", "token": "***"}] * 3
     assert [json.loads(r["query_params"]) for r in sink.rows[1::2]] == [{"limit": "5"}] * 3
-    assert all("s3cr3t" not in key for key in rec._query_cache)
+    assert all("s3cr3t" not in key for key in rec._query_cache.data)
 
 
 def test_header_memo_masks_hidden_headers_and_keeps_no_token(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_header_memo_masks_hidden_headers_and_keeps_no_token(tmp_path: Path) -> 
     assert seen[0][0] == seen[1][0] == {"host": "h", "authorization": "***"}
     assert json.loads(seen[0][1]) == {"server": "s", "set-cookie": "***"}
     assert seen[2][0] == {"host": "h", "x-session-id": "***"}
-    assert "tok-" not in repr(rec._header_cache)
+    assert "tok-" not in repr(rec._header_cache.data)
     assert "tok-" not in "".join(str(r) for r in sink.rows)
 
 
@@ -98,7 +98,7 @@ def test_header_memo_keeps_visible_values_apart(tmp_path: Path) -> None:
     assert [s[1]["server"] for s in seen] == ["a", "b", "a"]
     assert all(s[0]["x-api-key"] == "***" and s[1]["set-cookie"] == "***" for s in seen)
     assert len(rec._header_cache) == 4
-    assert "tok-" not in repr(rec._header_cache) + repr(sink.lines)
+    assert "tok-" not in repr(rec._header_cache.data) + repr(sink.lines)
 
 
 def test_lines_round_trip_through_the_dict_form(tmp_path: Path) -> None:
