@@ -27,6 +27,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from plant_gateway import __version__, events
 from plant_gateway.logs import SPAN_KEY
+from plant_gateway.pipeline.counter_batch import BATCH, COUNTER_BATCH
+from plant_gateway.pipeline.registry import PLUMBING
 from plant_gateway.redaction import MASK, mask_text, sensitive_key
 
 if TYPE_CHECKING:
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 CONTEXT_KEY = "otel_context"  # ctx.scratch: an OpenTelemetry Context holding the server span
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                            "TRACE", "PATCH"})
-PLUMBING = frozenset({"ingress", "routes"})  # steps without a span of their own
+# steps without a span of their own: the plumbing, but the counter batch (its ``counters`` span)
+UNTRACED = PLUMBING - {COUNTER_BATCH}
 EXPORT_TIMEOUT_S = 3.0  # per batch, retries included; bounds the flush at shutdown too
 _propagator = TraceContextTextMapPropagator()
 Forward = Callable[..., Awaitable["Problem | None"]]
@@ -185,7 +188,7 @@ class Tracing:
     # --- child spans ---------------------------------------------------------------------
     def wrap_step(self, step: Step, counters: Any = None) -> Step:
         """``step`` with a span around each run (plumbing steps are returned as they are)."""
-        if step.name in PLUMBING:
+        if step.name in UNTRACED:
             return step
         return TracedStep(step, self.tracer, counters)
 
@@ -281,7 +284,7 @@ class TracedStep:
         self.kind = SpanKind.INTERNAL
         self.span_name = f"guard {step.name}"
         self.current = step.name == "policy"
-        if step.name == "counter_batch":
+        if step.name == COUNTER_BATCH:
             self.span_name, self.attributes = "counters", counter_attributes(counters)
             if self.attributes.get("db.system.name"):
                 self.kind = SpanKind.CLIENT
@@ -291,8 +294,8 @@ class TracedStep:
         if parent is None:
             return await self.step.run(ctx)
         span = self.tracer.start_span(self.span_name, parent, self.kind, self.attributes)
-        if self.name == "counter_batch":
-            batch = ctx.scratch.get("counter_batch")
+        if self.name == COUNTER_BATCH:
+            batch = ctx.scratch.get(BATCH)
             span.set_attribute("plant.counters.ops", len(batch.pending) if batch else 0)
         token = otel_context.attach(trace.set_span_in_context(span, parent)) \
             if self.current else None

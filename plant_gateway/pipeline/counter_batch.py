@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH = "counter_batch"
+BATCH = "counter_batch"  # the request's batch in ``ctx.scratch``
+COUNTER_BATCH = "counter_batch"  # the step's name
 # the guard that enqueued each kind of op: the request log names it when its op refused
 GUARD_OF_OP = {"auth_state": "auth", "rate_limit": "rate_limit", "daily_quota": "trial_quota",
                "budget_charge": "budget", "approval_consume": "policy"}
@@ -111,7 +112,7 @@ class CounterBatch:
         """``resolve_in_order``, remembering which guard's op refused."""
         problem, refunds, stop = _resolve(pending, results, refused)
         if problem is not None:
-            self.refused_by = GUARD_OF_OP.get(pending[stop][0].kind, "counter_batch")
+            self.refused_by = GUARD_OF_OP.get(pending[stop][0].kind, COUNTER_BATCH)
         return problem, refunds
 
 
@@ -223,7 +224,7 @@ class CounterBatchStep:
     enqueue from then on instead of awaiting the store themselves.
     """
 
-    name = "counter_batch"
+    name = COUNTER_BATCH
 
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
@@ -261,4 +262,4 @@ def build(settings: Settings, deps: Dependencies) -> CounterBatchStep:
     return CounterBatchStep(deps.counters)
 
 
-STEP = PlumbingSpec(name="counter_batch", phase=Phase.ADMIT, build=build, with_batched_guards=True)
+STEP = PlumbingSpec(name=COUNTER_BATCH, phase=Phase.ADMIT, build=build, with_batched_guards=True)
