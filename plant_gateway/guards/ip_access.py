@@ -121,7 +121,7 @@ class IpAccessConfig:
 
 
 def not_allowed(ctx: RequestContext) -> Problem:
-    """The 403; the audit row's ``error_type`` says why (the address itself is in the row)."""
+    """The 403, which does not echo the address; the audit row's ``error_type`` says why."""
     ctx.error_type = "ip-not-allowed"
     return Problem(403, "forbidden", "this route is not open to the client's network")
 
