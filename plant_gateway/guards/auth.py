@@ -30,7 +30,7 @@ from plant_gateway.backends.keys import KeyLookupError, KeySource
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.counters import AuthStateOp
 from plant_gateway.forwarding import IdTokenSource
-from plant_gateway.pipeline.counter_batch import submit
+from plant_gateway.pipeline.counter_batch import CounterGuard, submit
 from plant_gateway.pipeline.identity import copy_identity, remember_cached
 from plant_gateway.pipeline.step import GuardSpec, Phase
 from plant_gateway.problems import Problem, unauthorized, unavailable
@@ -248,7 +248,7 @@ def identity_from_claims(
     return identity, _version(claims)
 
 
-class AuthStep:
+class AuthStep(CounterGuard):
     """Bearer JWT verification with a per-token claims cache and per-request state checks.
 
     Customer enrichment runs only where a customer is needed: on requests matching a
@@ -266,9 +266,9 @@ class AuthStep:
         counters: Counters,
         enricher: CustomerEnricher | None = None,
     ) -> None:
+        super().__init__(counters)
         self.config = config
         self.keys = keys
-        self.counters = counters
         self.enricher = enricher
         self.cache = ClaimsCache(config.claims_cache_size)
         self.signature_checks = 0
@@ -276,7 +276,6 @@ class AuthStep:
         self._allowed = config.algorithms
         self._issuers = list(config.issuers)
         self._leeway = config.leeway_s
-        self.batched = False  # set by the registry when the pipeline has a counter batch
         self._tenant_routes = RouteSet(list(config.customer_routes))
 
     async def run(self, ctx: RequestContext) -> Problem | None:

@@ -8,7 +8,6 @@ real cost the backend reported in ``COST_RESPONSE_HEADER`` by charging only the 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,8 @@ from plant_gateway.backends.base import (
     DependencyError,
 )
 from plant_gateway.context import RequestContext
-from plant_gateway.counters import BudgetChargeOp, Clock, next_utc_midnight, next_utc_month
-from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.counters import BudgetChargeOp, next_utc_midnight, next_utc_month
+from plant_gateway.pipeline.counter_batch import CounterGuard, store_failure, submit
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
 
@@ -84,18 +83,15 @@ def percent(spent: float | None, limit: float | None) -> str:
     return f"{100.0 * spent / limit:.2f}"
 
 
-class BudgetStep:
+class BudgetStep(CounterGuard):
     name = "budget"
 
     def __init__(self, config: BudgetConfig, counters: Counters, flags: Any = None) -> None:
+        super().__init__(counters, flags)
         self.config = config
-        self.counters = counters
-        self.flags = flags
-        self.clock: Clock = getattr(counters, "clock", time.time)
         self.default_thresholds = config.thresholds
         self.critical_agents = config.critical_agents
         self.metering_secret = config.metering_secret
-        self.batched = False  # the registry sets it (a counter batch runs the op)
         self._last_flag: tuple[Any, tuple[float, float, float]] | None = None
 
     def thresholds(self, ctx: RequestContext) -> tuple[float, float, float]:

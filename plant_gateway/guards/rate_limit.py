@@ -21,7 +21,7 @@ from plant_gateway.backends.base import RateDecision
 from plant_gateway.context import Identity, RequestContext
 from plant_gateway.counters import RateLimitOp
 from plant_gateway.memo import BoundedMemo
-from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.pipeline.counter_batch import CounterGuard, store_failure, submit
 from plant_gateway.pipeline.identity import cached_identity, principal_of
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
@@ -96,17 +96,15 @@ def _fixed_rate_headers(
     return fixed
 
 
-class RateLimitStep:
+class RateLimitStep(CounterGuard):
     name = "rate_limit"
 
     def __init__(self, config: RateLimitConfig, counters: Counters, flags: Any = None) -> None:
+        super().__init__(counters, flags)
         self.config = config
-        self.counters = counters
-        self.flags = flags
         self.tiers = config.tiers
         bf_limit = config.brute_force_limit_per_min
         self.brute_force = (bf_limit, BRUTE_FORCE_PERIOD_S, min(5, bf_limit - 1))
-        self.batched = False  # set by the registry when the pipeline has a counter batch
         self._limits: BoundedMemo[str, tuple[Identity, tuple[str, str, int, float, int]]] = (
             BoundedMemo(10_000)
         )

@@ -7,14 +7,13 @@ decision carries no obligations at all, a create/execute call on ``agents``/``ta
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plant_gateway.backends.base import RateDecision
 from plant_gateway.context import RequestContext
-from plant_gateway.counters import Clock, DailyQuotaOp, next_utc_midnight
-from plant_gateway.pipeline.counter_batch import store_failure, submit
+from plant_gateway.counters import DailyQuotaOp, next_utc_midnight
+from plant_gateway.pipeline.counter_batch import CounterGuard, store_failure, submit
 from plant_gateway.pipeline.identity import principal_of
 from plant_gateway.pipeline.step import GuardSpec, Phase, flag_on
 from plant_gateway.problems import Problem
@@ -52,16 +51,13 @@ def is_trial_task(ctx: RequestContext) -> bool:
     return ctx.resource in TASK_RESOURCES and ctx.action in TASK_ACTIONS
 
 
-class TrialQuotaStep:
+class TrialQuotaStep(CounterGuard):
     name = "trial_quota"
 
     def __init__(self, config: TrialQuotaConfig, counters: Counters, flags: Any = None) -> None:
+        super().__init__(counters, flags)
         self.config = config
-        self.counters = counters
-        self.flags = flags
         self.limit = config.daily_tasks
-        self.clock: Clock = getattr(counters, "clock", time.time)
-        self.batched = False  # set by the registry when the pipeline has a counter batch
 
     async def run(self, ctx: RequestContext) -> Problem | None:
         identity = ctx.identity

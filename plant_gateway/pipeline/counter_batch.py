@@ -23,6 +23,7 @@ Steps built outside a pipeline with a ``counter_batch`` step (unit tests, tools)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -243,6 +244,18 @@ class CounterBatchStep:
         if problem is not None:
             ctx.refused_by = batch.refused_by
         return problem
+
+
+class CounterGuard:
+    """What every guard that decides with a counters op shares: its store, the store's clock,
+    its feature flags, and ``batched`` (set by the registry when the pipeline has a counter
+    batch step: the guard enqueues its op instead of awaiting the store itself)."""
+
+    def __init__(self, counters: Counters, flags: Any = None) -> None:
+        self.counters = counters
+        self.flags = flags
+        self.clock: Callable[[], float] = getattr(counters, "clock", time.time)
+        self.batched = False
 
 
 def store_failure(error: BaseException, what: str, fail_open: bool) -> Problem | None:
