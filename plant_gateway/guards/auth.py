@@ -105,10 +105,6 @@ class AuthConfig:
         )
 
 
-def dependency_unavailable(dependency: str, detail: str) -> Problem:
-    return unavailable(dependency, detail)
-
-
 class ClaimsProblem(Exception):
     """A verified token whose claims break the contract: ``invalid-token``."""
 
@@ -344,7 +340,7 @@ class AuthStep(CounterGuard):
         except KeyLookupError as exc:
             return unauthorized("invalid-token", f"no trusted key for this token: {exc}")
         except DependencyError:
-            return dependency_unavailable("keys", "the token signing keys are unavailable")
+            return unavailable("keys", "the token signing keys are unavailable")
         try:
             claims = self._decode(token, key.key, list(key.algorithms))
             identity, version = identity_from_claims(
@@ -405,7 +401,7 @@ class AuthStep(CounterGuard):
         except EnrichmentRejected:
             return unauthorized("invalid-token", "the backend does not recognise this token")
         except DependencyError:
-            return dependency_unavailable("enrichment", "the customer lookup is unavailable")
+            return unavailable("enrichment", "the customer lookup is unavailable")
         return replace(
             identity, roles=list(identity.roles), customer_id=found.customer_id,
             email=found.email or identity.email,
@@ -417,7 +413,7 @@ def state_problem(result: Any, token_version: int) -> Problem | None:
     if isinstance(result, BaseException):
         if not isinstance(result, DependencyError):  # a store bug must deny, never admit
             log.error("revocation check failed: %s", type(result).__name__)
-        return dependency_unavailable("counters", "the token revocation store is unavailable")
+        return unavailable("counters", "the token revocation store is unavailable")
     revoked, current = result
     if revoked:
         return unauthorized("token-revoked", "the token has been revoked")

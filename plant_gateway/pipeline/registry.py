@@ -65,15 +65,12 @@ def build_pipeline(settings: Settings, deps: Dependencies) -> list[Step]:
         if step is not None:
             built.append((spec, step))
     batched = [step for spec, step in built if isinstance(spec, GuardSpec) and spec.batched]
-    steps: list[Step] = []
-    for spec, step in built:
-        if isinstance(spec, PlumbingSpec) and spec.with_batched_guards and not batched:
-            continue
-        steps.append(step)
-    if any(isinstance(s, counter_batch.CounterBatchStep) for s in steps):
-        for step in batched:
-            step.batched = True  # they enqueue; the counter batch step runs the round trip
-    return steps
+    for step in batched:
+        step.batched = True  # they enqueue; the counter batch step runs the round trip
+    return [
+        step for spec, step in built
+        if batched or not (isinstance(spec, PlumbingSpec) and spec.with_batched_guards)
+    ]
 
 
 def phases_in_order() -> bool:
